@@ -1,0 +1,148 @@
+"""Exportable models by name: how to build each one and what its inputs are."""
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .attention import MultiHeadAttention
+from .config import PRESETS, EncoderConfig
+from .encoder import BertModel, EncoderBlock
+
+
+class AttentionLayer(nn.Module):
+    """One MultiHeadAttention with a plain tensor signature: padding mask as int64 (1 = attend)."""
+
+    def __init__(self, cfg: EncoderConfig, causal=False, cross=False):
+        super().__init__()
+        self.causal, self.cross = causal, cross
+        self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
+
+    def forward(self, hidden_states, *rest):
+        context, attention_mask = rest if self.cross else (None, rest[0])
+        return self.attn(hidden_states, context, key_padding_mask=attention_mask.bool(), is_causal=self.causal)
+
+
+class BlockLayer(nn.Module):
+    """One EncoderBlock taking an int64 padding mask."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.block = EncoderBlock(cfg)
+
+    def forward(self, hidden_states, attention_mask):
+        return self.block(hidden_states, attention_mask.bool())
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input. role: 'hidden' (float), 'token_ids', 'segment_ids' or 'padding_mask' (int64)."""
+    name: str
+    role: str
+    shape: tuple  # symbolic dims are strings: 'batch', 'seq', 'kv_seq'; ints are fixed
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str  # 'attention', 'encoder-block' or 'bert': what the oracle must compute
+    config: EncoderConfig
+    inputs: tuple
+    outputs: tuple
+    options: dict = field(default_factory=dict)  # attention options: causal, cross
+
+    def build(self, config: EncoderConfig | None = None) -> nn.Module:
+        return build_module(self.architecture, config or self.config, self.options)
+
+
+def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
+    if architecture == "attention":
+        return AttentionLayer(cfg, **options)
+    if architecture == "encoder-block":
+        return BlockLayer(cfg)
+    if architecture == "bert":
+        return BertModel(cfg)
+    raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def _attention(name, cfg, causal=False, cross=False):
+    h = cfg.hidden_size
+    inputs = [InputSpec("hidden_states", "hidden", ("batch", "seq", h))]
+    if cross:
+        inputs.append(InputSpec("context", "hidden", ("batch", "kv_seq", h)))
+    inputs.append(InputSpec("attention_mask", "padding_mask", ("batch", "kv_seq" if cross else "seq")))
+    return ModelSpec(name, "attention", cfg, tuple(inputs), ("output",), {"causal": causal, "cross": cross})
+
+
+def _bert(name, cfg):
+    ids = ("batch", "seq")
+    inputs = (InputSpec("input_ids", "token_ids", ids), InputSpec("token_type_ids", "segment_ids", ids),
+              InputSpec("attention_mask", "padding_mask", ids))
+    outputs = ("last_hidden_state", "pooler_output") if cfg.with_pooler else ("last_hidden_state",)
+    return ModelSpec(name, "bert", cfg, inputs, outputs)
+
+
+_SMALL = EncoderConfig(num_layers=1, hidden_size=64, num_heads=4, ffn_size=256)
+_BLOCK = EncoderConfig(num_layers=1, hidden_size=128, num_heads=4, ffn_size=512)
+
+MODELS = {spec.name: spec for spec in [
+    _attention("mha", _SMALL),
+    _attention("mha-causal", _SMALL, causal=True),
+    _attention("mha-cross", _SMALL, cross=True),
+    _attention("mha-gqa", EncoderConfig(num_layers=1, hidden_size=64, num_heads=8, num_kv_heads=2, ffn_size=256)),
+    ModelSpec("encoder-block", "encoder-block", _BLOCK,
+              (InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
+               InputSpec("attention_mask", "padding_mask", ("batch", "seq"))), ("output",)),
+    ModelSpec("encoder-block-prenorm", "encoder-block", EncoderConfig(**{**_BLOCK.to_dict(), "pre_layer_norm": True}),
+              (InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
+               InputSpec("attention_mask", "padding_mask", ("batch", "seq"))), ("output",)),
+    *(_bert(name, cfg) for name, cfg in PRESETS.items()),
+]}
+
+
+def get_model(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def count_attention_modules(module: nn.Module) -> int:
+    return sum(isinstance(m, MultiHeadAttention) for m in module.modules())
+
+
+@torch.no_grad()
+def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
+    """Seeded weights that keep activations O(1), so attention is peaked and parity checks are sharp.
+
+    (BERT's own N(0, 0.02) init gives near-uniform attention, where a wrong mask or scale
+    barely moves the output.)
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        elif isinstance(m, nn.Embedding):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return module
+
+
+def example_inputs(spec: ModelSpec, batch: int, seq: int, lengths, seed: int, dtype=torch.float32,
+                   kv_seq: int | None = None) -> dict:
+    """Seeded inputs for `spec`; `lengths[b]` real tokens in row b (0 = a row that is all padding)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"batch": batch, "seq": seq, "kv_seq": kv_seq or seq}
+    out = {}
+    for inp in spec.inputs:
+        shape = tuple(dims.get(d, d) for d in inp.shape)
+        if inp.role == "hidden":
+            out[inp.name] = torch.randn(shape, generator=g).to(dtype)
+        elif inp.role == "token_ids":
+            out[inp.name] = torch.randint(0, spec.config.vocab_size, shape, generator=g)
+        elif inp.role == "segment_ids":
+            out[inp.name] = torch.randint(0, spec.config.type_vocab_size, shape, generator=g)
+        elif inp.role == "padding_mask":
+            out[inp.name] = (torch.arange(shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    return out

@@ -1,0 +1,129 @@
+"""Independent NumPy float64 oracle, written from the math (ONNX `Attention`, opset 23).
+
+Imports numpy and math only: never torch or onnxruntime. Weights are a dict of arrays keyed
+by the reference module's parameter names; every function computes in float64.
+"""
+import math
+
+import numpy as np
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def softmax(x, axis=-1):
+    """Softmax; a slice that is all -inf (every key masked) gives 0, not NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    top = np.max(x, axis=axis, keepdims=True)
+    empty = np.isneginf(top)
+    e = np.exp(x - np.where(empty, 0.0, top))
+    total = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(empty, 1.0, total)
+
+
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """ONNX Attention on 4-D inputs: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> (B, Hq, Lq, dv).
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
+    is_causal: query i sees keys j <= i (top-left aligned). Grouped-query attention when
+    Hkv < Hq: q head h uses kv head h // (Hq / Hkv).
+    """
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if hq % hkv:
+        raise ValueError(f"q heads {hq} not divisible by kv heads {hkv}")
+    k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = q @ np.swapaxes(k, -1, -2) * scale  # (B, Hq, Lq, Lk)
+    lq, lk = scores.shape[-2:]
+    allowed = np.ones(scores.shape, dtype=bool)
+    if is_causal:
+        allowed &= np.tril(np.ones((lq, lk), dtype=bool))
+    if attn_mask is not None:
+        attn_mask = np.asarray(attn_mask)
+        if attn_mask.dtype == bool:
+            allowed &= attn_mask
+        else:
+            scores = scores + attn_mask.astype(np.float64)
+    return softmax(np.where(allowed, scores, -np.inf)) @ v
+
+
+def linear(x, w, prefix):
+    return np.asarray(x, dtype=np.float64) @ w[prefix + ".weight"].astype(np.float64).T + w[prefix + ".bias"]
+
+
+def layer_norm(x, w, prefix, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w[prefix + ".weight"] + w[prefix + ".bias"]
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def multi_head_attention(x, w, prefix, num_heads, num_kv_heads, context=None, key_padding_mask=None,
+                         is_causal=False, scale=None):
+    """Projections, attention per head, output projection. key_padding_mask (B, Lk): True/1 = attend."""
+    context = x if context is None else context
+    b, lq, width = x.shape
+    lk, d = context.shape[1], width // num_heads
+
+    def heads(t, n):  # (B, L, n*d) -> (B, n, L, d)
+        return t.reshape(b, -1, n, d).transpose(0, 2, 1, 3)
+
+    q = heads(linear(x, w, prefix + ".q_proj"), num_heads)
+    k = heads(linear(context, w, prefix + ".k_proj"), num_kv_heads)
+    v = heads(linear(context, w, prefix + ".v_proj"), num_kv_heads)
+    mask = None if key_padding_mask is None else np.asarray(key_padding_mask).astype(bool).reshape(b, 1, 1, lk)
+    y = attention(q, k, v, mask, is_causal, scale)  # (B, H, Lq, d)
+    return linear(y.transpose(0, 2, 1, 3).reshape(b, lq, width), w, prefix + ".out_proj")
+
+
+def encoder_block(x, w, prefix, cfg, key_padding_mask=None):
+    """BERT post-LN block, or pre-LN when cfg['pre_layer_norm']."""
+    eps = cfg["layer_norm_eps"]
+    kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
+
+    def attn(t):
+        return multi_head_attention(t, w, prefix + ".attn", cfg["num_heads"], kv_heads, key_padding_mask=key_padding_mask)
+
+    def ffn(t):
+        return linear(gelu(linear(t, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
+
+    if cfg["pre_layer_norm"]:
+        x = x + attn(layer_norm(x, w, prefix + ".attn_norm", eps))
+        return x + ffn(layer_norm(x, w, prefix + ".ffn_norm", eps))
+    x = layer_norm(x + attn(x), w, prefix + ".attn_norm", eps)
+    return layer_norm(x + ffn(x), w, prefix + ".ffn_norm", eps)
+
+
+def bert(w, cfg, input_ids, token_type_ids, attention_mask):
+    """Embeddings, blocks, optional final LayerNorm and tanh pooler. Returns a tuple of outputs."""
+    eps, length = cfg["layer_norm_eps"], input_ids.shape[1]
+    x = (w["embeddings.word.weight"][input_ids] + w["embeddings.position.weight"][:length]
+         + w["embeddings.token_type.weight"][token_type_ids]).astype(np.float64)
+    x = layer_norm(x, w, "embeddings.norm", eps)
+    for i in range(cfg["num_layers"]):
+        x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask)
+    if cfg["pre_layer_norm"]:
+        x = layer_norm(x, w, "final_norm", eps)
+    if not cfg["with_pooler"]:
+        return (x,)
+    return x, np.tanh(linear(x[:, 0], w, "pooler"))
+
+
+def forward(architecture, cfg, options, weights, inputs):
+    """Run the model an artifact's manifest describes; inputs and outputs in graph order."""
+    w = {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
+    if architecture == "bert":
+        return bert(w, cfg, *inputs)
+    if architecture == "encoder-block":
+        x, mask = inputs
+        return (encoder_block(np.asarray(x, np.float64), w, "block", cfg, mask),)
+    if architecture == "attention":
+        x, *context, mask = inputs
+        kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
+        return (multi_head_attention(np.asarray(x, np.float64), w, "attn", cfg["num_heads"], kv_heads,
+                                     context=np.asarray(context[0], np.float64) if context else None,
+                                     key_padding_mask=mask, is_causal=options.get("causal", False)),)
+    raise ValueError(f"the oracle does not know architecture {architecture!r}")
