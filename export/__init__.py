@@ -1,0 +1,1 @@
+"""torch -> ONNX export with fused attention, the fusion check, and the artifact writer."""

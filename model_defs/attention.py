@@ -39,8 +39,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, kv_input_size=None, scale=None):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        if hidden_size % num_heads or num_heads % num_kv_heads:
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1 or hidden_size % num_heads or num_heads % num_kv_heads:
             raise ValueError(f"bad head layout: hidden {hidden_size}, heads {num_heads}, kv heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads

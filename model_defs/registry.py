@@ -10,15 +10,21 @@ from .encoder import BertModel, EncoderBlock
 
 
 class AttentionLayer(nn.Module):
-    """One MultiHeadAttention with a plain tensor signature: padding mask as int64 (1 = attend)."""
+    """One self-attention MultiHeadAttention taking an int64 padding mask (1 = attend)."""
 
-    def __init__(self, cfg: EncoderConfig, causal=False, cross=False):
+    def __init__(self, cfg: EncoderConfig, causal=False):
         super().__init__()
-        self.causal, self.cross = causal, cross
+        self.causal = causal
         self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
 
-    def forward(self, hidden_states, *rest):
-        context, attention_mask = rest if self.cross else (None, rest[0])
+    def forward(self, hidden_states, attention_mask):
+        return self.attn(hidden_states, key_padding_mask=attention_mask.bool(), is_causal=self.causal)
+
+
+class CrossAttentionLayer(AttentionLayer):
+    """Queries from `hidden_states`, keys and values from `context`; the mask pads the context."""
+
+    def forward(self, hidden_states, context, attention_mask):
         return self.attn(hidden_states, context, key_padding_mask=attention_mask.bool(), is_causal=self.causal)
 
 
@@ -56,7 +62,8 @@ class ModelSpec:
 
 def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
     if architecture == "attention":
-        return AttentionLayer(cfg, **options)
+        layer = CrossAttentionLayer if options.get("cross") else AttentionLayer
+        return layer(cfg, causal=options.get("causal", False))
     if architecture == "encoder-block":
         return BlockLayer(cfg)
     if architecture == "bert":

@@ -1,0 +1,1 @@
+"""Parity checks for qkv-onnx artifacts. Needs numpy, onnx and onnxruntime; torch is optional."""

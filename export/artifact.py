@@ -1,0 +1,119 @@
+"""Write an artifact directory: model.onnx, weights.npz, golden test_data_set_N/, manifest.json.
+
+Everything is built in a sibling temporary directory and swapped into place at the end, so an
+interrupted export leaves no half artifact and never touches an older one.
+"""
+import ctypes
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FORMAT = "qkv-onnx-artifact/1"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights_npz(path: Path, arrays: dict) -> None:
+    """An .npz readable by `np.load(allow_pickle=False)`, byte-identical for identical arrays
+    (np.savez stamps the current time into the zip)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+def save_test_data_set(directory: Path, input_names, inputs, output_names, outputs) -> None:
+    """ONNX's standard layout: input_K.pb / output_K.pb TensorProtos named after the graph's inputs/outputs."""
+    directory.mkdir()
+    for kind, names, arrays in (("input", input_names, inputs), ("output", output_names, outputs)):
+        for k, (name, array) in enumerate(zip(names, arrays)):
+            (directory / f"{kind}_{k}.pb").write_bytes(numpy_helper.from_array(array, name).SerializeToString())
+
+
+def value_info(values) -> list:
+    """Name, element type and (symbolic) shape of graph inputs or outputs."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                    "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
+    return out
+
+
+def file_table(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    manifest = {**manifest, "format": FORMAT, "files": file_table(directory)}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def temporary_dir_for(target: Path) -> Path:
+    """A fresh build directory beside `target`; stale ones from killed exports are removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move the finished build to `target`, atomically replacing an existing artifact."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp)  # now holds the previous artifact
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Linux renameat2(RENAME_EXCHANGE): swap two paths in one step. False where unsupported."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -1,0 +1,114 @@
+"""Module -> artifact: build, export, fusion check, golden data, manifest, atomic publish."""
+import shutil
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import onnx
+import torch
+
+from model_defs.config import param_count
+from model_defs.registry import count_attention_modules, example_inputs, get_model, init_random_weights
+
+from .artifact import publish, save_test_data_set, save_weights_npz, temporary_dir_for, value_info, write_manifest
+from .fusion import check_fusion
+from .onnx_attention import MIN_OPSET, export_onnx_attention  # noqa: F401 (MIN_OPSET re-exported)
+
+BACKENDS = {"onnx-attention": export_onnx_attention}
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+PROTOBUF_LIMIT = 2**31 - 1
+# (batch, seq, real tokens per row): padded rows, a row that is all padding, a single token.
+GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
+TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
+
+
+def package_versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _dynamic_shapes(spec):
+    dims = {}
+    shapes = []
+    for inp in spec.inputs:
+        axes = {}
+        for axis, d in enumerate(inp.shape):
+            if isinstance(d, str):
+                dims.setdefault(d, torch.export.Dim(d, min=1, max=spec.config.max_positions))
+                axes[axis] = dims[d]
+        shapes.append(axes)
+    return tuple(shapes)
+
+
+def _kv_seq(spec, seq):
+    return seq + 3 if spec.options.get("cross") else seq
+
+
+def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtype: str = "float32",
+                    seed: int = 0, opset: int = MIN_OPSET, external_data: bool | None = None) -> dict:
+    """Export registry model `model` to the artifact directory `out`; returns the manifest."""
+    spec = get_model(model)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    module = init_random_weights(spec.build(), seed).eval().to(torch_dtype)
+    weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    n_bytes = sum(a.nbytes for a in weights.values())
+    if external_data is None:
+        external_data = n_bytes > PROTOBUF_LIMIT * 0.9
+
+    def inputs_for(batch, seq, lengths, case_seed):
+        return example_inputs(spec, batch, seq, lengths, case_seed, torch_dtype, kv_seq=_kv_seq(spec, seq))
+
+    out = Path(out)
+    tmp = temporary_dir_for(out)
+    try:
+        trace = inputs_for(*TRACE_CASE, seed)
+        BACKENDS[backend](module, tuple(trace.values()), [i.name for i in spec.inputs], spec.outputs,
+                          _dynamic_shapes(spec), tmp / "model.onnx", opset, external_data)
+        graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+        n_attention = count_attention_modules(module)
+        op_counts = check_fusion(graph, backend, n_attention)
+        save_weights_npz(tmp / "weights.npz", weights)
+        with torch.no_grad():
+            for n, (batch, seq, lengths) in enumerate(GOLDEN_CASES):
+                feeds = inputs_for(batch, seq, lengths, seed + 1 + n)
+                outputs = module(*feeds.values())
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                save_test_data_set(tmp / f"test_data_set_{n}", list(feeds), [t.numpy() for t in feeds.values()],
+                                   spec.outputs, [t.numpy() for t in outputs])
+        roles = {i.name: i.role for i in spec.inputs}
+        manifest = {
+            "model": {"name": spec.name, "architecture": spec.architecture, "config": spec.config.to_dict(),
+                      "options": spec.options, "parameters": sum(a.size for a in weights.values()),
+                      "parameters_closed_form": param_count(spec.config) if spec.architecture == "bert" else None,
+                      "attention_modules": n_attention},
+            "backend": backend,
+            "dtype": dtype,
+            "opset": {(o.domain or "ai.onnx"): o.version for o in graph.opset_import},
+            "inputs": [{**v, "role": roles[v["name"]]} for v in value_info(graph.graph.input)],
+            "outputs": value_info(graph.graph.output),
+            "op_counts": op_counts,
+            "fused_attention_ops": n_attention,
+            "golden_sets": len(GOLDEN_CASES),
+            "weights": {"file": "weights.npz", "bytes": n_bytes, "external_data": external_data},
+            "seed": seed,
+            "versions": package_versions(),
+            "reproduce": f"qkv-export --model {model} --backend {backend} --dtype {dtype} --seed {seed} --opset {opset}",
+        }
+        write_manifest(tmp, manifest)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+

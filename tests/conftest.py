@@ -1,0 +1,36 @@
+"""Shared fixtures: artifacts exported once per test session with the real exporter."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """export(model, dtype='float32') -> path of a pristine artifact (cached; copy before mutating)."""
+    from export.pipeline import export_artifact
+
+    cache = {}
+
+    def get(model: str, dtype: str = "float32") -> Path:
+        key = (model, dtype)
+        if key not in cache:
+            cache[key] = tmp_path_factory.mktemp("artifacts") / f"{model}-{dtype}"
+            export_artifact(model, cache[key], dtype=dtype)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def artifact_copy(exported, tmp_path):
+    """copy(model, dtype='float32') -> a private copy of an exported artifact, safe to tamper with."""
+
+    def copy(model: str, dtype: str = "float32") -> Path:
+        dst = tmp_path / f"{model}-{dtype}"
+        shutil.copytree(exported(model, dtype), dst)
+        return dst
+
+    return copy

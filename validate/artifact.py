@@ -1,0 +1,129 @@
+"""Read an artifact directory and refuse anything that does not match its manifest."""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FORMAT = "qkv-onnx-artifact/1"
+REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
+
+
+class ArtifactError(Exception):
+    """The artifact is unusable (exit code 2). The message names the file and the reason."""
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+    weights: dict
+    golden: list  # [(inputs, outputs)] per test_data_set_N, arrays in graph order
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: not a directory")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: missing keys {missing}")
+    if manifest["format"] != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict) -> None:
+    """Every listed file exists with its size and sha256; no file is unlisted."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or "model.onnx" not in files:
+        raise ArtifactError(f"{directory / 'manifest.json'}: the file list does not name model.onnx")
+    root = directory.resolve()
+    for rel, entry in sorted(files.items()):
+        path = directory / rel
+        if root not in path.resolve().parents:
+            raise ArtifactError(f"{path}: listed file lies outside the artifact directory")
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry.get("bytes"):
+            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
+        if sha256_file(path) != entry.get("sha256"):
+            raise ArtifactError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    extra = sorted(present - set(files) - {"manifest.json"})
+    if extra:
+        raise ArtifactError(f"{directory / extra[0]}: not listed in the manifest")
+
+
+def check_model(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # onnx raises several types for a bad file
+        raise ArtifactError(f"{path}: onnx.checker failed: {str(e).strip().splitlines()[0]}") from None
+
+
+def load_weights(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except Exception as e:
+        raise ArtifactError(f"{path}: unreadable weights ({e})") from None
+
+
+def _read_tensor(path: Path, name: str, dtype: str) -> np.ndarray:
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(path.read_bytes())
+        array = numpy_helper.to_array(tensor)
+    except Exception as e:
+        raise ArtifactError(f"{path}: not a TensorProto ({e})") from None
+    if tensor.name != name or array.dtype.name != dtype:
+        raise ArtifactError(f"{path}: holds {tensor.name!r} {array.dtype.name}, expected {name!r} {dtype}")
+    return array
+
+
+def load_golden(directory: Path, manifest: dict) -> list:
+    sets = []
+    for n in range(manifest["golden_sets"]):
+        d = directory / f"test_data_set_{n}"
+        ins = [_read_tensor(d / f"input_{k}.pb", v["name"], v["dtype"]) for k, v in enumerate(manifest["inputs"])]
+        outs = [_read_tensor(d / f"output_{k}.pb", v["name"], v["dtype"]) for k, v in enumerate(manifest["outputs"])]
+        sets.append((ins, outs))
+    return sets
+
+
+def load_artifact(directory) -> Artifact:
+    """Verify and load an artifact; raises ArtifactError naming the first problem."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    check_model(directory / "model.onnx")
+    weights = load_weights(directory / manifest.get("weights", {}).get("file", "weights.npz"))
+    return Artifact(directory, manifest, weights, load_golden(directory, manifest))

@@ -1,0 +1,81 @@
+"""Comparison metrics and the tolerance policy.
+
+Tolerance policy (README "Tolerance policy" explains it for users). An output passes when
+    max |actual - reference| <= atol,   atol = tol(dtype) * max |reference|
+i.e. the error is judged relative to the output's scale (encoder outputs are LayerNorm-ed,
+O(1); an elementwise rtol would fail near zeros for no reason). With u the dtype's unit
+roundoff, K the longest accumulation (max of hidden, ffn, head_dim, key length) and S the
+number of sequential sublayers (2 per encoder block, +2 for embeddings and pooler):
+  float32: tol = u * sqrt(K) * S. Each dot product of length K accumulated in float32 has a
+           typical (probabilistic, Higham 2002 §3.5) error of u*sqrt(K) relative to its scale;
+           residual sublayers pass errors on with gain about 1 (LayerNorm renormalizes), so
+           they add up over S.
+  float16: tol = u16 * 8 * S. CPU kernels (MLAS, NumPy, PyTorch) accumulate float16 products
+           in float32, so the float16 error is the rounding of stored intermediates, about 4
+           per sublayer (projections, attention, LayerNorm, FFN activation) with gain up to 2.
+Against PyTorch (golden data or a live run), which has its own rounding, the tolerance is
+doubled. NaN or Inf in either side never passes.
+"""
+import math
+
+import numpy as np
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11}
+FP16_ROUNDINGS_PER_STAGE = 8
+
+
+def tolerance(dtype: str, accumulation_length: int, stages: int) -> float:
+    """Allowed max abs error relative to the reference's max abs value."""
+    if dtype not in UNIT_ROUNDOFF:
+        raise ValueError(f"no tolerance policy for dtype {dtype!r}")
+    per_stage = FP16_ROUNDINGS_PER_STAGE if dtype == "float16" else math.sqrt(accumulation_length)
+    return UNIT_ROUNDOFF[dtype] * per_stage * stages
+
+
+def model_error_terms(manifest: dict, key_length: int) -> tuple:
+    """(K, S) of the tolerance policy for the model an artifact holds."""
+    model = manifest["model"]
+    cfg = model["config"]
+    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    if model["architecture"] == "attention":
+        k, stages = max(cfg["hidden_size"], head_dim, key_length), 2
+    elif model["architecture"] == "encoder-block":
+        k, stages = max(cfg["hidden_size"], cfg["ffn_size"], key_length), 2
+    else:
+        k, stages = max(cfg["hidden_size"], cfg["ffn_size"], key_length), 2 * cfg["num_layers"] + 2
+    return k, stages
+
+
+def first_nonfinite(a: np.ndarray) -> str:
+    idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+    return f"{a[idx]} at index {idx} ({int((~np.isfinite(a)).sum())} non-finite values)"
+
+
+def compare_outputs(actual, reference, tol: float) -> dict:
+    """Metrics of `actual` against `reference` and the verdict under `tol` (see module docstring)."""
+    actual, reference = np.asarray(actual), np.asarray(reference)
+    result = {"passed": False, "tol": tol}
+    if actual.shape != reference.shape:
+        return {**result, "error": f"shape {list(actual.shape)}, expected {list(reference.shape)}"}
+    if not np.isfinite(actual).all():
+        return {**result, "error": "non-finite output: " + first_nonfinite(actual)}
+    if not np.isfinite(reference).all():
+        return {**result, "error": "non-finite reference: " + first_nonfinite(reference)}
+    a, r = actual.astype(np.float64), reference.astype(np.float64)
+    diff = np.abs(a - r)
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    floor = max(scale * 1e-6, np.finfo(np.float64).tiny)
+    norms = np.linalg.norm(a) * np.linalg.norm(r)
+    atol = tol * scale
+    max_abs = float(diff.max()) if r.size else 0.0
+    return {
+        **result,
+        "passed": max_abs <= atol,
+        "max_abs": max_abs,
+        "max_rel": float((diff / np.maximum(np.abs(r), floor)).max()) if r.size else 0.0,
+        "mean_abs": float(diff.mean()) if r.size else 0.0,
+        "cosine": float((a.ravel() @ r.ravel()) / norms) if norms > 0 else float(np.array_equal(a, r)),
+        "atol": atol,
+        "atol_needed": max_abs,
+        "scale": scale,
+    }

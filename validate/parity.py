@@ -1,0 +1,122 @@
+"""Run an artifact on each runtime over golden and fresh inputs; judge against oracle, golden data and PyTorch."""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import oracle
+from .artifact import Artifact
+from .compare import compare_outputs, model_error_terms, tolerance
+from .runtimes import RUNTIMES
+from .torch_peer import load_torch_peer
+
+# (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
+VALIDATION_CASES = [(1, 1, [1]), (2, 1, [1, 0]), (1, 7, [7]), (3, 7, [7, 4, 0]), (2, 128, [128, 77])]
+KV_EXTRA = 2  # cross-attention: keys are this much longer than queries
+
+
+@dataclass
+class Case:
+    name: str
+    inputs: list
+    golden: list | None = None  # PyTorch outputs written at export time
+
+
+@dataclass
+class Report:
+    artifact: str
+    manifest: dict
+    checks: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c["passed"] for c in self.checks)
+
+
+def make_inputs(manifest: dict, batch: int, seq: int, lengths, rng: np.random.Generator) -> list:
+    """Random inputs for the graph's inputs from their roles in the manifest."""
+    cfg = manifest["model"]["config"]
+    dims = {"batch": batch, "seq": seq, "kv_seq": seq + KV_EXTRA}
+    out = []
+    for spec in manifest["inputs"]:
+        shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
+        role = spec["role"]
+        if role == "hidden":
+            x = rng.standard_normal(shape).astype(spec["dtype"])
+        elif role == "token_ids":
+            x = rng.integers(0, cfg["vocab_size"], shape, dtype=spec["dtype"])
+        elif role == "segment_ids":
+            x = rng.integers(0, cfg["type_vocab_size"], shape, dtype=spec["dtype"])
+        elif role == "padding_mask":
+            x = (np.arange(shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(spec["dtype"])
+        else:
+            raise ValueError(f"input {spec['name']!r}: unknown role {role!r}")
+        out.append(x)
+    return out
+
+
+def build_cases(artifact: Artifact, seed: int) -> list:
+    cases = [Case(f"golden_{n}", ins, outs) for n, (ins, outs) in enumerate(artifact.golden)]
+    for n, (batch, seq, lengths) in enumerate(VALIDATION_CASES):
+        rng = np.random.default_rng([seed, n])
+        cases.append(Case(f"b{batch}xs{seq}", make_inputs(artifact.manifest, batch, seq, lengths, rng)))
+    return cases
+
+
+def _key_length(inputs: list, manifest: dict) -> int:
+    """Longest key sequence of a case: the padding mask is (batch, keys)."""
+    for x, spec in zip(inputs, manifest["inputs"]):
+        if spec["role"] == "padding_mask":
+            return x.shape[1]
+    return 1
+
+
+def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_torch: bool = True) -> Report:
+    """Every comparison for one artifact. Runtime sessions are created before any case runs,
+    so a provider that cannot load the artifact raises ProviderError up front."""
+    m = artifact.manifest
+    report = Report(artifact.name, m)
+    sessions = [RUNTIMES[p](artifact.model_path) for p in providers]
+    peer = load_torch_peer(m, artifact.weights) if use_torch else None
+    report.notes.append("live PyTorch comparison: " + ("ran" if peer else "not run (" + (
+        "torch is not installed" if use_torch else "disabled by --no-torch") + ")"))
+    out_names = [o["name"] for o in m["outputs"]]
+    for case in build_cases(artifact, seed):
+        k, stages = model_error_terms(m, _key_length(case.inputs, m))
+        tol = tolerance(m["dtype"], k, stages)
+        expected = oracle.forward(m["model"]["architecture"], m["model"]["config"], m["model"]["options"],
+                                  artifact.weights, case.inputs)
+        refs = {"oracle": (expected, tol)}
+        if case.golden is not None:
+            refs["golden"] = (case.golden, 2 * tol)
+            report.checks += _compare("pytorch-golden", case, out_names, case.golden, {"oracle": refs["oracle"]})
+        if peer is not None:
+            live = peer(case.inputs)
+            refs["pytorch"] = (live, 2 * tol)
+            report.checks += _compare("pytorch", case, out_names, live, {"oracle": refs["oracle"]})
+        for session in sessions:
+            try:
+                got = session.run(case.inputs)
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                report.checks += [_failed(session.name, case, o, r, f"run failed: {msg}") for r in refs for o in out_names]
+                continue
+            report.checks += _compare(session.name, case, out_names, got, refs)
+    return report
+
+
+def _compare(runtime, case, out_names, got, refs) -> list:
+    checks = []
+    for ref_name, (ref_outputs, tol) in refs.items():
+        for i, name in enumerate(out_names):
+            if i >= len(got):
+                checks.append(_failed(runtime, case, name, ref_name, "output missing"))
+                continue
+            metrics = compare_outputs(got[i], ref_outputs[i], tol)
+            checks.append({"runtime": runtime, "case": case.name, "output": name, "reference": ref_name, **metrics})
+    return checks
+
+
+def _failed(runtime, case, output, reference, error) -> dict:
+    return {"runtime": runtime, "case": case.name, "output": output, "reference": reference, "passed": False,
+            "error": error}
