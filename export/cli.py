@@ -45,13 +45,13 @@ def main(argv=None) -> int:
         print(f"qkv-export: error: {problems[0]}", file=sys.stderr)
         return EXIT_INVALID
 
-    from .fusion import FusionError
+    from . import ExportError
     from .pipeline import export_artifact
 
     start = time.perf_counter()
     try:
         manifest = export_artifact(args.model, out, args.backend, args.dtype, args.seed, args.opset)
-    except FusionError as e:
+    except ExportError as e:
         print(f"qkv-export: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:

@@ -1,11 +1,13 @@
 """The fusion check: attention must be one fused op per attention module, with nothing left unfused."""
 import onnx
 
+from . import ExportError
+
 FUSED_ATTENTION_OPS = {"onnx-attention": ("", "Attention")}
 
 
-class FusionError(RuntimeError):
-    pass
+class FusionError(ExportError):
+    """Attention was not fused as the backend promises."""
 
 
 def iter_nodes(graph: onnx.GraphProto):

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from . import ExportError
+
 MIN_OPSET = 23
 
 
@@ -16,7 +18,11 @@ def export_onnx_attention(module, args: tuple, input_names, output_names, dynami
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-                                    output_names=list(output_names), dynamic_shapes=dynamic_shapes,
-                                    optimize=True, verbose=False)
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+                                        output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+                                        optimize=True, verbose=False)
+        except Exception as e:
+            summary = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ExportError(f"torch.onnx.export failed: {summary}") from e
     program.save(str(path), external_data=external_data)

@@ -1,0 +1,233 @@
+"""Export: fused-op counts, the fusion check, manifest and golden layout, reproducibility, atomic writes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from conftest import ROOT
+from export.artifact import sha256_file
+from export.cli import main as export_main
+from export.fusion import FusionError, check_fusion, count_ops
+from export.onnx_attention import export_onnx_attention
+from export.pipeline import export_artifact
+from model_defs.registry import MODELS, example_inputs, get_model
+
+SMALL_MODELS = ["mha", "mha-causal", "mha-cross", "mha-gqa", "encoder-block", "encoder-block-prenorm", "bert-tiny"]
+
+
+def tree_bytes(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_bert_tiny_has_two_attention_nodes_and_no_softmax(exported):
+    d = exported("bert-tiny")
+    counts = count_ops(onnx.load(str(d / "model.onnx")))
+    assert counts["Attention"] == 2
+    assert "Softmax" not in counts
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["op_counts"]["Attention"] == 2 and manifest["fused_attention_ops"] == 2
+    assert manifest["opset"]["ai.onnx"] >= 23
+
+
+def test_manifest_hashes_match_every_file(exported):
+    d = exported("bert-tiny")
+    manifest = json.loads((d / "manifest.json").read_text())
+    on_disk = {k for k in tree_bytes(d) if k != "manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(d / rel) == entry["sha256"]
+        assert (d / rel).stat().st_size == entry["bytes"]
+
+
+def test_manifest_describes_model(exported):
+    m = json.loads((exported("bert-tiny") / "manifest.json").read_text())
+    assert m["model"]["parameters"] == m["model"]["parameters_closed_form"] == 4_385_920
+    assert [i["name"] for i in m["inputs"]] == ["input_ids", "token_type_ids", "attention_mask"]
+    assert all(i["shape"] == ["batch", "seq"] for i in m["inputs"])
+    assert m["outputs"][0]["shape"] == ["batch", "seq", 128] and m["outputs"][1]["shape"] == ["batch", 128]
+    assert {"torch", "onnx", "onnxscript", "numpy"} <= set(m["versions"])
+    assert m["seed"] == 0 and m["backend"] == "onnx-attention" and m["dtype"] == "float32"
+    assert m["reproduce"].startswith("qkv-export --model bert-tiny")
+
+
+def test_golden_data_is_pytorch_output_in_onnx_layout(exported):
+    """test_data_set_N/{input,output}_K.pb hold the graph's names, and the outputs are the module's."""
+    d = exported("bert-tiny")
+    m = json.loads((d / "manifest.json").read_text())
+    spec = get_model("bert-tiny")
+    weights = dict(np.load(d / "weights.npz", allow_pickle=False))
+    module = spec.build()
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    module.eval()
+    for n in range(m["golden_sets"]):
+        ins = [onnx.load_tensor(str(d / f"test_data_set_{n}" / f"input_{k}.pb")) for k in range(3)]
+        outs = [onnx.load_tensor(str(d / f"test_data_set_{n}" / f"output_{k}.pb")) for k in range(2)]
+        assert [t.name for t in ins] == ["input_ids", "token_type_ids", "attention_mask"]
+        assert [t.name for t in outs] == ["last_hidden_state", "pooler_output"]
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(numpy_helper.to_array(t).copy()) for t in ins))
+        for t, e in zip(outs, expected):
+            np.testing.assert_array_equal(numpy_helper.to_array(t), e.numpy())
+    masks = [numpy_helper.to_array(onnx.load_tensor(str(d / f"test_data_set_{n}" / "input_2.pb"))) for n in range(3)]
+    assert any((row == 0).all() for mask in masks for row in mask), "a golden set must hold an all-padding row"
+
+
+@pytest.mark.parametrize("model", SMALL_MODELS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_every_mask_form_runs_on_ort_cpu(exported, model, dtype):
+    """Each model's padding mask (padded rows, an all-padding row, seq 1, unpadded) runs on ORT CPU, finite."""
+    d = exported(model, dtype)
+    m = json.loads((d / "manifest.json").read_text())
+    assert count_ops(onnx.load(str(d / "model.onnx")))["Attention"] == m["model"]["attention_modules"] >= 1
+    session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+    spec = MODELS[model]
+    for batch, seq, lengths in [(3, 9, [9, 5, 0]), (1, 1, [1]), (2, 1, [0, 1]), (2, 33, [33, 33])]:
+        feeds = example_inputs(spec, batch, seq, lengths, seed=7, dtype=getattr(torch, dtype), kv_seq=seq + 2)
+        outs = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        assert outs[0].shape[:2] == (batch, seq)
+        assert all(np.isfinite(o).all() for o in outs)
+
+
+class HandWrittenAttention(torch.nn.Module):
+    """softmax(QKᵀ/√d)V written out: the exporter never fuses this."""
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+class SdpaAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _export_qkv(module, path, opset):
+    q = torch.randn(2, 2, 5, 8)
+    export_onnx_attention(module, (q, q, q), ["q", "k", "v"], ["y"], None, path, opset)
+    return onnx.load(str(path))
+
+
+def test_fusion_check_rejects_hand_written_attention(tmp_path):
+    with pytest.raises(FusionError, match="0 Attention nodes for 1 attention modules.*Softmax"):
+        check_fusion(_export_qkv(HandWrittenAttention(), tmp_path / "m.onnx", 23), "onnx-attention", 1)
+
+
+def test_fusion_check_rejects_sdpa_decomposed_below_opset_23(tmp_path):
+    """Below opset 23 the exporter decomposes SDPA into MatMul/Softmax: export must refuse it."""
+    path = tmp_path / "m.onnx"
+    q = torch.randn(2, 2, 5, 8)
+    prog = torch.onnx.export(SdpaAttention(), (q, q, q), dynamo=True, opset_version=18)
+    prog.save(str(path))
+    with pytest.raises(FusionError, match="activation x activation MatMul"):
+        check_fusion(onnx.load(str(path)), "onnx-attention", 1)
+    assert check_fusion(_export_qkv(SdpaAttention(), tmp_path / "f.onnx", 23), "onnx-attention", 1)["Attention"] == 1
+
+
+def test_fusion_check_counts_attention_modules(exported):
+    model = onnx.load(str(exported("bert-tiny") / "model.onnx"))
+    with pytest.raises(FusionError, match="2 Attention nodes for 3 attention modules"):
+        check_fusion(model, "onnx-attention", 3)
+
+
+def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path):
+    """Same model, weights and options: same bytes, from another process and hash seed, under another name."""
+    first = exported("bert-tiny")
+    other = tmp_path / "another-name"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-m", "export", "--model", "bert-tiny", "--out", str(other)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    assert tree_bytes(first) == tree_bytes(other)
+
+
+def test_seed_changes_weights(exported, tmp_path):
+    export_artifact("mha", tmp_path / "s1", seed=1)
+    a = np.load(exported("mha") / "weights.npz")["attn.q_proj.weight"]
+    b = np.load(tmp_path / "s1" / "weights.npz")["attn.q_proj.weight"]
+    assert not np.allclose(a, b)
+
+
+def test_reexport_replaces_artifact_and_leaves_no_temporaries(tmp_path):
+    out = tmp_path / "art"
+    export_artifact("mha", out, seed=1)
+    export_artifact("mha", out, seed=2)
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_failed_export_keeps_existing_artifact(tmp_path, monkeypatch):
+    """An export that fails after writing model.onnx leaves the old artifact byte-identical and no temp dir."""
+    out = tmp_path / "art"
+    export_artifact("mha", out, seed=1)
+    before = tree_bytes(out)
+
+    def refuse(*args, **kwargs):
+        raise FusionError("forced for the test")
+
+    monkeypatch.setattr("export.pipeline.check_fusion", refuse)
+    with pytest.raises(FusionError):
+        export_artifact("mha", out, seed=2)
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_sigkill_during_export_leaves_old_artifact_intact(tmp_path):
+    """Killing a real export process at several moments never leaves a partial or damaged artifact."""
+    out = tmp_path / "art"
+    export_artifact("bert-tiny", out, seed=1)
+    before = tree_bytes(out)
+    for delay in (0.5, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen([sys.executable, "-m", "export", "--model", "bert-tiny", "--seed", "1",
+                                 "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert tree_bytes(out) == before  # same seed: a finished export is byte-identical too
+    export_artifact("bert-tiny", out, seed=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"], "stale temporaries of killed exports are cleaned up"
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    assert export_main(["--model", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert export_main(["--model", "mha", "--opset", "22", "--out", str(tmp_path / "x")]) == 2
+    assert "opset 22" in capsys.readouterr().err
+    assert export_main(["--model", "mha", "--dtype", "bfloat16", "--out", str(tmp_path / "x")]) == 2
+    not_artifact = tmp_path / "precious"
+    not_artifact.mkdir()
+    (not_artifact / "notes.txt").write_text("keep me")
+    assert export_main(["--model", "mha", "--out", str(not_artifact)]) == 2
+    assert (not_artifact / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_writes_artifact(tmp_path, capsys):
+    assert export_main(["--model", "mha-gqa", "--out", str(tmp_path / "gqa")]) == 0
+    assert "1 fused Attention node(s)" in capsys.readouterr().out
+    assert (tmp_path / "gqa" / "manifest.json").is_file()
+
+
+def test_help_documents_exit_codes():
+    r = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "exit codes" in r.stdout and "bert-tiny" in r.stdout
+
+
+def test_weights_can_go_to_a_side_file(tmp_path):
+    """The >2 GB path, forced on a small model: model.onnx names model.onnx.data, and the manifest hashes it."""
+    out = tmp_path / "ext"
+    manifest = export_artifact("mha", out, external_data=True)
+    assert manifest["weights"]["external_data"] is True
+    assert "model.onnx.data" in manifest["files"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    assert (out / "model.onnx").stat().st_size < 20_000 < (out / "model.onnx.data").stat().st_size

@@ -1,0 +1,397 @@
+"""qkv-validate end to end: real exported artifacts, real ONNX Runtime, the CLI's exit codes and reports."""
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from export.artifact import save_weights_npz, sha256_file
+from validate.cli import main
+from validate.compare import compare_outputs, tolerance
+
+ROOT = Path(__file__).resolve().parents[1]
+LIVE_PAIRS = {("cpu", "oracle"), ("cpu", "golden"), ("cpu", "pytorch"), ("reference", "oracle"),
+              ("reference", "golden"), ("reference", "pytorch"), ("pytorch", "oracle"), ("pytorch-golden", "oracle")}
+NO_TORCH = "import sys; sys.modules['torch'] = None; from validate.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def snapshot(directory: Path) -> dict:
+    """Relative path -> sha256 of every file under `directory`."""
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def rehash(directory: Path, rel: str) -> None:
+    """Make the manifest agree with the current bytes of `rel` (a consistent tamper)."""
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][rel] = {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def edit_manifest(directory: Path, edit) -> None:
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def run_cli(capsys, *args):
+    """main(args) in-process -> (exit code, stdout, stderr, JSON document or None)."""
+    argv = [str(a) for a in args]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    doc = json.loads(Path(argv[argv.index("--json") + 1]).read_text()) if "--json" in argv else None
+    return code, out, err, doc
+
+
+def failing(doc: dict) -> set:
+    return {(c["runtime"], c["reference"], c["case"]) for a in doc["artifacts"] for c in a["checks"] if not c["passed"]}
+
+
+def single_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qkv-validate: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# --- happy path ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_tiny(exported, tmp_path_factory):
+    """One validation of the pristine float32 bert-tiny artifact, shared by the happy-path tests."""
+    directory = exported("bert-tiny")
+    before = snapshot(directory)
+    json_path = tmp_path_factory.mktemp("bert-tiny-run") / "r.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([str(directory), "--json", str(json_path)])
+    return SimpleNamespace(code=code, doc=json.loads(json_path.read_text()), stdout=stdout.getvalue(),
+                           directory=directory, before=before)
+
+
+def test_bert_tiny_passes_every_check_within_tolerance(bert_tiny):
+    """Exit 0, one passing artifact, and every check finite and within its atol."""
+    doc = bert_tiny.doc
+    assert bert_tiny.code == 0 and doc["exit_code"] == 0 and doc["invalid"] == []
+    [artifact] = doc["artifacts"]
+    assert artifact["passed"] is True and artifact["model"] == "bert-tiny" and artifact["dtype"] == "float32"
+    assert artifact["checks"]
+    for c in artifact["checks"]:
+        assert c["passed"] and "error" not in c, c
+        assert math.isfinite(c["max_abs"]) and 0 <= c["max_abs"] <= c["atol"], c
+        assert c["cosine"] > 0.999999, c
+
+
+def test_bert_tiny_compares_each_runtime_with_each_reference(bert_tiny):
+    """ORT CPU and the onnx reference against oracle, golden and live PyTorch; PyTorch itself against the oracle."""
+    checks = bert_tiny.doc["artifacts"][0]["checks"]
+    assert {(c["runtime"], c["reference"]) for c in checks} == LIVE_PAIRS
+    cases = {c["case"] for c in checks}
+    golden = {c["case"] for c in checks if c["reference"] == "golden"}
+    assert golden == {c["case"] for c in checks if c["runtime"] == "pytorch-golden"} == {"golden_0", "golden_1", "golden_2"}
+    for runtime, reference in LIVE_PAIRS:
+        expected = golden if "golden" in (runtime, reference) else cases
+        got = {(c["case"], c["output"]) for c in checks if (c["runtime"], c["reference"]) == (runtime, reference)}
+        assert got == {(case, o) for case in expected for o in ("last_hidden_state", "pooler_output")}, (runtime, reference)
+
+
+def test_bert_tiny_cases_cover_the_shapes_that_break_kernels(bert_tiny):
+    """Sequence 1, an odd length, 128, and batch > 1, besides the three golden sets."""
+    cases = {c["case"] for c in bert_tiny.doc["artifacts"][0]["checks"]}
+    assert {"golden_0", "golden_1", "golden_2", "b1xs1", "b3xs7", "b2xs128"} <= cases
+    shapes = [tuple(map(int, m.groups())) for m in map(re.compile(r"b(\d+)xs(\d+)").fullmatch, cases) if m]
+    assert any(s == 1 for _, s in shapes)
+    assert any(s > 1 and s % 2 for _, s in shapes)
+    assert any(s == 128 for _, s in shapes)
+    assert any(b > 1 for b, _ in shapes)
+
+
+def test_bert_tiny_markdown_table_on_stdout(bert_tiny):
+    out = bert_tiny.stdout
+    assert "| runtime | vs | output | cases | max abs |" in out
+    assert "## bert-tiny-float32: bert-tiny, backend onnx-attention, float32 — PASS" in out
+    assert "live PyTorch comparison: ran" in out
+    assert "| ORT CPU | oracle | last_hidden_state | 8 |" in out
+    assert "FAIL" not in out
+
+
+def test_validation_leaves_a_good_artifact_untouched(bert_tiny):
+    assert snapshot(bert_tiny.directory) == bert_tiny.before
+
+
+def test_no_torch_flag_and_report_file(exported, tmp_path, capsys):
+    """--report writes the table to the file, not stdout; --no-torch skips the live run and says so."""
+    report, json_path = tmp_path / "r.md", tmp_path / "r.json"
+    code, out, err, doc = run_cli(capsys, exported("mha"), "--no-torch", "--report", report, "--json", json_path)
+    assert code == 0 and out == "" and err == ""
+    text = report.read_text()
+    assert "| runtime | vs | output |" in text and "— PASS" in text
+    assert "live PyTorch comparison: not run (disabled by --no-torch)" in text
+    [artifact] = doc["artifacts"]
+    assert artifact["notes"] == ["live PyTorch comparison: not run (disabled by --no-torch)"]
+    assert {(c["runtime"], c["reference"]) for c in artifact["checks"]} == {
+        p for p in LIVE_PAIRS if "pytorch" not in p}
+
+
+def test_several_artifacts_at_once(exported, tmp_path, capsys):
+    """Self, causal, cross and grouped-query attention and an encoder block in one run."""
+    models = ["mha", "mha-cross", "mha-gqa", "mha-causal", "encoder-block"]
+    code, out, err, doc = run_cli(capsys, *(exported(m) for m in models), "--json", tmp_path / "r.json")
+    assert code == 0 and doc["exit_code"] == 0 and err == ""
+    assert [a["model"] for a in doc["artifacts"]] == models
+    assert all(a["passed"] and len(a["checks"]) > 50 for a in doc["artifacts"])
+    assert out.count("— PASS") == len(models)
+
+
+def test_bert_tiny_float16_passes(exported, tmp_path, capsys):
+    code, out, err, doc = run_cli(capsys, exported("bert-tiny", "float16"), "--json", tmp_path / "r.json")
+    assert code == 0 and err == ""
+    [artifact] = doc["artifacts"]
+    assert artifact["dtype"] == "float16" and artifact["passed"]
+    assert {(c["runtime"], c["reference"]) for c in artifact["checks"]} == LIVE_PAIRS
+    assert max(c["max_abs"] for c in artifact["checks"] if c["runtime"] == "cpu") > 1e-4
+
+
+# --- invalid artifacts and arguments: exit 2 ---------------------------------------------------
+
+def _checker_rejects(d: Path) -> None:
+    model = onnx.load(str(d / "model.onnx"))
+    model.graph.node.append(onnx.helper.make_node("NoSuchOp", [model.graph.output[0].name], ["extra"]))
+    onnx.save(model, str(d / "model.onnx"))
+    rehash(d, "model.onnx")
+
+
+INVALID = {
+    "model flipped": (lambda d: flip_byte(d / "model.onnx"), "model.onnx", "sha256"),
+    "weights flipped": (lambda d: flip_byte(d / "weights.npz"), "weights.npz", "sha256"),
+    "golden flipped": (lambda d: flip_byte(d / "test_data_set_1/output_0.pb"), "test_data_set_1/output_0.pb", "sha256"),
+    "manifest missing": (lambda d: (d / "manifest.json").unlink(), "manifest.json", "missing"),
+    "manifest not json": (lambda d: (d / "manifest.json").write_text('{"format": '), "manifest.json", "not valid JSON"),
+    "listed file deleted": (lambda d: (d / "test_data_set_0/input_1.pb").unlink(), "test_data_set_0/input_1.pb", "missing"),
+    "unlisted file": (lambda d: (d / "test_data_set_0/input_9.pb").write_bytes(b"x"), "test_data_set_0/input_9.pb",
+                      "not listed"),
+    "checker rejects": (_checker_rejects, "model.onnx", "onnx.checker"),
+}
+
+
+@pytest.mark.parametrize("name", INVALID)
+def test_invalid_artifact_exit_2_names_the_file(name, artifact_copy, capsys):
+    """One stderr line naming the file and why; the artifact's files are left as they were."""
+    tamper, rel, reason = INVALID[name]
+    d = artifact_copy("mha")
+    tamper(d)
+    before = snapshot(d)
+    code, out, err, _ = run_cli(capsys, d)
+    line = single_error_line(err)
+    assert code == 2
+    assert str(d / rel) in line and reason in line
+    assert "INVALID" in out
+    assert snapshot(d) == before
+
+
+def test_nonexistent_directory_exit_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-artifact"
+    code, _, err, _ = run_cli(capsys, missing)
+    assert code == 2 and str(missing) in single_error_line(err)
+    assert not missing.exists()
+
+
+def test_unknown_provider_exit_2(exported, capsys):
+    code, out, err, _ = run_cli(capsys, exported("mha"), "--providers", "cpu,bogus")
+    line = single_error_line(err)
+    assert code == 2 and "bogus" in line and "cpu" in line and out == ""
+
+
+def test_good_and_tampered_artifact_exit_2_and_report_the_good_one(exported, artifact_copy, tmp_path, capsys):
+    good, bad = exported("mha-gqa"), artifact_copy("mha")
+    flip_byte(bad / "weights.npz")
+    code, out, err, doc = run_cli(capsys, bad, good, "--json", tmp_path / "r.json")
+    assert code == 2 and doc["exit_code"] == 2
+    assert str(bad / "weights.npz") in single_error_line(err)
+    assert [(a["model"], a["passed"]) for a in doc["artifacts"]] == [("mha-gqa", True)]
+    [invalid] = doc["invalid"]
+    assert invalid["artifact"] == str(bad) and "sha256" in invalid["reason"]
+    assert "## mha-gqa-float32: mha-gqa, backend onnx-attention, float32 — PASS" in out
+    assert f"## {bad}: INVALID" in out
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["files"].__setitem__("weights.npz", "0" * 64),
+    lambda m: m.__setitem__("golden_sets", "3"),
+    lambda m: m["inputs"][0].pop("dtype"),
+    lambda m: m.__setitem__("dtype", "bfloat16"),
+], ids=["file-entry-not-object", "golden-sets-not-int", "input-without-dtype", "unknown-dtype"])
+def test_malformed_manifest_exit_2_not_a_crash(edit, artifact_copy, capsys):
+    """A manifest that is JSON but malformed is an invalid artifact (exit 2, one line), not a traceback."""
+    d = artifact_copy("mha")
+    edit_manifest(d, edit)
+    code, _, err, _ = run_cli(capsys, d, "--no-torch")
+    assert code == 2 and str(d / "manifest.json") in single_error_line(err)
+
+
+# --- consistent tampering caught by parity: exit 1 ----------------------------------------------
+
+MULTI_KEY = {"golden_0", "golden_1", "b1xs7", "b3xs7", "b2xs128"}
+SINGLE_KEY = {"golden_2", "b1xs1", "b2xs1"}
+
+
+def test_tampered_weights_fail_against_oracle_exit_1(artifact_copy, tmp_path, capsys):
+    """A k_proj weight changed in weights.npz (manifest re-hashed): every comparison that uses those weights
+    on one side and the exported graph or golden data on the other fails, where there is more than one key.
+    With a single key, softmax is 1 whatever the keys, so those cases still pass."""
+    d = artifact_copy("mha")
+    weights = dict(np.load(d / "weights.npz"))
+    weights["attn.k_proj.weight"][0, 0] += 8.0
+    save_weights_npz(d / "weights.npz", weights)
+    rehash(d, "weights.npz")
+    code, out, err, doc = run_cli(capsys, d, "--json", tmp_path / "r.json")
+    assert code == 1 and doc["exit_code"] == 1 and err == ""
+    assert doc["artifacts"][0]["passed"] is False and "— FAIL" in out
+    expected = {(rt, ref, case) for rt in ("cpu", "reference") for ref in ("oracle", "pytorch") for case in MULTI_KEY}
+    expected |= {("pytorch-golden", "oracle", case) for case in MULTI_KEY if case.startswith("golden")}
+    assert failing(doc) == expected
+    cases = {c["case"] for c in doc["artifacts"][0]["checks"]}
+    assert cases == MULTI_KEY | SINGLE_KEY
+    worst = max(c["max_abs"] / c["atol"] for c in doc["artifacts"][0]["checks"] if c["reference"] == "oracle")
+    assert worst > 100
+
+
+def test_tampered_graph_fails_against_every_reference_exit_1(artifact_copy, tmp_path, capsys):
+    """An initializer of model.onnx perturbed (re-hashed): both runtimes fail against oracle, golden and
+    live PyTorch in every case, while PyTorch still agrees with the oracle."""
+    d = artifact_copy("mha")
+    model = onnx.load(str(d / "model.onnx"))
+    [init] = [t for t in model.graph.initializer if t.name == "attn.out_proj.bias"]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.5), init.name))
+    onnx.save(model, str(d / "model.onnx"))
+    rehash(d, "model.onnx")
+    code, _, err, doc = run_cli(capsys, d, "--json", tmp_path / "r.json")
+    assert code == 1 and err == ""
+    checks = doc["artifacts"][0]["checks"]
+    assert all(not c["passed"] for c in checks if c["runtime"] in ("cpu", "reference"))
+    assert all(c["passed"] for c in checks if c["runtime"] in ("pytorch", "pytorch-golden"))
+    assert any(c["reference"] == "oracle" and not c["passed"] for c in checks)
+
+
+def test_nan_in_golden_output_fails_as_non_finite_exit_1(artifact_copy, tmp_path, capsys):
+    """A NaN written into golden output (re-hashed) fails exactly the checks that read it, naming its index."""
+    d = artifact_copy("mha")
+    path = d / "test_data_set_1/output_0.pb"
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(path.read_bytes())
+    array = numpy_helper.to_array(tensor).copy()
+    array[1, 2, 3] = np.nan
+    path.write_bytes(numpy_helper.from_array(array, tensor.name).SerializeToString())
+    rehash(d, "test_data_set_1/output_0.pb")
+    code, out, err, doc = run_cli(capsys, d, "--json", tmp_path / "r.json")
+    assert code == 1 and doc["exit_code"] == 1 and err == ""
+    assert failing(doc) == {("pytorch-golden", "oracle", "golden_1"), ("cpu", "golden", "golden_1"),
+                            ("reference", "golden", "golden_1")}
+    errors = [c["error"] for c in doc["artifacts"][0]["checks"] if not c["passed"]]
+    assert len(errors) == 3
+    assert all("non-finite" in e and "(1, 2, 3)" in e for e in errors)
+    assert "non-finite" in out and "— FAIL" in out
+
+
+# --- a deployment machine without torch ---------------------------------------------------------
+
+def test_without_torch_golden_and_oracle_still_checked(exported, tmp_path):
+    """With torch unimportable the CLI still runs, says why the live comparison is missing, and passes."""
+    json_path = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(exported("mha")), "--json", str(json_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "live PyTorch comparison: not run (torch is not installed)" in proc.stdout
+    checks = json.loads(json_path.read_text())["artifacts"][0]["checks"]
+    assert all(c["passed"] for c in checks)
+    pairs = {(c["runtime"], c["reference"]) for c in checks}
+    assert pairs == {p for p in LIVE_PAIRS if "pytorch" not in p}
+    assert {"oracle", "golden"} <= {ref for _, ref in pairs}
+
+
+def test_help_documents_exit_codes():
+    proc = subprocess.run([sys.executable, "-m", "validate", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "exit codes:" in proc.stdout
+    for code, words in ((0, "passed"), (1, "parity"), (2, "invalid")):
+        assert re.search(rf"^\s+{code}\s+.*{words}", proc.stdout, re.M), code
+
+
+# --- compare_outputs and the tolerance policy ---------------------------------------------------
+
+@pytest.fixture
+def ref():
+    return np.random.default_rng(7).standard_normal((2, 5, 8)).astype(np.float32)
+
+
+def test_identical_arrays_pass_exactly(ref):
+    m = compare_outputs(ref.copy(), ref, 1e-6)
+    assert m["passed"] and m["max_abs"] == 0 and m["max_rel"] == 0 and m["mean_abs"] == 0
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert m["scale"] == float(np.abs(ref).max()) and m["atol"] == 1e-6 * m["scale"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_actual_fails_naming_the_index(ref, bad):
+    actual = ref.copy()
+    actual[1, 3, 4] = bad
+    m = compare_outputs(actual, ref, 1.0)
+    assert not m["passed"] and "max_abs" not in m
+    assert m["error"].startswith("non-finite output") and "(1, 3, 4)" in m["error"]
+
+
+def test_non_finite_reference_fails(ref):
+    reference = ref.copy()
+    reference[0, 0, 2] = np.nan
+    m = compare_outputs(ref, reference, 1.0)
+    assert not m["passed"] and m["error"].startswith("non-finite reference") and "(0, 0, 2)" in m["error"]
+
+
+def test_shape_mismatch_fails(ref):
+    m = compare_outputs(ref[:, :4], ref, 1.0)
+    assert not m["passed"] and m["error"] == "shape [2, 4, 8], expected [2, 5, 8]"
+
+
+@pytest.mark.parametrize("factor, passed", [(1 - 1e-6, True), (1 + 1e-6, False)])
+def test_error_at_the_edge_of_atol(ref, factor, passed):
+    """atol = tol * max|reference|: an error just below it passes, just above fails."""
+    tol = 1e-3
+    reference = ref.astype(np.float64)
+    atol = tol * np.abs(reference).max()
+    actual = reference.copy()
+    actual[1, 2, 3] += factor * atol
+    m = compare_outputs(actual, reference, tol)
+    assert m["passed"] is passed
+    assert m["atol"] == pytest.approx(atol, rel=1e-15) and m["max_abs"] == pytest.approx(factor * atol, rel=1e-9)
+
+
+def test_tolerance_policy_ordering():
+    assert tolerance("float16", 128, 2) > tolerance("float32", 128, 2) > tolerance("float64", 128, 2)
+    assert tolerance("float32", 512, 2) > tolerance("float32", 128, 2)
+    assert tolerance("float32", 128, 6) == pytest.approx(3 * tolerance("float32", 128, 2))
+    assert tolerance("float16", 128, 6) > tolerance("float16", 128, 2)
+    assert tolerance("float32", 128, 2) == pytest.approx(2.0**-24 * math.sqrt(128) * 2)
+
+
+def test_tolerance_unknown_dtype_raises():
+    with pytest.raises(ValueError, match="bfloat16"):
+        tolerance("bfloat16", 128, 2)
