@@ -64,9 +64,11 @@ def file_table(directory: Path) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Add the format tag and the sha256 of every file, write manifest.json, return the whole manifest."""
     manifest = {**manifest, "format": FORMAT, "files": file_table(directory)}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
 
 
 def temporary_dir_for(target: Path) -> Path:

@@ -103,7 +103,7 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
             "versions": package_versions(),
             "reproduce": f"qkv-export --model {model} --backend {backend} --dtype {dtype} --seed {seed} --opset {opset}",
         }
-        write_manifest(tmp, manifest)
+        manifest = write_manifest(tmp, manifest)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
