@@ -231,4 +231,4 @@ def test_weights_can_go_to_a_side_file(tmp_path):
     locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}
     weight_bytes = manifest["weights"]["bytes"]
-    assert (out / "model.onnx.data").stat().st_size >= weight_bytes > (out / "model.onnx").stat().st_size
+    assert (out / "model.onnx.data").stat().st_size > 0.9 * weight_bytes > (out / "model.onnx").stat().st_size

@@ -108,7 +108,7 @@ def test_bert_tiny_compares_each_runtime_with_each_reference(bert_tiny):
     golden = {c["case"] for c in checks if c["reference"] == "golden"}
     assert golden == {c["case"] for c in checks if c["runtime"] == "pytorch-golden"} == {"golden_0", "golden_1", "golden_2"}
     for runtime, reference in LIVE_PAIRS:
-        expected = golden if "golden" in (runtime, reference) else cases
+        expected = golden if "golden" in (reference, runtime.removeprefix("pytorch-")) else cases
         got = {(c["case"], c["output"]) for c in checks if (c["runtime"], c["reference"]) == (runtime, reference)}
         assert got == {(case, o) for case in expected for o in ("last_hidden_state", "pooler_output")}, (runtime, reference)
 
@@ -157,7 +157,8 @@ def test_several_artifacts_at_once(exported, tmp_path, capsys):
     code, out, err, doc = run_cli(capsys, *(exported(m) for m in models), "--json", tmp_path / "r.json")
     assert code == 0 and doc["exit_code"] == 0 and err == ""
     assert [a["model"] for a in doc["artifacts"]] == models
-    assert all(a["passed"] and len(a["checks"]) > 50 for a in doc["artifacts"])
+    for a in doc["artifacts"]:
+        assert a["passed"] and {(c["runtime"], c["reference"]) for c in a["checks"]} == LIVE_PAIRS, a["model"]
     assert out.count("— PASS") == len(models)
 
 
@@ -259,7 +260,7 @@ def test_tampered_weights_fail_against_oracle_exit_1(artifact_copy, tmp_path, ca
     With a single key, softmax is 1 whatever the keys, so those cases still pass."""
     d = artifact_copy("mha")
     weights = dict(np.load(d / "weights.npz"))
-    weights["attn.k_proj.weight"][0, 0] += 8.0
+    weights["attn.k_proj.weight"][0, 0] += 2.0
     save_weights_npz(d / "weights.npz", weights)
     rehash(d, "weights.npz")
     code, out, err, doc = run_cli(capsys, d, "--json", tmp_path / "r.json")
