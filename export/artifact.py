@@ -4,7 +4,6 @@ Everything is built in a sibling temporary directory and swapped into place at t
 interrupted export leaves no half artifact and never touches an older one.
 """
 import ctypes
-import hashlib
 import io
 import json
 import os
@@ -17,16 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-FORMAT = "qkv-onnx-artifact/1"
+from validate.artifact import FORMAT, sha256_file  # the reader defines the format both sides share
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_weights_npz(path: Path, arrays: dict) -> None:

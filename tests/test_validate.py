@@ -106,11 +106,13 @@ def test_bert_tiny_compares_each_runtime_with_each_reference(bert_tiny):
     assert {(c["runtime"], c["reference"]) for c in checks} == LIVE_PAIRS
     cases = {c["case"] for c in checks}
     golden = {c["case"] for c in checks if c["reference"] == "golden"}
-    assert golden == {c["case"] for c in checks if c["runtime"] == "pytorch-golden"} == {"golden_0", "golden_1", "golden_2"}
+    assert golden == {"golden_0", "golden_1", "golden_2"}
+    assert golden == {c["case"] for c in checks if c["runtime"] == "pytorch-golden"}
     for runtime, reference in LIVE_PAIRS:
         expected = golden if "golden" in (reference, runtime.removeprefix("pytorch-")) else cases
         got = {(c["case"], c["output"]) for c in checks if (c["runtime"], c["reference"]) == (runtime, reference)}
-        assert got == {(case, o) for case in expected for o in ("last_hidden_state", "pooler_output")}, (runtime, reference)
+        outputs = ("last_hidden_state", "pooler_output")
+        assert got == {(case, o) for case in expected for o in outputs}, (runtime, reference)
 
 
 def test_bert_tiny_cases_cover_the_shapes_that_break_kernels(bert_tiny):
@@ -186,7 +188,8 @@ INVALID = {
     "golden flipped": (lambda d: flip_byte(d / "test_data_set_1/output_0.pb"), "test_data_set_1/output_0.pb", "sha256"),
     "manifest missing": (lambda d: (d / "manifest.json").unlink(), "manifest.json", "missing"),
     "manifest not json": (lambda d: (d / "manifest.json").write_text('{"format": '), "manifest.json", "not valid JSON"),
-    "listed file deleted": (lambda d: (d / "test_data_set_0/input_1.pb").unlink(), "test_data_set_0/input_1.pb", "missing"),
+    "listed file deleted": (lambda d: (d / "test_data_set_0/input_1.pb").unlink(), "test_data_set_0/input_1.pb",
+                            "missing"),
     "unlisted file": (lambda d: (d / "test_data_set_0/input_9.pb").write_bytes(b"x"), "test_data_set_0/input_9.pb",
                       "not listed"),
     "checker rejects": (_checker_rejects, "model.onnx", "onnx.checker"),

@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 FORMAT = "qkv-onnx-artifact/1"
+INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask")
 REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
 
 
@@ -33,6 +34,7 @@ class Artifact:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -52,19 +54,47 @@ def read_manifest(directory: Path) -> dict:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path}: missing keys {missing}")
-    if manifest["format"] != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}")
     return manifest
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What is structurally wrong with a manifest, or None."""
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        return f"missing keys {missing}"
+    if m["format"] != FORMAT:
+        return f"format {m['format']!r}, expected {FORMAT!r}"
+    model = m["model"]
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), dict) for k in ("config", "options")) \
+            or not isinstance(model.get("architecture"), str):
+        return "'model' must hold 'architecture', 'config' and 'options'"
+    if m["dtype"] not in ("float32", "float16"):
+        return f"unsupported dtype {m['dtype']!r}"
+    for key in ("inputs", "outputs"):
+        if not isinstance(m[key], list) or not m[key] or not all(
+                isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("dtype"), str)
+                and isinstance(v.get("shape"), list) for v in m[key]):
+            return f"'{key}' must be a non-empty list of {{name, dtype, shape}}"
+    if not all(v.get("role") in INPUT_ROLES for v in m["inputs"]):
+        return f"every input needs a 'role' among {INPUT_ROLES}"
+    files = m["files"]
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            for e in files.values()):
+        return "'files' must map each file to {sha256, bytes}"
+    if "model.onnx" not in files:
+        return "the file list does not name model.onnx"
+    if not isinstance(m["golden_sets"], int) or not 0 <= m["golden_sets"] <= 64:
+        return f"bad golden_sets {m['golden_sets']!r}"
+    return None
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
     """Every listed file exists with its size and sha256; no file is unlisted."""
     files = manifest["files"]
-    if not isinstance(files, dict) or "model.onnx" not in files:
-        raise ArtifactError(f"{directory / 'manifest.json'}: the file list does not name model.onnx")
     root = directory.resolve()
     for rel, entry in sorted(files.items()):
         path = directory / rel
@@ -72,9 +102,9 @@ def verify_files(directory: Path, manifest: dict) -> None:
             raise ArtifactError(f"{path}: listed file lies outside the artifact directory")
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != entry.get("bytes"):
-            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-        if sha256_file(path) != entry.get("sha256"):
+        if path.stat().st_size != entry["bytes"]:
+            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        if sha256_file(path) != entry["sha256"]:
             raise ArtifactError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
     extra = sorted(present - set(files) - {"manifest.json"})
@@ -125,5 +155,5 @@ def load_artifact(directory) -> Artifact:
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     check_model(directory / "model.onnx")
-    weights = load_weights(directory / manifest.get("weights", {}).get("file", "weights.npz"))
+    weights = load_weights(directory / "weights.npz")
     return Artifact(directory, manifest, weights, load_golden(directory, manifest))

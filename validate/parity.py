@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import oracle
-from .artifact import Artifact
+from .artifact import Artifact, ArtifactError
 from .compare import compare_outputs, model_error_terms, tolerance
 from .runtimes import RUNTIMES
 from .torch_peer import load_torch_peer
@@ -77,15 +77,21 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
     m = artifact.manifest
     report = Report(artifact.name, m)
     sessions = [RUNTIMES[p](artifact.model_path) for p in providers]
-    peer = load_torch_peer(m, artifact.weights) if use_torch else None
+    try:
+        peer = load_torch_peer(m, artifact.weights) if use_torch else None
+    except Exception as e:
+        raise _mismatch(artifact, "PyTorch", e) from None
     report.notes.append("live PyTorch comparison: " + ("ran" if peer else "not run (" + (
         "torch is not installed" if use_torch else "disabled by --no-torch") + ")"))
     out_names = [o["name"] for o in m["outputs"]]
     for case in build_cases(artifact, seed):
         k, stages = model_error_terms(m, _key_length(case.inputs, m))
         tol = tolerance(m["dtype"], k, stages)
-        expected = oracle.forward(m["model"]["architecture"], m["model"]["config"], m["model"]["options"],
-                                  artifact.weights, case.inputs)
+        try:
+            expected = oracle.forward(m["model"]["architecture"], m["model"]["config"], m["model"]["options"],
+                                      artifact.weights, case.inputs)
+        except Exception as e:
+            raise _mismatch(artifact, "the oracle", e) from None
         refs = {"oracle": (expected, tol)}
         if case.golden is not None:
             refs["golden"] = (case.golden, 2 * tol)
@@ -103,6 +109,12 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
                 continue
             report.checks += _compare(session.name, case, out_names, got, refs)
     return report
+
+
+def _mismatch(artifact, who, error) -> ArtifactError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ArtifactError(f"{artifact.path / 'manifest.json'}: {who} cannot build the model it describes from "
+                         f"weights.npz ({type(error).__name__}: {detail})")
 
 
 def _compare(runtime, case, out_names, got, refs) -> list:
