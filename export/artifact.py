@@ -5,7 +5,6 @@ interrupted export leaves no half artifact and never touches an older one.
 """
 import ctypes
 import io
-import json
 import os
 import platform
 import shutil
@@ -16,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from validate.artifact import FORMAT, sha256_file  # the reader defines the format both sides share
+from validate.artifact import DIGEST_KEY, FORMAT, canonical_json, manifest_digest, sha256_file  # one format, defined by its reader
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -58,7 +57,7 @@ def file_table(directory: Path) -> dict:
 def write_manifest(directory: Path, manifest: dict) -> dict:
     """Add the format tag and the sha256 of every file, write manifest.json, return the whole manifest."""
     manifest = {**manifest, "format": FORMAT, "files": file_table(directory)}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (directory / "manifest.json").write_text(canonical_json({**manifest, DIGEST_KEY: manifest_digest(manifest)}))
     return manifest
 
 

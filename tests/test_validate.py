@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from export.artifact import save_weights_npz, sha256_file
 from validate.cli import main
+from validate.artifact import DIGEST_KEY, canonical_json, manifest_digest
 from validate.compare import compare_outputs, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +32,19 @@ def snapshot(directory: Path) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def rehash(directory: Path, rel: str) -> None:
-    """Make the manifest agree with the current bytes of `rel` (a consistent tamper)."""
+def edit_manifest(directory: Path, edit, sign: bool = True) -> None:
+    """Apply `edit` to the manifest and, when `sign`, re-sign it as qkv-export would (a consistent tamper)."""
     path = directory / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["files"][rel] = {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def edit_manifest(directory: Path, edit) -> None:
-    path = directory / "manifest.json"
-    manifest = json.loads(path.read_text())
+    manifest.pop(DIGEST_KEY)
     edit(manifest)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    path.write_text(canonical_json({**manifest, DIGEST_KEY: manifest_digest(manifest)} if sign else manifest))
+
+
+def rehash(directory: Path, rel: str) -> None:
+    """Make the manifest agree with the current bytes of `rel`."""
+    entry = {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+    edit_manifest(directory, lambda m: m["files"].__setitem__(rel, entry))
 
 
 def flip_byte(path: Path) -> None:
@@ -193,7 +194,23 @@ INVALID = {
     "unlisted file": (lambda d: (d / "test_data_set_0/input_9.pb").write_bytes(b"x"), "test_data_set_0/input_9.pb",
                       "not listed"),
     "checker rejects": (_checker_rejects, "model.onnx", "onnx.checker"),
+    "manifest edited": (lambda d: edit_manifest(d, lambda m: m["model"].__setitem__("name", "bert-base"), sign=False),
+                        "manifest.json", "manifest_sha256"),
+    "manifest reformatted": (lambda d: (d / "manifest.json").write_text(
+        json.dumps(json.loads((d / "manifest.json").read_text()))), "manifest.json", "canonical form"),
 }
+
+
+@pytest.mark.parametrize("offset", range(0, 4000, 97))
+def test_any_flipped_byte_in_manifest_exit_2(offset, artifact_copy, capsys):
+    """One flipped bit anywhere in manifest.json (values, keys, whitespace) is refused, naming the manifest."""
+    d = artifact_copy("mha")
+    data = bytearray((d / "manifest.json").read_bytes())
+    data[offset % len(data)] ^= 0x01
+    (d / "manifest.json").write_bytes(bytes(data))
+    code, _, err, _ = run_cli(capsys, d)
+    assert code == 2
+    assert str(d / "manifest.json") in single_error_line(err)
 
 
 @pytest.mark.parametrize("name", INVALID)

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 FORMAT = "qkv-onnx-artifact/1"
 INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask")
+DIGEST_KEY = "manifest_sha256"
 REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
 
 
@@ -42,18 +43,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def canonical_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: the manifest protects itself."""
+    return hashlib.sha256(canonical_json(manifest).encode()).hexdigest()
+
+
 def read_manifest(directory: Path) -> dict:
+    """Parse manifest.json, check its self-digest, canonical bytes and structure."""
     path = directory / "manifest.json"
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: not a directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: not a JSON object")
+    digest = manifest.pop(DIGEST_KEY, None)
+    if digest != manifest_digest(manifest):
+        raise ArtifactError(f"{path}: content does not match its {DIGEST_KEY} (edited or corrupt)")
+    if canonical_json({**manifest, DIGEST_KEY: digest}).encode() != raw:
+        raise ArtifactError(f"{path}: not in the canonical form qkv-export writes (edited or corrupt)")
     problem = manifest_problem(manifest)
     if problem:
         raise ArtifactError(f"{path}: {problem}")
