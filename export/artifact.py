@@ -15,7 +15,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from validate.artifact import DIGEST_KEY, FORMAT, canonical_json, manifest_digest, sha256_file  # one format, defined by its reader
+from validate.artifact import (  # one format, defined by its reader
+    DIGEST_KEY,
+    FORMAT,
+    canonical_json,
+    manifest_digest,
+    sha256_file,
+)
+
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

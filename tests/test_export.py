@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from onnx import numpy_helper
 
-from conftest import ROOT
 from export.cli import main as export_main
 from export.fusion import FusionError, check_fusion, count_ops
 from export.onnx_attention import export_onnx_attention

@@ -16,8 +16,8 @@ import pytest
 from onnx import numpy_helper
 
 from export.artifact import save_weights_npz, sha256_file
-from validate.cli import main
 from validate.artifact import DIGEST_KEY, canonical_json, manifest_digest
+from validate.cli import main
 from validate.compare import compare_outputs, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
