@@ -51,7 +51,9 @@ def markdown(reports: list, failures: dict) -> str:
         lines.append("")
     for path, reason in failures.items():
         lines += [f"## {path}: INVALID", "", f"- {reason}", ""]
-    return "\n".join(lines)
+    passed = sum(r.passed for r in reports)
+    lines.append(f"Artifacts: {passed} pass, {len(reports) - passed} fail, {len(failures)} invalid.")
+    return "\n".join(lines) + "\n"
 
 
 def to_json(reports: list, failures: dict, exit_code: int) -> str:
