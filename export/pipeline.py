@@ -33,13 +33,15 @@ def package_versions() -> dict:
 
 
 def _dynamic_shapes(spec):
+    """One torch.export Dim per symbolic name; sequences of a BERT model are bounded by its positions."""
     dims = {}
     shapes = []
     for inp in spec.inputs:
         axes = {}
         for axis, d in enumerate(inp.shape):
             if isinstance(d, str):
-                dims.setdefault(d, torch.export.Dim(d, min=1, max=spec.config.max_positions))
+                bounded = spec.architecture == "bert" and d != "batch"
+                dims.setdefault(d, torch.export.Dim(d, min=1, max=spec.config.max_positions if bounded else None))
                 axes[axis] = dims[d]
         shapes.append(axes)
     return tuple(shapes)
