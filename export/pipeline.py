@@ -100,7 +100,7 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
             "op_counts": op_counts,
             "fused_attention_ops": n_attention,
             "golden_sets": len(GOLDEN_CASES),
-            "weights": {"file": "weights.npz", "bytes": n_bytes, "external_data": external_data},
+            "weights": {"bytes": n_bytes, "external_data": external_data},
             "seed": seed,
             "versions": package_versions(),
             "reproduce": f"qkv-export --model {model} --backend {backend} --dtype {dtype} --seed {seed} --opset {opset}",

@@ -4,7 +4,7 @@ Tolerance policy (README "Tolerance policy" explains it for users). An output pa
     max |actual - reference| <= atol,   atol = tol(dtype) * max |reference|
 i.e. the error is judged relative to the output's scale (encoder outputs are LayerNorm-ed,
 O(1); an elementwise rtol would fail near zeros for no reason). With u the dtype's unit
-roundoff, K the longest accumulation (max of hidden, ffn, head_dim, key length) and S the
+roundoff, K the longest accumulation (max of hidden, ffn and key length) and S the
 number of sequential sublayers (2 per encoder block, +2 for embeddings and pooler):
   float32: tol = u * sqrt(K) * S. Each dot product of length K accumulated in float32 has a
            typical (probabilistic, Higham 2002 §3.5) error of u*sqrt(K) relative to its scale;
@@ -34,16 +34,10 @@ def tolerance(dtype: str, accumulation_length: int, stages: int) -> float:
 
 def model_error_terms(manifest: dict, key_length: int) -> tuple:
     """(K, S) of the tolerance policy for the model an artifact holds."""
-    model = manifest["model"]
-    cfg = model["config"]
-    head_dim = cfg["hidden_size"] // cfg["num_heads"]
-    if model["architecture"] == "attention":
-        k, stages = max(cfg["hidden_size"], head_dim, key_length), 2
-    elif model["architecture"] == "encoder-block":
-        k, stages = max(cfg["hidden_size"], cfg["ffn_size"], key_length), 2
-    else:
-        k, stages = max(cfg["hidden_size"], cfg["ffn_size"], key_length), 2 * cfg["num_layers"] + 2
-    return k, stages
+    architecture, cfg = manifest["model"]["architecture"], manifest["model"]["config"]
+    widest = cfg["hidden_size"] if architecture == "attention" else max(cfg["hidden_size"], cfg["ffn_size"])
+    stages = 2 * cfg["num_layers"] + 2 if architecture == "bert" else 2
+    return max(widest, key_length), stages
 
 
 def first_nonfinite(a: np.ndarray) -> str:

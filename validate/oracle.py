@@ -48,7 +48,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
 
 
 def linear(x, w, prefix):
-    return np.asarray(x, dtype=np.float64) @ w[prefix + ".weight"].astype(np.float64).T + w[prefix + ".bias"]
+    return np.asarray(x, dtype=np.float64) @ w[prefix + ".weight"].T + w[prefix + ".bias"]
 
 
 def layer_norm(x, w, prefix, eps):
@@ -112,9 +112,14 @@ def bert(w, cfg, input_ids, token_type_ids, attention_mask):
     return x, np.tanh(linear(x[:, 0], w, "pooler"))
 
 
+def as_float64(weights):
+    """The weight dict in float64 (no copy for arrays that already are)."""
+    return {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
+
+
 def forward(architecture, cfg, options, weights, inputs):
     """Run the model an artifact's manifest describes; inputs and outputs in graph order."""
-    w = {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
+    w = as_float64(weights)
     if architecture == "bert":
         return bert(w, cfg, *inputs)
     if architecture == "encoder-block":

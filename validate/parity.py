@@ -84,12 +84,13 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
     report.notes.append("live PyTorch comparison: " + ("ran" if peer else "not run (" + (
         "torch is not installed" if use_torch else "disabled by --no-torch") + ")"))
     out_names = [o["name"] for o in m["outputs"]]
+    weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
     for case in build_cases(artifact, seed):
         k, stages = model_error_terms(m, _key_length(case.inputs, m))
         tol = tolerance(m["dtype"], k, stages)
         try:
             expected = oracle.forward(m["model"]["architecture"], m["model"]["config"], m["model"]["options"],
-                                      artifact.weights, case.inputs)
+                                      weights64, case.inputs)
         except Exception as e:
             raise _mismatch(artifact, "the oracle", e) from None
         refs = {"oracle": (expected, tol)}
