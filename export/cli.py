@@ -1,4 +1,4 @@
-"""qkv-export: turn a registered PyTorch model into an ONNX artifact with fused attention."""
+"""qkv-export: turn a registered PyTorch model into ONNX artifacts with fused attention."""
 import argparse
 import sys
 import time
@@ -6,41 +6,67 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
-EPILOG = """exit codes:
-  0  artifact written
-  1  export failed: the exporter errored, or the fusion check found attention left unfused
-  2  invalid argument (unknown model, backend or dtype; output path unusable)
+EPILOG = """backends:
+{backends}
+  all             one artifact per backend
 
-The artifact directory is built beside --out and swapped into place at the end: an
-interrupted export leaves no partial artifact and an existing one untouched."""
+exit codes:
+  0  artifact(s) written
+  1  export failed: the exporter errored, or the fusion check found attention not as the
+     backend promises (the other backends of --backend all are still written)
+  2  invalid argument (unknown model, backend or dtype; opset outside the backend's range;
+     output path unusable)
+
+Each artifact directory is built beside its destination and swapped into place at the end:
+an interrupted export leaves no partial artifact and an existing one untouched."""
 
 
 def parse_args(argv):
     from model_defs.registry import MODELS
 
-    from .pipeline import BACKENDS, DTYPES, MIN_OPSET
+    from .backends import BACKENDS
+    from .pipeline import DTYPES
 
-    p = argparse.ArgumentParser(prog="qkv-export", description=__doc__, epilog=EPILOG,
+    backends = "\n".join(f"  {b.name:<15} {b.summary}" for b in BACKENDS.values())
+    p = argparse.ArgumentParser(prog="qkv-export", description=__doc__, epilog=EPILOG.format(backends=backends),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-tiny", help="registered model (default: %(default)s): " + ", ".join(MODELS))
-    p.add_argument("--backend", default="onnx-attention", help="attention backend (default: %(default)s): " + ", ".join(BACKENDS))
-    p.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-BACKEND-DTYPE)")
+    p.add_argument("--backend", default="onnx-attention",
+                   help="attention backend, or 'all' (default: %(default)s): " + ", ".join(BACKENDS))
+    p.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-BACKEND-DTYPE); with "
+                   "--backend all, the directory that receives one MODEL-BACKEND-DTYPE artifact per backend")
     p.add_argument("--dtype", default="float32", help="weights and activations (default: %(default)s): " + ", ".join(DTYPES))
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and golden inputs (default: %(default)s)")
-    p.add_argument("--opset", type=int, default=MIN_OPSET, help="ONNX opset, >= %(default)s for the Attention op")
-    return p.parse_args(argv), MODELS, BACKENDS, DTYPES, MIN_OPSET
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the backend's: " + ", ".join(
+        f"{b.name} {b.default_opset}" for b in BACKENDS.values()) + ")")
+    return p.parse_args(argv), MODELS, BACKENDS, DTYPES
+
+
+def describe(manifest: dict) -> str:
+    counts = manifest["op_counts"]
+    attention = {k: v for k, v in counts.items() if k.endswith("Attention")}
+    ops = ", ".join(f"{v} {k}" for k, v in attention.items()) or f"{counts.get('Softmax', 0)} Softmax (decomposed)"
+    return (f"{manifest['model']['name']} ({manifest['model']['parameters']:,} parameters), {manifest['dtype']}, "
+            f"{ops}, opset {manifest['opset'].get('ai.onnx')}")
 
 
 def main(argv=None) -> int:
-    args, models, backends, dtypes, min_opset = parse_args(argv)
+    args, models, backends, dtypes = parse_args(argv)
+    chosen = list(backends) if args.backend == "all" else [args.backend]
     problems = [f"unknown {what} {value!r}; known: {', '.join(known)}" for what, value, known in
-                (("model", args.model, models), ("backend", args.backend, backends), ("dtype", args.dtype, dtypes))
-                if value not in known]
-    if args.opset < min_opset:
-        problems.append(f"opset {args.opset} is below {min_opset}, where the ONNX Attention op starts")
-    out = args.out or Path("artifacts") / f"{args.model}-{args.backend}-{args.dtype}"
-    if out.exists() and not (out / "manifest.json").is_file():
-        problems.append(f"{out} exists and is not an artifact: refusing to replace it")
+                (("model", args.model, models), ("backend", args.backend, [*backends, "all"]),
+                 ("dtype", args.dtype, dtypes)) if value not in known]
+    if not problems and args.opset is not None:
+        if len(chosen) > 1:
+            problems.append("--opset applies to one backend; each backend of --backend all uses its default")
+        else:
+            problems += filter(None, [backends[chosen[0]].opset_problem(args.opset)])
+    outs = {}
+    for b in chosen if not problems else []:
+        name = f"{args.model}-{b}-{args.dtype}"
+        outs[b] = (args.out or Path("artifacts")) / name if len(chosen) > 1 else args.out or Path("artifacts") / name
+        if outs[b].exists() and not (outs[b] / "manifest.json").is_file():
+            problems.append(f"{outs[b]} exists and is not an artifact: refusing to replace it")
     if problems:
         print(f"qkv-export: error: {problems[0]}", file=sys.stderr)
         return EXIT_INVALID
@@ -48,20 +74,20 @@ def main(argv=None) -> int:
     from . import ExportError
     from .pipeline import export_artifact
 
-    start = time.perf_counter()
-    try:
-        manifest = export_artifact(args.model, out, args.backend, args.dtype, args.seed, args.opset)
-    except ExportError as e:
-        print(f"qkv-export: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:
-        print(f"qkv-export: error: cannot write {out}: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    fused = manifest["op_counts"].get("Attention", 0)
-    print(f"wrote {out}: {manifest['model']['name']} ({manifest['model']['parameters']:,} parameters), "
-          f"{manifest['dtype']}, {fused} fused Attention node(s), opset {manifest['opset'].get('ai.onnx')}, "
-          f"{time.perf_counter() - start:.1f} s")
-    return EXIT_OK
+    code = EXIT_OK
+    for backend, out in outs.items():
+        start = time.perf_counter()
+        try:
+            manifest = export_artifact(args.model, out, backend, args.dtype, args.seed, args.opset)
+        except ExportError as e:
+            print(f"qkv-export: error: {backend}: {e}", file=sys.stderr)
+            code = EXIT_FAILED
+            continue
+        except OSError as e:
+            print(f"qkv-export: error: cannot write {out}: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"wrote {out}: {describe(manifest)}, {time.perf_counter() - start:.1f} s")
+    return code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""The fusion check: attention must be one fused op per attention module, with nothing left unfused."""
+"""The fusion check: attention must be one fused op per attention module (none for `decomposed`)."""
 import onnx
 
 from . import ExportError
+from .backends import BACKENDS
 
-FUSED_ATTENTION_OPS = {"onnx-attention": ("", "Attention")}
 
 
 class FusionError(ExportError):
@@ -27,7 +27,7 @@ def count_ops(model: onnx.ModelProto) -> dict:
     for f in model.functions:
         nodes.extend(f.node)
     for n in nodes:
-        key = f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        key = _key(n.domain, n.op_type)
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -46,20 +46,35 @@ def activation_matmuls(model: onnx.ModelProto) -> list:
             if n.op_type == "MatMul" and not any(i in const for i in n.input)]
 
 
+def _key(domain: str, op: str) -> str:
+    return f"{domain}::{op}" if domain not in ("", "ai.onnx") else op
+
+
 def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict:
-    """Raise FusionError unless the graph holds exactly `expected` fused attention nodes and no
-    Softmax or activation-by-activation MatMul. Returns the op counts."""
-    domain, op = FUSED_ATTENTION_OPS[backend]
+    """Raise FusionError unless the graph's attention is what `backend` promises for `expected`
+    attention modules; returns the op counts.
+
+    Fused backends: exactly `expected` fused attention nodes, no Softmax, no activation x activation
+    MatMul. `decomposed`: no fused attention node of any kind and one Softmax per module.
+    """
     counts = count_ops(model)
-    key = f"{domain}::{op}" if domain else op
+    own = [_key(*op) for op in BACKENDS[backend].attention_ops]
+    every = {_key(*op) for b in BACKENDS.values() for op in b.attention_ops}
     problems = []
-    if counts.get(key, 0) != expected:
-        problems.append(f"{counts.get(key, 0)} {key} nodes for {expected} attention modules")
-    if counts.get("Softmax", 0):
-        problems.append(f"{counts['Softmax']} Softmax nodes left outside the fused op")
-    loose = activation_matmuls(model)
-    if loose:
-        problems.append(f"{len(loose)} activation x activation MatMul nodes (unfused QKᵀ/PV): {', '.join(loose[:4])}")
+    stray = {k: counts[k] for k in sorted(every - set(own)) if counts.get(k)}
+    if stray:
+        problems.append(f"attention ops of another backend: {stray}")
+    if own:
+        fused = sum(counts.get(k, 0) for k in own)
+        if fused != expected:
+            problems.append(f"{fused} {'/'.join(own)} nodes for {expected} attention modules")
+        if counts.get("Softmax", 0):
+            problems.append(f"{counts['Softmax']} Softmax nodes left outside the fused op")
+        loose = activation_matmuls(model)
+        if loose:
+            problems.append(f"{len(loose)} activation x activation MatMul nodes (unfused QKᵀ/PV): {', '.join(loose[:4])}")
+    elif counts.get("Softmax", 0) != expected:
+        problems.append(f"{counts.get('Softmax', 0)} Softmax nodes for {expected} attention modules")
     if problems:
-        raise FusionError(f"attention was not fused for backend {backend}: " + "; ".join(problems))
+        raise FusionError(f"attention is not as backend {backend} promises: " + "; ".join(problems))
     return counts

@@ -11,10 +11,9 @@ from model_defs.config import param_count
 from model_defs.registry import count_attention_modules, example_inputs, get_model, init_random_weights
 
 from .artifact import publish, save_test_data_set, save_weights_npz, temporary_dir_for, value_info, write_manifest
+from .backends import BACKENDS, export_onnx
 from .fusion import check_fusion
-from .onnx_attention import MIN_OPSET, export_onnx_attention  # noqa: F401 (MIN_OPSET re-exported)
 
-BACKENDS = {"onnx-attention": export_onnx_attention}
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PROTOBUF_LIMIT = 2**31 - 1
 # (batch, seq, real tokens per row): padded rows, a row that is all padding, a single token.
@@ -52,13 +51,14 @@ def _kv_seq(spec, seq):
 
 
 def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtype: str = "float32",
-                    seed: int = 0, opset: int = MIN_OPSET, external_data: bool | None = None) -> dict:
+                    seed: int = 0, opset: int | None = None, external_data: bool | None = None) -> dict:
     """Export registry model `model` to the artifact directory `out`; returns the manifest."""
     spec = get_model(model)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    opset = BACKENDS[backend].default_opset if opset is None else opset
     torch_dtype = DTYPES[dtype]
     module = init_random_weights(spec.build(), seed).eval().to(torch_dtype)
     weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
@@ -73,8 +73,8 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
     tmp = temporary_dir_for(out)
     try:
         trace = inputs_for(*TRACE_CASE, seed)
-        BACKENDS[backend](module, tuple(trace.values()), [i.name for i in spec.inputs], spec.outputs,
-                          _dynamic_shapes(spec), tmp / "model.onnx", opset, external_data)
+        fusions = export_onnx(module, tuple(trace.values()), [i.name for i in spec.inputs], spec.outputs,
+                              _dynamic_shapes(spec), tmp / "model.onnx", backend, opset, external_data)
         graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
         n_attention = count_attention_modules(module)
         op_counts = check_fusion(graph, backend, n_attention)
@@ -98,7 +98,8 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
             "inputs": [{**v, "role": roles[v["name"]]} for v in value_info(graph.graph.input)],
             "outputs": value_info(graph.graph.output),
             "op_counts": op_counts,
-            "fused_attention_ops": n_attention,
+            "fused_attention_ops": n_attention if BACKENDS[backend].attention_ops else 0,
+            "ort_fusions": fusions,
             "golden_sets": len(GOLDEN_CASES),
             "weights": {"bytes": n_bytes, "external_data": external_data},
             "seed": seed,

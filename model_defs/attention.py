@@ -35,7 +35,14 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention when `context` is None, cross-attention otherwise. Grouped-query
     attention when num_kv_heads < num_heads: q head h reads kv head h // (Hq / Hkv).
+
+    A query whose keys are all masked attends to nothing and gets 0 (before out_proj), as SDPA
+    and the ONNX `Attention` op give. `zero_empty_rows` writes that rule into the graph as an
+    explicit Where, for backends whose fused kernel has another convention (com.microsoft
+    attention averages V).
     """
+
+    zero_empty_rows = False
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, kv_input_size=None, scale=None):
         super().__init__()
@@ -62,4 +69,7 @@ class MultiHeadAttention(nn.Module):
         mask, is_causal = combine_masks(key_padding_mask, attn_mask, is_causal, B, Lq, Lk, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, Hq, Lq, d)
-        return self.out_proj(y.transpose(1, 2).reshape(B, Lq, D))
+        y = y.transpose(1, 2).reshape(B, Lq, D)
+        if self.zero_empty_rows and mask is not None and mask.dtype == torch.bool:
+            y = torch.where(mask.any(-1).transpose(1, 2), y, 0)  # (B, Lq, 1): query has a key to attend to
+        return self.out_proj(y)

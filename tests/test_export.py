@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from export.cli import main as export_main
 from export.fusion import FusionError, check_fusion, count_ops
-from export.onnx_attention import export_onnx_attention
+from export.backends import export_onnx
 from export.pipeline import export_artifact
 from model_defs.registry import MODELS, example_inputs, get_model
 
@@ -112,7 +112,7 @@ class SdpaAttention(torch.nn.Module):
 
 def _export_qkv(module, path, opset):
     q = torch.randn(2, 2, 5, 8)
-    export_onnx_attention(module, (q, q, q), ["q", "k", "v"], ["y"], None, path, opset)
+    export_onnx(module, (q, q, q), ["q", "k", "v"], ["y"], None, path, "onnx-attention", opset)
     return onnx.load(str(path))
 
 
@@ -199,7 +199,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert export_main(["--model", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert export_main(["--model", "mha", "--opset", "22", "--out", str(tmp_path / "x")]) == 2
-    assert "opset 22" in capsys.readouterr().err
+    assert "needs opset >= 23, got 22" in capsys.readouterr().err
     assert export_main(["--model", "mha", "--dtype", "bfloat16", "--out", str(tmp_path / "x")]) == 2
     not_artifact = tmp_path / "precious"
     not_artifact.mkdir()
@@ -211,7 +211,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 
 def test_cli_writes_artifact(tmp_path, capsys):
     assert export_main(["--model", "mha-gqa", "--out", str(tmp_path / "gqa")]) == 0
-    assert "1 fused Attention node(s)" in capsys.readouterr().out
+    assert "float32, 1 Attention, opset 23" in capsys.readouterr().out
     assert (tmp_path / "gqa" / "manifest.json").is_file()
 
 

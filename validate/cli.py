@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from .artifact import ArtifactError, load_artifact
-from .parity import validate_artifact
+from .parity import compare_backends, validate_artifact
 from .report import markdown, to_json
 from .runtimes import PROVIDERS, ProviderError, parse_providers
 
@@ -14,20 +14,24 @@ EPILOG = """exit codes:
   0  every check passed
   1  a parity check failed (numbers out of tolerance, NaN/Inf, a run that errored)
   2  an artifact or argument is invalid: missing file, sha256 mismatch, onnx.checker
-     error, unknown or unusable provider; one line on stderr names the file and why
+     error, unknown provider, a provider that cannot run here (cuda without its libraries)
+     or cannot run the artifact (a node it has no kernel for; CUDA never falls back to the
+     CPU); one line on stderr names the file and why
 
 Each artifact is compared, on several shapes (batch 1 and 3, sequence 1, 7 and 128, padded
 rows, a row that is all padding) and on its golden data, with the NumPy float64 oracle, with
-the golden PyTorch outputs, and with a live PyTorch run where torch is installed."""
+the golden PyTorch outputs, and with a live PyTorch run where torch is installed. Artifacts
+of one model and weights from different backends are also compared with each other."""
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="qkv-validate", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifacts", nargs="+", type=Path, metavar="DIR", help="artifact directories written by qkv-export")
-    p.add_argument("--providers", default="cpu,reference",
+    p.add_argument("--providers", default="auto",
                    help="comma-separated runtimes: " + ", ".join(f"{k} ({v})" for k, v in PROVIDERS.items())
-                   + " (default: %(default)s)")
+                   + "; or auto: every one that works here, reference only for graphs in the ai.onnx domain "
+                   "(default: %(default)s)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every check as JSON")
     p.add_argument("--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)")
@@ -43,25 +47,27 @@ def fail(message: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        providers = parse_providers(args.providers)
+        providers, notes, optional = parse_providers(args.providers)
     except ProviderError as e:
         return fail(str(e))
     reports, invalid = [], {}
     for directory in args.artifacts:
         try:
-            reports.append(validate_artifact(load_artifact(directory), providers, args.seed, not args.no_torch))
+            reports.append(validate_artifact(load_artifact(directory), providers, args.seed, not args.no_torch,
+                                             optional))
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
             print(f"qkv-validate: error: {e}", file=sys.stderr)
+    compare_backends(reports)
     code = EXIT_INVALID if invalid else (EXIT_PASS if all(r.passed for r in reports) else EXIT_PARITY)
-    text = markdown(reports, invalid)
+    text = markdown(reports, invalid, notes)
     try:
         if args.report:
             args.report.write_text(text)
         else:
             print(text)
         if args.json:
-            args.json.write_text(to_json(reports, invalid, code))
+            args.json.write_text(to_json(reports, invalid, code, notes))
     except OSError as e:
         return fail(f"cannot write report: {e}")
     return code

@@ -1,4 +1,5 @@
 """Run an artifact on each runtime over golden and fresh inputs; judge against oracle, golden data and PyTorch."""
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -6,7 +7,7 @@ import numpy as np
 from . import oracle
 from .artifact import Artifact, ArtifactError
 from .compare import compare_outputs, model_error_terms, tolerance
-from .runtimes import RUNTIMES
+from .runtimes import PROVIDERS, ProviderError, open_runtime
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
@@ -27,6 +28,7 @@ class Report:
     manifest: dict
     checks: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    runs: dict = field(default_factory=dict)  # case name -> (Case, tol, {runtime: outputs}), for sibling backends
 
     @property
     def passed(self) -> bool:
@@ -71,12 +73,29 @@ def _key_length(inputs: list, manifest: dict) -> int:
     return 1
 
 
-def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_torch: bool = True) -> Report:
-    """Every comparison for one artifact. Runtime sessions are created before any case runs,
-    so a provider that cannot load the artifact raises ProviderError up front."""
+def open_sessions(artifact: Artifact, providers: list, optional: set, report: Report) -> list:
+    """A session per runtime, before any case runs: a runtime that cannot load the artifact raises
+    ProviderError up front, unless it is optional (then the report says why it did not run)."""
+    sessions = []
+    for name in providers:
+        try:
+            session = open_runtime(name, artifact.model_path)
+        except ProviderError as e:
+            if name not in optional:
+                raise
+            report.notes.append(f"{PROVIDERS[name]}: not run ({str(e).split(': ', 1)[-1]})")
+            continue
+        report.notes.append(f"{PROVIDERS[name]}: ran, session providers {session.providers}")
+        sessions.append(session)
+    return sessions
+
+
+def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_torch: bool = True,
+                      optional: set = frozenset()) -> Report:
+    """Every comparison for one artifact against the oracle, golden data and PyTorch."""
     m = artifact.manifest
     report = Report(artifact.name, m)
-    sessions = [RUNTIMES[p](artifact.model_path) for p in providers]
+    sessions = open_sessions(artifact, providers, optional, report)
     try:
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
     except Exception as e:
@@ -101,6 +120,7 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
             live = peer(case.inputs)
             refs["pytorch"] = (live, 2 * tol)
             report.checks += _compare("pytorch", case, out_names, live, {"oracle": refs["oracle"]})
+        report.runs[case.name] = (case, tol, {})
         for session in sessions:
             try:
                 got = session.run(case.inputs)
@@ -109,7 +129,33 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
                 report.checks += [_failed(session.name, case, o, r, f"run failed: {msg}") for r in refs for o in out_names]
                 continue
             report.checks += _compare(session.name, case, out_names, got, refs)
+            report.runs[case.name][2][session.name] = got
     return report
+
+
+def compare_backends(reports: list) -> None:
+    """Artifacts of one model, dtype and weights from different backends are compared with each other,
+    case by case on every runtime both ran, at twice the tolerance (each side has its own rounding).
+    The checks join both reports, with reference 'backend NAME'."""
+    groups = {}
+    for r in reports:
+        m = r.manifest
+        groups.setdefault((m["model"]["name"], m["dtype"], m["files"].get("weights.npz", {}).get("sha256")), []).append(r)
+    for group in groups.values():
+        for a, b in itertools.combinations(group, 2):
+            if a.manifest["backend"] == b.manifest["backend"]:
+                continue
+            out_names = [o["name"] for o in a.manifest["outputs"]]
+            for name, (case, tol, outputs_a) in a.runs.items():
+                other = b.runs.get(name)
+                if other is None or not all(np.array_equal(x, y) for x, y in zip(case.inputs, other[0].inputs)):
+                    continue
+                for runtime in sorted(outputs_a.keys() & other[2].keys()):
+                    got_a, got_b = outputs_a[runtime], other[2][runtime]
+                    a.checks += _compare(runtime, case, out_names, got_a,
+                                         {f"backend {b.manifest['backend']}": (got_b, 2 * tol)})
+                    b.checks += _compare(runtime, case, out_names, got_b,
+                                         {f"backend {a.manifest['backend']}": (got_a, 2 * tol)})
 
 
 def _mismatch(artifact, who, error) -> ArtifactError:

@@ -1,7 +1,7 @@
 """Markdown and JSON renderings of validation results."""
 import json
 
-RUNTIME_LABELS = {"cpu": "ORT CPU", "reference": "onnx reference", "pytorch": "PyTorch (live)",
+RUNTIME_LABELS = {"cpu": "ORT CPU", "cuda": "ORT CUDA", "reference": "onnx reference", "pytorch": "PyTorch (live)",
                   "pytorch-golden": "PyTorch (golden)"}
 
 
@@ -33,8 +33,8 @@ def summarize(checks: list) -> list:
     return rows
 
 
-def markdown(reports: list, failures: dict) -> str:
-    lines = []
+def markdown(reports: list, failures: dict, notes: list = ()) -> str:
+    lines = [f"- {n}" for n in notes] + ([""] if notes else [])
     for r in reports:
         m = r.manifest
         lines += [f"## {r.artifact}: {m['model']['name']}, backend {m['backend']}, {m['dtype']} — "
@@ -56,9 +56,10 @@ def markdown(reports: list, failures: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(reports: list, failures: dict, exit_code: int) -> str:
+def to_json(reports: list, failures: dict, exit_code: int, notes: list = ()) -> str:
     doc = {
         "exit_code": exit_code,
+        "notes": list(notes),
         "artifacts": [{"artifact": r.artifact, "model": r.manifest["model"]["name"], "backend": r.manifest["backend"],
                        "dtype": r.manifest["dtype"], "passed": r.passed, "notes": r.notes,
                        "summary": summarize(r.checks), "checks": r.checks} for r in reports],

@@ -1,27 +1,92 @@
-"""Runtimes that execute an artifact: ONNX Runtime's CPU provider and onnx's ReferenceEvaluator."""
+"""Runtimes that execute an artifact: ONNX Runtime per execution provider, and onnx's ReferenceEvaluator.
+
+An ORT session runs on the provider asked for or not at all: CPU fallback is disabled for every
+other provider (`session.disable_cpu_ep_fallback`), and `get_providers()` must confirm it.
+"""
+import ctypes
+import os
+import tempfile
 from pathlib import Path
 
-PROVIDERS = {"cpu": "ONNX Runtime CPUExecutionProvider", "reference": "onnx.reference.ReferenceEvaluator"}
+PROVIDERS = {"cpu": "ONNX Runtime CPUExecutionProvider", "cuda": "ONNX Runtime CUDAExecutionProvider (TF32 off)",
+             "reference": "onnx.reference.ReferenceEvaluator"}
+ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider", {}), "cuda": ("CUDAExecutionProvider", {"use_tf32": "0"})}
+STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class ProviderError(Exception):
-    """The requested runtime cannot run here (exit code 2)."""
+    """The requested runtime cannot run here, or cannot run this artifact (exit code 2)."""
 
 
-class OrtCpu:
-    name = "cpu"
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
-    def __init__(self, model_path: Path):
+
+class _Stderr:
+    """Capture what native code writes to file descriptor 2 (ORT's logger) while the block runs."""
+
+    def __enter__(self):
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+
+
+def _cpu_placed_nodes(model_path: Path, ep: str) -> list:
+    """Nodes ORT would put on the CPU when `ep` is asked for with fallback allowed, from its placement log."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 0
+    with _Stderr() as err:
+        try:
+            ort.InferenceSession(str(model_path), opts, providers=[ep])
+        except Exception:
+            return []
+    nodes, on_cpu = [], False
+    for line in err.text.splitlines():
+        if "placed on [" in line:
+            on_cpu = "[CPUExecutionProvider]" in line and "All nodes" not in line
+        elif on_cpu and "VerifyEachNodeIsAssignedToAnEp]" in line:
+            nodes.append(line.split("]", 1)[1].strip())
+        elif "All nodes placed on [CPUExecutionProvider]" in line:
+            return ["every node"]
+    return nodes
+
+
+class OrtSession:
+    """An ONNX Runtime session pinned to one execution provider."""
+
+    def __init__(self, model_path: Path, name: str = "cpu"):
         import onnxruntime as ort
 
+        self.name = name
+        ep, options = ORT_PROVIDERS[name]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if ep != "CPUExecutionProvider":
+            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+            with _Stderr():
+                self.session = ort.InferenceSession(str(model_path), opts, providers=[(ep, options)])
         except Exception as e:
-            raise ProviderError(f"{model_path}: ONNX Runtime CPU cannot load it: {str(e).strip().splitlines()[0]}") from None
-        if self.session.get_providers()[0] != "CPUExecutionProvider":
-            raise ProviderError(f"{model_path}: session runs on {self.session.get_providers()}, not the CPU provider")
+            reason = _first_line(e).split(" : ")[-1]
+            if "fallback to CPU EP has been explicitly disabled" in reason:
+                nodes = _cpu_placed_nodes(model_path, ep)
+                reason = f"{ep} cannot run {len(nodes)} node(s) and CPU fallback is disabled: " + \
+                    ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
+            raise ProviderError(f"{model_path}: ONNX Runtime {ep} cannot run it: {reason}") from None
+        if self.session.get_providers()[0] != ep:
+            raise ProviderError(f"{model_path}: session runs on {self.session.get_providers()}, not {ep}")
+        self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, inputs: list) -> list:
@@ -29,28 +94,78 @@ class OrtCpu:
 
 
 class Reference:
+    """onnx.reference.ReferenceEvaluator: the ai.onnx domain only."""
+
     name = "reference"
+    providers = ["ReferenceEvaluator"]
 
     def __init__(self, model_path: Path):
         import onnx
         from onnx.reference import ReferenceEvaluator
 
+        model = onnx.load(str(model_path))
+        foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+        if foreign:
+            raise ProviderError(f"{model_path}: ReferenceEvaluator has no kernels for {', '.join(foreign)} "
+                                "(it implements the ai.onnx domain only)")
         try:
-            self.session = ReferenceEvaluator(onnx.load(str(model_path)))
+            self.session = ReferenceEvaluator(model)
         except Exception as e:
-            raise ProviderError(f"{model_path}: ReferenceEvaluator cannot load it: {str(e).strip().splitlines()[0]}") from None
+            raise ProviderError(f"{model_path}: ReferenceEvaluator cannot load it: {_first_line(e)}") from None
         self.input_names = list(self.session.input_names)
 
     def run(self, inputs: list) -> list:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
 
 
-RUNTIMES = {"cpu": OrtCpu, "reference": Reference}
+def open_runtime(name: str, model_path: Path):
+    return Reference(model_path) if name == "reference" else OrtSession(model_path, name)
 
 
-def parse_providers(text: str) -> list:
+def cuda_problem() -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run here, or None when a CUDA session really works."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} is built without CUDAExecutionProvider (install onnxruntime-gpu)"
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if library.exists():
+        try:
+            ctypes.CDLL(str(library))
+        except OSError as e:
+            return f"the CUDA provider library does not load: {e}"
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "probe.onnx"
+        onnx.save(probe, str(path))
+        try:
+            OrtSession(path, "cuda")
+        except ProviderError as e:
+            return str(e).split(": ", 1)[-1]
+    return None
+
+
+def parse_providers(text: str) -> tuple:
+    """(runtime names, notes, optional) for --providers: a comma list, or 'auto' for every runtime that
+    works here. An optional runtime that cannot load an artifact is noted, not an error (auto's
+    reference, which has no com.microsoft kernels). Raises ProviderError for an unknown name or a
+    provider that cannot run on this machine."""
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in RUNTIMES]
+    if names == ["auto"]:
+        problem = cuda_problem()
+        found = ["cpu"] + (["cuda"] if problem is None else []) + ["reference"]
+        note = f"--providers auto found: {', '.join(found)}" + ("" if problem is None else f" (no cuda: {problem})")
+        return found, [note], {"reference"}
+    unknown = [p for p in names if p not in PROVIDERS]
     if unknown or not names:
-        raise ProviderError(f"unknown provider(s) {unknown or text!r}; available: {', '.join(RUNTIMES)}")
-    return names
+        raise ProviderError(f"unknown provider(s) {unknown or text!r}; available: {', '.join(PROVIDERS)}, or auto")
+    if "cuda" in names:
+        problem = cuda_problem()
+        if problem:
+            raise ProviderError(f"--providers cuda: the CUDA provider cannot run here: {problem}")
+    return names, [], set()
