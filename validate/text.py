@@ -1,0 +1,114 @@
+"""Real sentences as model inputs: a checkpoint's own tokenizer files through the `tokenizers` library.
+
+Imports numpy and (lazily) tokenizers only: never torch, so validation runs without torch.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Files that carry a BERT checkpoint's tokenizer: tokenizer.json is used when present, else vocab.txt
+# with tokenizer_config.json's casing options. Export copies whichever exist into the artifact.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+# Real sentences of different lengths (a padded batch) for golden data: the first three are issue 4's
+# river/bank example, the next three a second related/related/unrelated triple.
+SAMPLE_SENTENCES = (
+    "The river bank was flooded.",
+    "Water overflowed the riverside.",
+    "I deposited money at the bank.",
+    "A man is playing a guitar on the street corner tonight.",
+    "Someone strums an instrument outdoors.",
+    "The stock market fell sharply.",
+)
+
+
+class TextError(Exception):
+    """Sentences that cannot be tokenized: no tokenizers library, no tokenizer files, no sentences."""
+
+
+def _load_tokenizer(tokenizer_dir: Path):
+    try:
+        import tokenizers
+    except ImportError:
+        raise TextError("tokenizing text needs the tokenizers library: pip install tokenizers "
+                        "(or the package's 'text' extra)") from None
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        try:
+            return tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        except Exception as e:
+            raise TextError(f"{tokenizer_dir / 'tokenizer.json'}: tokenizers cannot load it ({e})") from None
+    if (tokenizer_dir / "vocab.txt").is_file():
+        conf = {}
+        if (tokenizer_dir / "tokenizer_config.json").is_file():
+            try:
+                conf = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+            except ValueError as e:
+                raise TextError(f"{tokenizer_dir / 'tokenizer_config.json'}: not JSON ({e})") from None
+        wordpiece = tokenizers.BertWordPieceTokenizer(
+            str(tokenizer_dir / "vocab.txt"), lowercase=conf.get("do_lower_case", True),
+            strip_accents=conf.get("strip_accents"), handle_chinese_chars=conf.get("tokenize_chinese_chars", True))
+        return wordpiece._tokenizer  # the underlying tokenizers.Tokenizer (same API as from_file)
+    raise TextError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json or vocab.txt)")
+
+
+def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
+    """Encode `sentences` as one batch: {'input_ids', 'token_type_ids', 'attention_mask'}, int64 (batch, seq).
+
+    Each sentence becomes [CLS] tokens [SEP] (the tokenizer's own post-processor), segment 0,
+    padded on the right with the tokenizer's pad token to the longest sentence in the batch
+    (the tokenizer file's own padding/truncation settings are replaced: MiniLM's pads to a
+    fixed 128). Sentences longer than `max_length` tokens (special tokens included) are
+    truncated to it; with max_length None nothing is truncated.
+    """
+    sentences = list(sentences)
+    if not sentences:
+        raise TextError("no sentences to tokenize")
+    bad = [i for i, s in enumerate(sentences) if not isinstance(s, str)]
+    if bad:
+        raise TextError(f"sentence(s) {bad} are not strings")
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = _load_tokenizer(tokenizer_dir)
+    pad = tok.padding or {}
+    pad_token = pad.get("pad_token", "[PAD]")
+    pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
+    if pad_id is None:
+        raise TextError(f"{tokenizer_dir}: the tokenizer has no pad token {pad_token!r}")
+    tok.enable_padding(direction="right", pad_id=pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=pad_token)
+    if max_length is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(max_length=int(max_length))
+    encodings = tok.encode_batch(sentences)
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    }
+
+
+def mean_pool(last_hidden_state, attention_mask) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers computes them: the mean of the hidden states over real
+    tokens (attention_mask 1), L2-normalised. (batch, seq, hidden), (batch, seq) -> (batch, hidden) float64.
+    A row without real tokens gives zeros."""
+    h = np.asarray(last_hidden_state, dtype=np.float64)
+    m = np.asarray(attention_mask, dtype=np.float64)[..., None]
+    mean = (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+    norm = np.linalg.norm(mean, axis=-1, keepdims=True)
+    return mean / np.maximum(norm, 1e-12)
+
+
+def read_sentences(text_args=None, file=None) -> list:
+    """Sentences from repeated --text values, then from `file` (one per line; blank lines skipped)."""
+    sentences = [t for t in (text_args or [])]
+    if file is not None:
+        path = Path(file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TextError(f"{path}: cannot read sentences ({e})") from None
+        sentences += [line.strip() for line in lines if line.strip()]
+    empty = [i for i, s in enumerate(sentences) if not s.strip()]
+    if empty:
+        raise TextError(f"empty sentence(s) at position(s) {empty}")
+    return sentences
