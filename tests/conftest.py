@@ -9,16 +9,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """export(model, dtype='float32') -> path of a pristine artifact (cached; copy before mutating)."""
+    """export(model, dtype='float32', backend='onnx-attention') -> path of a pristine artifact
+    (cached; copy before mutating)."""
     from export.pipeline import export_artifact
 
     cache = {}
 
-    def get(model: str, dtype: str = "float32") -> Path:
-        key = (model, dtype)
+    def get(model: str, dtype: str = "float32", backend: str = "onnx-attention") -> Path:
+        key = (model, dtype, backend)
         if key not in cache:
-            cache[key] = tmp_path_factory.mktemp("artifacts") / f"{model}-{dtype}"
-            export_artifact(model, cache[key], dtype=dtype)
+            name = f"{model}-{dtype}" if backend == "onnx-attention" else f"{model}-{backend}-{dtype}"
+            cache[key] = tmp_path_factory.mktemp("artifacts") / name
+            export_artifact(model, cache[key], backend=backend, dtype=dtype)
         return cache[key]
 
     return get

@@ -40,8 +40,22 @@ class _Stderr:
         self.file.close()
 
 
-def _cpu_placed_nodes(model_path: Path, ep: str) -> list:
-    """Nodes ORT would put on the CPU when `ep` is asked for with fallback allowed, from its placement log."""
+def parse_placements(log: str) -> dict:
+    """{provider: [node, ...] or a node count} from ORT's verbose 'Node placements' log."""
+    placements, current = {}, None
+    for line in log.splitlines():
+        if "placed on [" in line:
+            ep = line.split("placed on [", 1)[1].split("]", 1)[0]
+            count = int(line.rsplit(":", 1)[1])
+            placements[ep] = count if "All nodes" in line else []
+            current = None if "All nodes" in line else ep
+        elif current and "VerifyEachNodeIsAssignedToAnEp]" in line:
+            placements[current].append(line.split("]", 1)[1].strip())
+    return placements
+
+
+def placements(model_path: Path, ep: str) -> dict:
+    """Where ORT puts each node when `ep` is asked for with CPU fallback allowed (its verbose log)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -50,16 +64,8 @@ def _cpu_placed_nodes(model_path: Path, ep: str) -> list:
         try:
             ort.InferenceSession(str(model_path), opts, providers=[ep])
         except Exception:
-            return []
-    nodes, on_cpu = [], False
-    for line in err.text.splitlines():
-        if "placed on [" in line:
-            on_cpu = "[CPUExecutionProvider]" in line and "All nodes" not in line
-        elif on_cpu and "VerifyEachNodeIsAssignedToAnEp]" in line:
-            nodes.append(line.split("]", 1)[1].strip())
-        elif "All nodes placed on [CPUExecutionProvider]" in line:
-            return ["every node"]
-    return nodes
+            pass
+    return parse_placements(err.text)
 
 
 class OrtSession:
@@ -80,9 +86,11 @@ class OrtSession:
         except Exception as e:
             reason = _first_line(e).split(" : ")[-1]
             if "fallback to CPU EP has been explicitly disabled" in reason:
-                nodes = _cpu_placed_nodes(model_path, ep)
-                reason = f"{ep} cannot run {len(nodes)} node(s) and CPU fallback is disabled: " + \
-                    ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
+                nodes = placements(model_path, ep).get("CPUExecutionProvider")
+                if nodes:
+                    listed = f"all {nodes}" if isinstance(nodes, int) else \
+                        f"{len(nodes)}: " + ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
+                    reason = f"nodes ORT would place on the CPU, and CPU fallback is disabled: {listed}"
             raise ProviderError(f"{model_path}: ONNX Runtime {ep} cannot run it: {reason}") from None
         if self.session.get_providers()[0] != ep:
             raise ProviderError(f"{model_path}: session runs on {self.session.get_providers()}, not {ep}")

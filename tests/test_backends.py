@@ -1,0 +1,303 @@
+"""The three attention backends and the execution providers: fused-op counts, parity on ORT CPU with
+every mask form, backends judged against each other, CUDA strictness (no silent CPU fallback)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from test_validate import rehash, run_cli, single_error_line, snapshot
+
+from export.backends import BACKENDS
+from export.cli import main as export_main
+from export.fusion import FusionError, check_fusion, count_ops
+from validate.artifact import load_artifact
+from validate.parity import validate_artifact
+from validate.runtimes import OrtSession, ProviderError, Reference, cuda_problem, parse_placements
+
+SMALL_MODELS = ["mha", "mha-causal", "mha-cross", "mha-gqa", "encoder-block", "encoder-block-prenorm", "bert-tiny"]
+CONTRIB_ATTENTION = ("com.microsoft::Attention", "com.microsoft::MultiHeadAttention")
+CUDA_PROBLEM = cuda_problem()
+needs_cuda = pytest.mark.skipif(CUDA_PROBLEM is not None, reason=f"no working CUDA provider here: {CUDA_PROBLEM}")
+
+
+def ops(directory: Path) -> dict:
+    return count_ops(onnx.load(str(directory / "model.onnx")))
+
+
+# --- what each backend emits -----------------------------------------------------------------------
+
+def test_bert_tiny_onnx_attention_counts(exported):
+    counts = ops(exported("bert-tiny"))
+    assert counts["Attention"] == 2 and "Softmax" not in counts
+    assert not any(k.startswith("com.microsoft") for k in counts)
+
+
+def test_bert_tiny_ort_contrib_counts(exported):
+    """Two contrib attention nodes plus the fusions that come with them: 5 SkipLayerNormalization
+    (embeddings + 2 per layer), 2 BiasGelu; no ONNX Attention, no Softmax, no LayerNormalization left."""
+    d = exported("bert-tiny", backend="ort-contrib")
+    counts = ops(d)
+    assert sum(counts.get(k, 0) for k in CONTRIB_ATTENTION) == 2
+    assert counts["com.microsoft::SkipLayerNormalization"] == 5 and counts["com.microsoft::BiasGelu"] == 2
+    assert not {"Attention", "Softmax", "LayerNormalization", "Erf"} & set(counts)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["opset"]["ai.onnx"] == 18 and manifest["fused_attention_ops"] == 2
+    assert manifest["ort_fusions"]["skip_layer_normalization"] == 5 and manifest["ort_fusions"]["bias_gelu"] == 2
+
+
+def test_bert_tiny_decomposed_has_no_fused_op(exported):
+    d = exported("bert-tiny", backend="decomposed")
+    counts = ops(d)
+    assert counts["Softmax"] == 2 and counts["MatMul"] >= 2 * 2 + 2 * 6
+    assert not any(k.endswith("Attention") for k in counts)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["opset"]["ai.onnx"] == 18 and manifest["fused_attention_ops"] == 0
+
+
+def test_cross_attention_and_gqa_become_contrib_multi_head_attention(exported):
+    """Cross-attention cannot pack Q/K/V into contrib Attention; GQA goes through MultiHeadAttention."""
+    for model in ("mha-cross", "mha-gqa"):
+        counts = ops(exported(model, backend="ort-contrib"))
+        assert counts.get("com.microsoft::MultiHeadAttention") == 1 and "Softmax" not in counts
+
+
+@pytest.mark.parametrize("backend", ["ort-contrib", "decomposed"])
+@pytest.mark.parametrize("model", SMALL_MODELS)
+def test_every_mask_form_of_every_backend_passes_on_ort_cpu(exported, model, backend):
+    """Each model's masks (padding, causal + padding, cross-attention padding, an all-padding row,
+    seq 1) run on ORT CPU and agree with the oracle and golden data on all validation cases."""
+    d = exported(model, backend=backend)
+    report = validate_artifact(load_artifact(d), ["cpu"], use_torch=False)
+    bad = [(c["case"], c["reference"], c.get("error") or c["max_abs"]) for c in report.checks if not c["passed"]]
+    assert report.passed, bad
+    assert any(c["case"] == "b3xs7" for c in report.checks)  # the case with an all-padding row
+
+
+@pytest.mark.parametrize("backend", ["ort-contrib", "decomposed"])
+def test_float16_backends_pass_on_ort_cpu(exported, backend):
+    report = validate_artifact(load_artifact(exported("encoder-block", "float16", backend)), ["cpu"], use_torch=False)
+    assert report.passed
+
+
+def test_all_padding_row_is_zero_attention_in_every_backend(exported):
+    """A row whose keys are all masked attends to nothing: attention output 0, so the layer's output
+    is exactly out_proj's bias. com.microsoft kernels and the decomposed softmax would average V."""
+    import onnxruntime as ort
+
+    for backend in BACKENDS:
+        d = exported("mha", backend=backend)
+        bias = np.load(d / "weights.npz")["attn.out_proj.bias"]
+        session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
+        mask = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=np.int64)
+        [y] = session.run(None, {"hidden_states": x, "attention_mask": mask})
+        np.testing.assert_allclose(y[1], np.broadcast_to(bias, (5, 64)), rtol=0, atol=1e-6, err_msg=backend)
+
+
+# --- the fusion check --------------------------------------------------------------------------------
+
+def test_fusion_check_refuses_a_graph_that_breaks_the_backends_promise(exported):
+    decomposed = onnx.load(str(exported("mha", backend="decomposed") / "model.onnx"))
+    fused = onnx.load(str(exported("mha") / "model.onnx"))
+    with pytest.raises(FusionError, match="0 com.microsoft::Attention/com.microsoft::MultiHeadAttention nodes.*Softmax"):
+        check_fusion(decomposed, "ort-contrib", 1)
+    with pytest.raises(FusionError, match=r"attention ops of another backend: \{'Attention': 1\}"):
+        check_fusion(fused, "decomposed", 1)
+    with pytest.raises(FusionError, match="0 Softmax nodes for 1"):
+        check_fusion(fused, "decomposed", 1)
+    assert check_fusion(decomposed, "decomposed", 1)["Softmax"] == 1
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+def test_export_backend_all_writes_one_artifact_per_backend(tmp_path, capsys):
+    assert export_main(["--model", "mha", "--backend", "all", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for b in BACKENDS:
+        manifest = json.loads((tmp_path / f"mha-{b}-float32" / "manifest.json").read_text())
+        assert manifest["backend"] == b and f"mha-{b}-float32" in out
+    assert "1 com.microsoft::Attention" in out and "1 Softmax (decomposed)" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "ort-contrib", "--opset", "23"], "backend ort-contrib needs opset 18, got 23"),
+    (["--backend", "decomposed", "--opset", "16"], "backend decomposed needs opset 17..18, got 16"),
+    (["--backend", "all", "--opset", "18"], "--opset applies to one backend"),
+    (["--backend", "fast"], "unknown backend 'fast'"),
+])
+def test_export_refuses_backend_arguments(args, message, tmp_path, capsys):
+    assert export_main(["--model", "mha", "--out", str(tmp_path / "x"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_validate_compares_the_backends_with_each_other(exported, tmp_path, capsys):
+    """Three bert-tiny artifacts: each agrees with the oracle and with both siblings on ORT CPU."""
+    dirs = [exported("bert-tiny", backend=b) for b in BACKENDS]
+    code, out, err, doc = run_cli(capsys, *dirs, "--providers", "cpu", "--no-torch", "--json", tmp_path / "r.json")
+    assert code == 0 and err == ""
+    for artifact in doc["artifacts"]:
+        me = artifact["backend"]
+        siblings = {c["reference"] for c in artifact["checks"] if c["reference"].startswith("backend ")}
+        assert siblings == {f"backend {b}" for b in BACKENDS if b != me}
+        cross = [c for c in artifact["checks"] if c["reference"].startswith("backend ")]
+        assert len(cross) == 2 * 8 * 2 and all(c["passed"] for c in cross)  # 2 siblings x 8 cases x 2 outputs
+    assert "| ORT CPU | backend ort-contrib | last_hidden_state | 8 |" in out
+
+
+def test_validate_fails_when_a_sibling_disagrees(exported, artifact_copy, tmp_path, capsys):
+    """Same weights.npz, but one backend's graph computes something else: the cross-backend check fails."""
+    good = exported("mha", backend="decomposed")
+    bad = artifact_copy("mha")
+    model = onnx.load(str(bad / "model.onnx"))
+    [w] = [t for t in model.graph.initializer if t.name == "attn.out_proj.bias"]
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) + np.float32(0.5), w.name))
+    onnx.save(model, str(bad / "model.onnx"))
+    rehash(bad, "model.onnx")
+    code, _, _, doc = run_cli(capsys, good, bad, "--providers", "cpu", "--no-torch", "--json", tmp_path / "r.json")
+    assert code == 1
+    decomposed = next(a for a in doc["artifacts"] if a["backend"] == "decomposed")
+    failed = {c["reference"] for c in decomposed["checks"] if not c["passed"]}
+    assert failed == {"backend onnx-attention"}
+
+
+# --- providers ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(CUDA_PROBLEM is None, reason="this machine has a working CUDA provider")
+def test_cuda_where_it_cannot_run_exits_2_with_the_reason(exported, capsys):
+    d = exported("mha")
+    code, out, err, _ = run_cli(capsys, d, "--providers", "cpu,cuda")
+    line = single_error_line(err)
+    assert code == 2 and out == ""
+    assert "--providers cuda: the CUDA provider cannot run here: " in line and CUDA_PROBLEM in line
+
+
+def test_auto_says_which_providers_it_found(exported, tmp_path, capsys):
+    code, out, err, doc = run_cli(capsys, exported("mha"), "--no-torch", "--json", tmp_path / "r.json")
+    assert code == 0 and err == ""
+    [note] = doc["notes"]
+    assert note.startswith("--providers auto found: cpu, " + ("" if CUDA_PROBLEM else "cuda, ") + "reference")
+    assert note in out
+    runtimes = {c["runtime"] for c in doc["artifacts"][0]["checks"]}
+    assert runtimes == {"cpu", "reference", "pytorch-golden"} | (set() if CUDA_PROBLEM else {"cuda"})
+
+
+def test_auto_notes_that_reference_cannot_run_contrib_ops(exported, tmp_path, capsys):
+    code, out, _, doc = run_cli(capsys, exported("mha", backend="ort-contrib"), "--no-torch", "--json", tmp_path / "r.json")
+    assert code == 0
+    assert "onnx.reference.ReferenceEvaluator: not run (ReferenceEvaluator has no kernels for " \
+           "com.microsoft::Attention" in out
+    assert "reference" not in {c["runtime"] for c in doc["artifacts"][0]["checks"]}
+
+
+def test_reference_asked_for_explicitly_on_contrib_ops_exits_2(exported, capsys):
+    d = exported("mha", backend="ort-contrib")
+    code, _, err, _ = run_cli(capsys, d, "--providers", "reference")
+    assert code == 2 and "com.microsoft::Attention" in single_error_line(err)
+
+
+def _bfloat16_matmul(path: Path) -> Path:
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"], name="bf16_matmul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_a_node_the_provider_lacks_fails_naming_the_node(tmp_path):
+    """ORT CPU has no bfloat16 MatMul: session creation fails and the message names the node."""
+    with pytest.raises(ProviderError, match="CPUExecutionProvider cannot run it: .*bf16_matmul"):
+        OrtSession(_bfloat16_matmul(tmp_path / "m.onnx"), "cpu")
+
+
+def test_crafted_artifact_with_an_op_the_cpu_lacks_exits_2_naming_the_node(artifact_copy, capsys):
+    """A re-signed artifact whose graph gains a com.microsoft op with no CPU kernel: exit 2, the node named,
+    nothing changed on disk."""
+    d = artifact_copy("mha")
+    model = onnx.load(str(d / "model.onnx"))
+    out = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("GemmFloat8", [out, out], ["unreachable"], name="no_cpu_kernel",
+                                             domain="com.microsoft"))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(d / "model.onnx"))
+    rehash(d, "model.onnx")
+    before = snapshot(d)
+    code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
+    line = single_error_line(err)
+    assert code == 2 and "CPUExecutionProvider cannot run it" in line and "no_cpu_kernel" in line
+    assert snapshot(d) == before
+
+
+def test_reference_refuses_contrib_ops_by_name(exported):
+    with pytest.raises(ProviderError, match="no kernels for com.microsoft::Attention.*ai.onnx domain only"):
+        Reference(exported("mha", backend="ort-contrib") / "model.onnx")
+
+
+def test_placement_log_parser():
+    """The lines ORT 1.31 writes at verbose level (format seen on this machine and in ORT's source)."""
+    log = "\n".join([
+        "2026-11-28 [V:onnxruntime:, session_state.cc:1578 VerifyEachNodeIsAssignedToAnEp] Node placements",
+        "2026-11-28 [V:onnxruntime:, session_state.cc:1581 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+        "[CUDAExecutionProvider]. Number of nodes: 40",
+        "2026-11-28 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   MatMul (node_MatMul_1)",
+        "2026-11-28 [V:onnxruntime:, session_state.cc:1581 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+        "[CPUExecutionProvider]. Number of nodes: 2",
+        "2026-11-28 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   Shape (node_Shape_3)",
+        "2026-11-28 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   Gather (node_Gather_4)",
+        "2026-11-28 [V:onnxruntime:, inference_session.cc:2000 Initialize] Session successfully initialized.",
+    ])
+    assert parse_placements(log) == {"CUDAExecutionProvider": ["MatMul (node_MatMul_1)"],
+                                     "CPUExecutionProvider": ["Shape (node_Shape_3)", "Gather (node_Gather_4)"]}
+
+
+def test_placements_of_a_real_cpu_session(exported):
+    from validate.runtimes import placements
+
+    n = len(onnx.load(str(exported("mha") / "model.onnx")).graph.node)
+    found = placements(exported("mha") / "model.onnx", "CPUExecutionProvider")
+    assert list(found) == ["CPUExecutionProvider"] and 0 < found["CPUExecutionProvider"] <= n
+
+
+# --- on a machine with a working CUDA provider --------------------------------------------------------
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_bert_tiny_on_cuda(exported, backend, dtype, tmp_path, capsys):
+    code, out, err, doc = run_cli(capsys, exported("bert-tiny", dtype, backend), "--providers", "cuda,cpu",
+                                  "--no-torch", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "CUDAExecutionProvider" in " ".join(doc["artifacts"][0]["notes"])
+    assert {"cuda", "cpu"} <= {c["runtime"] for c in doc["artifacts"][0]["checks"]}
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_refuses_a_node_it_cannot_run(tmp_path):
+    """A node with a CPU kernel only: with fallback disabled, a failure naming the node, not a CPU run."""
+    path = _crafted_cpu_only(tmp_path / "c.onnx")
+    OrtSession(path, "cpu")
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider cannot run it.*cpu_only_node"):
+        OrtSession(path, "cuda")
+
+
+def test_crafted_cpu_only_graph_runs_on_cpu(tmp_path):
+    """The graph the CUDA test above relies on is valid and runs on ORT CPU."""
+    session = OrtSession(_crafted_cpu_only(tmp_path / "c.onnx"), "cpu")
+    x = np.arange(4, dtype=np.int8).reshape(1, 2, 2, 1)
+    np.testing.assert_array_equal(session.run([x])[0], x)
+
+
+def _crafted_cpu_only(path: Path) -> Path:
+    """A graph whose only op has a CPU kernel and no CUDA kernel (com.microsoft NhwcMaxPool)."""
+    graph = helper.make_graph([helper.make_node("NhwcMaxPool", ["x"], ["y"], name="cpu_only_node",
+                                                domain="com.microsoft", kernel_shape=[1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 2, 2, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8, [1, 2, 2, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    onnx.save(model, str(path))
+    return path
