@@ -4,6 +4,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import onnx
 import torch
 
@@ -14,11 +16,16 @@ from .artifact import publish, save_test_data_set, save_weights_npz, temporary_d
 from .backends import BACKENDS, export_onnx
 from .fusion import check_fusion
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROTOBUF_LIMIT = 2**31 - 1
 # (batch, seq, real tokens per row): padded rows, a row that is all padding, a single token.
 GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16 of its own: ml_dtypes' (what onnx uses) holds it."""
+    return t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def package_versions() -> dict:
@@ -61,7 +68,8 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
     opset = BACKENDS[backend].default_opset if opset is None else opset
     torch_dtype = DTYPES[dtype]
     module = init_random_weights(spec.build(), seed).eval().to(torch_dtype)
-    weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    weights = {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+               for k, v in module.state_dict().items()}  # .npy has no bfloat16: float32 holds it exactly
     n_bytes = sum(a.nbytes for a in weights.values())
     if external_data is None:
         external_data = n_bytes > PROTOBUF_LIMIT * 0.9
@@ -84,8 +92,8 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
                 feeds = inputs_for(batch, seq, lengths, seed + 1 + n)
                 outputs = module(*feeds.values())
                 outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                save_test_data_set(tmp / f"test_data_set_{n}", list(feeds), [t.numpy() for t in feeds.values()],
-                                   spec.outputs, [t.numpy() for t in outputs])
+                save_test_data_set(tmp / f"test_data_set_{n}", list(feeds), [to_numpy(t) for t in feeds.values()],
+                                   spec.outputs, [to_numpy(t) for t in outputs])
         roles = {i.name: i.role for i in spec.inputs}
         manifest = {
             "model": {"name": spec.name, "architecture": spec.architecture, "config": spec.config.to_dict(),

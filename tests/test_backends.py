@@ -301,3 +301,29 @@ def _crafted_cpu_only(path: Path) -> Path:
                               ir_version=8)
     onnx.save(model, str(path))
     return path
+
+
+# --- bfloat16 ----------------------------------------------------------------------------------------
+
+def test_bfloat16_on_ort_cpu_is_refused_with_the_reason(exported, capsys):
+    d = exported("mha", "bfloat16")
+    code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
+    line = single_error_line(err)
+    assert code == 2 and "CPU provider has no bfloat16 kernels" in line and "--providers cuda" in line
+
+
+def test_bfloat16_under_auto_runs_where_kernels_exist(exported, tmp_path, capsys):
+    """auto skips ORT CPU for bfloat16 (saying so) and judges the artifact on the reference runtime."""
+    code, out, _, doc = run_cli(capsys, exported("mha", "bfloat16"), "--json", tmp_path / "r.json")
+    assert code == 0
+    assert "ONNX Runtime CPUExecutionProvider: not run (ONNX Runtime's CPU provider has no bfloat16 kernels" in out
+    checks = doc["artifacts"][0]["checks"]
+    assert {c["runtime"] for c in checks} == {"reference", "pytorch", "pytorch-golden"}
+    assert all(c["passed"] for c in checks)
+
+
+def test_bfloat16_contrib_has_no_runtime_here_exit_2(exported, capsys):
+    if CUDA_PROBLEM is None:
+        pytest.skip("CUDA can run it here")
+    code, _, err, _ = run_cli(capsys, exported("mha", "bfloat16", "ort-contrib"))
+    assert code == 2 and "no runtime asked for can run it" in single_error_line(err)

@@ -258,7 +258,7 @@ def test_good_and_tampered_artifact_exit_2_and_report_the_good_one(exported, art
     lambda m: m["files"].__setitem__("weights.npz", "0" * 64),
     lambda m: m.__setitem__("golden_sets", "3"),
     lambda m: m["inputs"][0].pop("dtype"),
-    lambda m: m.__setitem__("dtype", "bfloat16"),
+    lambda m: m.__setitem__("dtype", "float8"),
 ], ids=["file-entry-not-object", "golden-sets-not-int", "input-without-dtype", "unknown-dtype"])
 def test_malformed_manifest_exit_2_not_a_crash(edit, artifact_copy, capsys):
     """A manifest that is JSON but malformed is an invalid artifact (exit 2, one line), not a traceback."""

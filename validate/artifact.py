@@ -4,11 +4,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 FORMAT = "qkv-onnx-artifact/1"
+DTYPES = ("float32", "float16", "bfloat16")
 INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask")
 DIGEST_KEY = "manifest_sha256"
 REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
@@ -32,6 +34,11 @@ class Artifact:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype by name; bfloat16 is ml_dtypes' (what onnx's numpy_helper uses)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def sha256_file(path: Path) -> str:
@@ -88,7 +95,7 @@ def manifest_problem(m: dict) -> str | None:
     if not isinstance(model, dict) or not all(isinstance(model.get(k), dict) for k in ("config", "options")) \
             or not isinstance(model.get("architecture"), str):
         return "'model' must hold 'architecture', 'config' and 'options'"
-    if m["dtype"] not in ("float32", "float16"):
+    if m["dtype"] not in DTYPES:
         return f"unsupported dtype {m['dtype']!r}"
     for key in ("inputs", "outputs"):
         if not isinstance(m[key], list) or not m[key] or not all(

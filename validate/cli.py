@@ -47,14 +47,14 @@ def fail(message: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        providers, notes, optional = parse_providers(args.providers)
+        providers, notes, auto = parse_providers(args.providers)
     except ProviderError as e:
         return fail(str(e))
     reports, invalid = [], {}
     for directory in args.artifacts:
         try:
             reports.append(validate_artifact(load_artifact(directory), providers, args.seed, not args.no_torch,
-                                             optional))
+                                             auto))
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
             print(f"qkv-validate: error: {e}", file=sys.stderr)

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11}
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 FP16_ROUNDINGS_PER_STAGE = 8
 
 
@@ -28,7 +28,7 @@ def tolerance(dtype: str, accumulation_length: int, stages: int) -> float:
     """Allowed max abs error relative to the reference's max abs value."""
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError(f"no tolerance policy for dtype {dtype!r}")
-    per_stage = FP16_ROUNDINGS_PER_STAGE if dtype == "float16" else math.sqrt(accumulation_length)
+    per_stage = math.sqrt(accumulation_length) if dtype in ("float32", "float64") else FP16_ROUNDINGS_PER_STAGE
     return UNIT_ROUNDOFF[dtype] * per_stage * stages
 
 

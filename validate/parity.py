@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import oracle
-from .artifact import Artifact, ArtifactError
+from .artifact import Artifact, ArtifactError, np_dtype
 from .compare import compare_outputs, model_error_terms, tolerance
-from .runtimes import PROVIDERS, ProviderError, open_runtime
+from .runtimes import PROVIDERS, ProviderError, capability_gap, open_runtime
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
@@ -44,7 +44,7 @@ def make_inputs(manifest: dict, batch: int, seq: int, lengths, rng: np.random.Ge
         shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
         role = spec["role"]
         if role == "hidden":
-            x = rng.standard_normal(shape).astype(spec["dtype"])
+            x = rng.standard_normal(shape).astype(np_dtype(spec["dtype"]))
         elif role == "token_ids":
             x = rng.integers(0, cfg["vocab_size"], shape, dtype=spec["dtype"])
         elif role == "segment_ids":
@@ -73,29 +73,32 @@ def _key_length(inputs: list, manifest: dict) -> int:
     return 1
 
 
-def open_sessions(artifact: Artifact, providers: list, optional: set, report: Report) -> list:
-    """A session per runtime, before any case runs: a runtime that cannot load the artifact raises
-    ProviderError up front, unless it is optional (then the report says why it did not run)."""
+def open_sessions(artifact: Artifact, providers: list, skip_unsupported: bool, report: Report) -> list:
+    """A session per runtime, before any case runs; a runtime that cannot load the artifact raises
+    ProviderError up front. With skip_unsupported (--providers auto), a runtime known to lack the
+    artifact's dtype or ops is skipped and the report says why."""
     sessions = []
     for name in providers:
-        try:
-            session = open_runtime(name, artifact.model_path)
-        except ProviderError as e:
-            if name not in optional:
-                raise
-            report.notes.append(f"{PROVIDERS[name]}: not run ({str(e).split(': ', 1)[-1]})")
+        gap = capability_gap(name, artifact.manifest["dtype"], artifact.model_path)
+        if gap and skip_unsupported:
+            report.notes.append(f"{PROVIDERS[name]}: not run ({gap})")
             continue
+        if gap:
+            raise ProviderError(f"{artifact.model_path}: {gap}")
+        session = open_runtime(name, artifact.model_path)
         report.notes.append(f"{PROVIDERS[name]}: ran, session providers {session.providers}")
         sessions.append(session)
+    if not sessions:
+        raise ProviderError(f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes))
     return sessions
 
 
 def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_torch: bool = True,
-                      optional: set = frozenset()) -> Report:
+                      skip_unsupported: bool = False) -> Report:
     """Every comparison for one artifact against the oracle, golden data and PyTorch."""
     m = artifact.manifest
     report = Report(artifact.name, m)
-    sessions = open_sessions(artifact, providers, optional, report)
+    sessions = open_sessions(artifact, providers, skip_unsupported, report)
     try:
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
     except Exception as e:

@@ -112,10 +112,9 @@ class Reference:
         from onnx.reference import ReferenceEvaluator
 
         model = onnx.load(str(model_path))
-        foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
-        if foreign:
-            raise ProviderError(f"{model_path}: ReferenceEvaluator has no kernels for {', '.join(foreign)} "
-                                "(it implements the ai.onnx domain only)")
+        gap = _foreign_ops(model)
+        if gap:
+            raise ProviderError(f"{model_path}: {gap}")
         try:
             self.session = ReferenceEvaluator(model)
         except Exception as e:
@@ -124,6 +123,24 @@ class Reference:
 
     def run(self, inputs: list) -> list:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
+
+
+def _foreign_ops(model) -> str | None:
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    return f"ReferenceEvaluator has no kernels for {', '.join(foreign)} (it implements the ai.onnx domain only)" \
+        if foreign else None
+
+
+def capability_gap(name: str, dtype: str, model_path: Path) -> str | None:
+    """Why runtime `name` is known not to run this artifact (a dtype or op domain it lacks), or None."""
+    if name == "cpu" and dtype == "bfloat16":
+        return ("ONNX Runtime's CPU provider has no bfloat16 kernels; validate bfloat16 artifacts with "
+                "--providers cuda on a GPU machine")
+    if name == "reference":
+        import onnx
+
+        return _foreign_ops(onnx.load(str(model_path), load_external_data=False))
+    return None
 
 
 def open_runtime(name: str, model_path: Path):
@@ -159,16 +176,16 @@ def cuda_problem() -> str | None:
 
 
 def parse_providers(text: str) -> tuple:
-    """(runtime names, notes, optional) for --providers: a comma list, or 'auto' for every runtime that
-    works here. An optional runtime that cannot load an artifact is noted, not an error (auto's
-    reference, which has no com.microsoft kernels). Raises ProviderError for an unknown name or a
+    """(runtime names, notes, auto) for --providers: a comma list, or 'auto' for every runtime that
+    works here. Under auto, a runtime known to lack what an artifact needs (capability_gap) is skipped
+    with a note; asked for by name, it is an error. Raises ProviderError for an unknown name or a
     provider that cannot run on this machine."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     if names == ["auto"]:
         problem = cuda_problem()
         found = ["cpu"] + (["cuda"] if problem is None else []) + ["reference"]
         note = f"--providers auto found: {', '.join(found)}" + ("" if problem is None else f" (no cuda: {problem})")
-        return found, [note], {"reference"}
+        return found, [note], True
     unknown = [p for p in names if p not in PROVIDERS]
     if unknown or not names:
         raise ProviderError(f"unknown provider(s) {unknown or text!r}; available: {', '.join(PROVIDERS)}, or auto")
@@ -176,4 +193,4 @@ def parse_providers(text: str) -> tuple:
         problem = cuda_problem()
         if problem:
             raise ProviderError(f"--providers cuda: the CUDA provider cannot run here: {problem}")
-    return names, [], set()
+    return names, [], False
