@@ -360,7 +360,7 @@ def onnx_session(loaded, tmp_path_factory):
     import onnx
     import onnxruntime as ort
 
-    from export.onnx_attention import export_onnx_attention
+    from export.backends import export_onnx
 
     cfg, model = loaded
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -368,9 +368,9 @@ def onnx_session(loaded, tmp_path_factory):
     mask[1, 11:] = 0
     dims = (torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=cfg.max_positions))
     path = tmp_path_factory.mktemp("minilm") / "model.onnx"
-    export_onnx_attention(model, (ids, torch.zeros_like(ids), mask),
-                          ["input_ids", "token_type_ids", "attention_mask"], ["last_hidden_state", "pooler_output"],
-                          tuple({0: dims[0], 1: dims[1]} for _ in range(3)), path)
+    export_onnx(model, (ids, torch.zeros_like(ids), mask),
+                ["input_ids", "token_type_ids", "attention_mask"], ["last_hidden_state", "pooler_output"],
+                tuple({0: dims[0], 1: dims[1]} for _ in range(3)), path, "onnx-attention")
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     assert ops.count("Attention") == cfg.num_layers and "Softmax" not in ops
     opts = ort.SessionOptions()

@@ -200,7 +200,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert export_main(["--model", "mha", "--opset", "22", "--out", str(tmp_path / "x")]) == 2
     assert "needs opset >= 23, got 22" in capsys.readouterr().err
-    assert export_main(["--model", "mha", "--dtype", "bfloat16", "--out", str(tmp_path / "x")]) == 2
+    assert export_main(["--model", "mha", "--dtype", "float8", "--out", str(tmp_path / "x")]) == 2
     not_artifact = tmp_path / "precious"
     not_artifact.mkdir()
     (not_artifact / "notes.txt").write_text("keep me")

@@ -414,5 +414,5 @@ def test_tolerance_policy_ordering():
 
 
 def test_tolerance_unknown_dtype_raises():
-    with pytest.raises(ValueError, match="bfloat16"):
-        tolerance("bfloat16", 128, 2)
+    with pytest.raises(ValueError, match="float8"):
+        tolerance("float8", 128, 2)
