@@ -36,3 +36,13 @@ def artifact_copy(exported, tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def exported_external(tmp_path_factory):
+    """Path of a pristine 'mha' artifact exported with its weights in the model.onnx.data side file."""
+    from export.pipeline import export_artifact
+
+    path = tmp_path_factory.mktemp("artifacts") / "mha-external"
+    export_artifact("mha", path, external_data=True)
+    return path
