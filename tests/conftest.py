@@ -28,11 +28,12 @@ def exported(tmp_path_factory):
 
 @pytest.fixture
 def artifact_copy(exported, tmp_path):
-    """copy(model, dtype='float32') -> a private copy of an exported artifact, safe to tamper with."""
+    """copy(model, dtype='float32', backend='onnx-attention') -> a private copy of an exported artifact, safe to tamper with."""
 
-    def copy(model: str, dtype: str = "float32") -> Path:
-        dst = tmp_path / f"{model}-{dtype}"
-        shutil.copytree(exported(model, dtype), dst)
+    def copy(model: str, dtype: str = "float32", backend: str = "onnx-attention") -> Path:
+        src = exported(model, dtype, backend)
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
         return dst
 
     return copy

@@ -127,7 +127,7 @@ def manifest_problem(m: dict) -> str | None:
     bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(model["config"].get(k))]
     if bad:
         return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
-    if m["backend"] not in BACKEND_DOMAINS:
+    if not isinstance(m["backend"], str) or m["backend"] not in BACKEND_DOMAINS:
         return f"unknown backend {m['backend']!r}; known: {', '.join(BACKEND_DOMAINS)}"
     if m["dtype"] not in DTYPES:
         return f"unsupported dtype {m['dtype']!r}"
