@@ -15,14 +15,14 @@ exit codes:
   1  export failed: the exporter errored, or the fusion check found attention not as the
      backend promises (the other backends of --backend all are still written)
   2  invalid argument (unknown model, backend or dtype; opset outside the backend's range;
-     output path unusable)
+     output path unusable; a checkpoint with missing, unexpected or misshapen weights)
 
 Each artifact directory is built beside its destination and swapped into place at the end:
 an interrupted export leaves no partial artifact and an existing one untouched."""
 
 
 def parse_args(argv):
-    from model_defs.registry import MODELS
+    from model_defs.registry import CHECKPOINT_MODELS, MODELS
 
     from .backends import BACKENDS
     from .pipeline import DTYPES
@@ -30,7 +30,11 @@ def parse_args(argv):
     backends = "\n".join(f"  {b.name:<15} {b.summary}" for b in BACKENDS.values())
     p = argparse.ArgumentParser(prog="qkv-export", description=__doc__, epilog=EPILOG.format(backends=backends),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bert-tiny", help="registered model (default: %(default)s): " + ", ".join(MODELS))
+    p.add_argument("--model", help="registered model (default: bert-tiny): " + ", ".join(MODELS) + "; with random "
+                   "weights (--seed), except " + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_MODELS.items())
+                   + ". With --weights, the name the artifact gets (default: the directory's name)")
+    p.add_argument("--weights", type=Path, metavar="DIR", help="a Hugging Face BERT checkpoint directory "
+                   "(config.json + model.safetensors, tokenizer files optional) to export instead of a registry model")
     p.add_argument("--backend", default="onnx-attention",
                    help="attention backend, or 'all' (default: %(default)s): " + ", ".join(BACKENDS))
     p.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-BACKEND-DTYPE); with "
@@ -39,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and golden inputs (default: %(default)s)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the backend's: " + ", ".join(
         f"{b.name} {b.default_opset}" for b in BACKENDS.values()) + ")")
-    return p.parse_args(argv), MODELS, BACKENDS, DTYPES
+    return p.parse_args(argv), [*MODELS, *CHECKPOINT_MODELS], BACKENDS, DTYPES
 
 
 def describe(manifest: dict) -> str:
@@ -53,6 +57,14 @@ def describe(manifest: dict) -> str:
 def main(argv=None) -> int:
     args, models, backends, dtypes = parse_args(argv)
     chosen = list(backends) if args.backend == "all" else [args.backend]
+    if args.weights is not None:
+        args.model = args.model or args.weights.resolve().name
+        models = [args.model]
+        if not (args.weights / "config.json").is_file():
+            print(f"qkv-export: error: {args.weights / 'config.json'}: missing (--weights takes a Hugging Face "
+                  "checkpoint directory)", file=sys.stderr)
+            return EXIT_INVALID
+    args.model = args.model or "bert-tiny"
     problems = [f"unknown {what} {value!r}; known: {', '.join(known)}" for what, value, known in
                 (("model", args.model, models), ("backend", args.backend, [*backends, "all"]),
                  ("dtype", args.dtype, dtypes)) if value not in known]
@@ -71,6 +83,8 @@ def main(argv=None) -> int:
         print(f"qkv-export: error: {problems[0]}", file=sys.stderr)
         return EXIT_INVALID
 
+    from model_defs.checkpoint import CheckpointError
+
     from . import ExportError
     from .pipeline import export_artifact
 
@@ -78,11 +92,15 @@ def main(argv=None) -> int:
     for backend, out in outs.items():
         start = time.perf_counter()
         try:
-            manifest = export_artifact(args.model, out, backend, args.dtype, args.seed, args.opset)
+            manifest = export_artifact(args.model, out, backend, args.dtype, args.seed, args.opset,
+                                       weights_dir=args.weights)
         except ExportError as e:
             print(f"qkv-export: error: {backend}: {e}", file=sys.stderr)
             code = EXIT_FAILED
             continue
+        except CheckpointError as e:
+            print(f"qkv-export: error: {e}", file=sys.stderr)
+            return EXIT_INVALID
         except OSError as e:
             print(f"qkv-export: error: cannot write {out}: {e}", file=sys.stderr)
             return EXIT_INVALID

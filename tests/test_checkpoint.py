@@ -6,6 +6,7 @@ Tolerance, the project's policy (validate/compare.py): tol('float32', K, S) * ma
 K = max(hidden, ffn, seq), S = 2 * layers + 2; doubled where both sides are float32 (each has its own
 rounding), single against the float64 oracle.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -355,22 +356,23 @@ def test_oracle_matches_transformers(loaded, batch, hf_out):
 
 
 @pytest.fixture(scope="module")
-def onnx_session(loaded, tmp_path_factory):
-    """The checkpoint exported by the project's backend (SDPA -> one ONNX Attention per layer), on ORT CPU."""
+def minilm_artifact(mdir, tmp_path_factory):
+    """`qkv-export --model minilm-l6`'s artifact, written by the real pipeline."""
+    from export.pipeline import export_artifact
+
+    directory = tmp_path_factory.mktemp("minilm") / "minilm-l6"
+    export_artifact("minilm-l6", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def onnx_session(loaded, minilm_artifact):
+    """The artifact's model.onnx (SDPA -> one ONNX Attention per layer) on ORT CPU."""
     import onnx
     import onnxruntime as ort
 
-    from export.backends import export_onnx
-
-    cfg, model = loaded
-    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, 11:] = 0
-    dims = (torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=cfg.max_positions))
-    path = tmp_path_factory.mktemp("minilm") / "model.onnx"
-    export_onnx(model, (ids, torch.zeros_like(ids), mask),
-                ["input_ids", "token_type_ids", "attention_mask"], ["last_hidden_state", "pooler_output"],
-                tuple({0: dims[0], 1: dims[1]} for _ in range(3)), path, "onnx-attention")
+    cfg, _ = loaded
+    path = minilm_artifact / "model.onnx"
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     assert ops.count("Attention") == cfg.num_layers and "Softmax" not in ops
     opts = ort.SessionOptions()
@@ -407,3 +409,81 @@ def test_sentence_similarity(loaded, onnx_session, batch, hf_out):
             assert sim[a, related] > sim[a, unrelated] + 0.1, (who, a)
     for who in ("ours", "onnx-ort-cpu"):
         assert np.abs(embeddings[who] - embeddings["transformers"]).max() < 1e-5, who
+
+
+# --- the CLIs: qkv-export --model minilm-l6 / --weights DIR, qkv-validate --text ---------------------
+
+def test_minilm_artifact_describes_its_checkpoint(minilm_artifact):
+    m = json.loads((minilm_artifact / "manifest.json").read_text())
+    assert m["model"]["parameters"] == m["model"]["parameters_closed_form"] == MINILM_PARAMS
+    assert (m["model"]["config"]["num_layers"], m["model"]["config"]["num_heads"],
+            m["model"]["config"]["hidden_size"]) == (6, 12, 384)
+    assert m["checkpoint"]["tokenizer"] == "tokenizer" and "tokenizer/tokenizer.json" in m["files"]
+    assert m["checkpoint"]["sha256"]["model.safetensors"] == hashlib.sha256(
+        (_minilm() / "model.safetensors").read_bytes()).hexdigest()
+    assert m["golden_sets"] == 4  # 3 random-token sets + the sample sentences
+
+
+def test_golden_set_of_real_sentences(minilm_artifact, mdir):
+    """test_data_set_3 holds SAMPLE_SENTENCES tokenized with the checkpoint's tokenizer, padded."""
+    from onnx import load_tensor, numpy_helper
+
+    ids = numpy_helper.to_array(load_tensor(str(minilm_artifact / "test_data_set_3" / "input_0.pb")))
+    mask = numpy_helper.to_array(load_tensor(str(minilm_artifact / "test_data_set_3" / "input_2.pb")))
+    expected = tokenize(mdir, SAMPLE_SENTENCES)
+    np.testing.assert_array_equal(ids, expected["input_ids"])
+    assert len(set(mask.sum(axis=1))) > 1  # padded: sentences of different lengths
+
+
+def test_validate_minilm_on_real_text_exits_0(minilm_artifact, tmp_path, capsys):
+    from validate.cli import main
+
+    (tmp_path / "s.txt").write_text("A dog runs in the park.\n\nThe weather is nice today, isn't it?\n")
+    code = main([str(minilm_artifact), "--providers", "cpu", "--text", "The river bank was flooded.",
+                 "--text-file", str(tmp_path / "s.txt"), "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr()
+    doc = json.loads((tmp_path / "r.json").read_text())
+    text = [c for c in doc["artifacts"][0]["checks"] if c["case"].startswith("text_3x")]
+    assert {(c["runtime"], c["reference"]) for c in text} >= {("cpu", "oracle"), ("cpu", "pytorch")}
+    assert all(c["passed"] for c in text)
+
+
+def test_export_cli_minilm(tmp_path, capsys):
+    from export.cli import main
+
+    _minilm()
+    assert main(["--model", "minilm-l6", "--out", str(tmp_path / "a")]) == 0
+    assert "minilm-l6 (22,713,216 parameters), float32, 6 Attention" in capsys.readouterr().out
+
+
+def test_export_weights_dir_without_tokenizer(mdir, hf_tensors, tmp_path, capsys):
+    """Any BERT checkpoint directory: the artifact is named after it; without tokenizer files there is
+    no text golden set, and --text on it is refused (exit 2) rather than silently skipped."""
+    from export.cli import main as export_main
+    from validate.cli import main as validate_main
+
+    ckpt = _rewrite(mdir, tmp_path / "my-bert", hf_tensors)
+    assert export_main(["--weights", str(ckpt), "--out", str(tmp_path / "art")]) == 0
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m["model"]["name"] == "my-bert" and m["golden_sets"] == 3 and m["checkpoint"]["tokenizer"] is None
+    assert "--weights" in m["reproduce"]
+    capsys.readouterr()
+    assert validate_main([str(tmp_path / "art"), "--providers", "cpu", "--text", "hello"]) == 2
+    assert "has none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda t: t.__setitem__("encoder.layer.3.attention.self.kee.weight", t.pop(KEY)),
+     f"missing key(s): {KEY}; unexpected key(s): encoder.layer.3.attention.self.kee.weight"),
+    (lambda t: t.__setitem__(KEY, t[KEY][:, :380]), f"{KEY}' has shape [384, 380], expected [384, 384]"),
+], ids=["renamed-key", "changed-shape"])
+def test_export_refuses_a_tampered_checkpoint_exit_2(mdir, hf_tensors, tmp_path, capsys, tamper, message):
+    from export.cli import main
+
+    tensors = dict(hf_tensors)
+    tamper(tensors)
+    ckpt = _rewrite(mdir, tmp_path / "bad", tensors)
+    assert main(["--weights", str(ckpt), "--out", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(ckpt / "model.safetensors") in err
+    assert not (tmp_path / "art").exists()

@@ -36,6 +36,10 @@ def parse_args(argv):
     p.add_argument("--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="skip the live PyTorch comparison even if torch is installed")
+    p.add_argument("--text", action="append", metavar="SENTENCE",
+                   help="also run these sentences (repeatable), tokenized with the artifact's own tokenizer "
+                   "files and padded to one batch; for artifacts exported from a checkpoint")
+    p.add_argument("--text-file", type=Path, metavar="FILE", help="sentences, one per line, as with --text")
     return p.parse_args(argv)
 
 
@@ -50,11 +54,19 @@ def main(argv=None) -> int:
         providers, notes, auto = parse_providers(args.providers)
     except ProviderError as e:
         return fail(str(e))
+    sentences = []
+    if args.text or args.text_file:
+        from .text import TextError, read_sentences
+
+        try:
+            sentences = read_sentences(args.text, args.text_file)
+        except TextError as e:
+            return fail(str(e))
     reports, invalid = [], {}
     for directory in args.artifacts:
         try:
             reports.append(validate_artifact(load_artifact(directory), providers, args.seed, not args.no_torch,
-                                             auto))
+                                             auto, sentences))
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
             print(f"qkv-validate: error: {e}", file=sys.stderr)

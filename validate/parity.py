@@ -57,8 +57,26 @@ def make_inputs(manifest: dict, batch: int, seq: int, lengths, rng: np.random.Ge
     return out
 
 
-def build_cases(artifact: Artifact, seed: int) -> list:
+def text_case(artifact: Artifact, sentences: list) -> Case:
+    """The sentences, tokenized with the artifact's own tokenizer files and padded to one batch."""
+    from .text import TextError, tokenize
+
+    m = artifact.manifest
+    tokenizer = (m.get("checkpoint") or {}).get("tokenizer")
+    if not tokenizer:
+        raise ArtifactError(f"{artifact.path}: --text needs the tokenizer of the checkpoint the artifact was "
+                            "exported from, and this artifact has none")
+    try:
+        feeds = tokenize(artifact.path / tokenizer, sentences, max_length=m["model"]["config"]["max_positions"])
+    except TextError as e:
+        raise ArtifactError(str(e)) from None
+    return Case(f"text_{len(sentences)}x{feeds['input_ids'].shape[1]}", [feeds[i["name"]] for i in m["inputs"]])
+
+
+def build_cases(artifact: Artifact, seed: int, sentences: list = ()) -> list:
     cases = [Case(f"golden_{n}", ins, outs) for n, (ins, outs) in enumerate(artifact.golden)]
+    if sentences:
+        cases.append(text_case(artifact, sentences))
     for n, (batch, seq, lengths) in enumerate(VALIDATION_CASES):
         rng = np.random.default_rng([seed, n])
         cases.append(Case(f"b{batch}xs{seq}", make_inputs(artifact.manifest, batch, seq, lengths, rng)))
@@ -94,10 +112,11 @@ def open_sessions(artifact: Artifact, providers: list, skip_unsupported: bool, r
 
 
 def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_torch: bool = True,
-                      skip_unsupported: bool = False) -> Report:
+                      skip_unsupported: bool = False, sentences: list = ()) -> Report:
     """Every comparison for one artifact against the oracle, golden data and PyTorch."""
     m = artifact.manifest
     report = Report(artifact.name, m)
+    cases = build_cases(artifact, seed, sentences)
     sessions = open_sessions(artifact, providers, skip_unsupported, report)
     try:
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
@@ -107,7 +126,7 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
         "torch is not installed" if use_torch else "disabled by --no-torch") + ")"))
     out_names = [o["name"] for o in m["outputs"]]
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
-    for case in build_cases(artifact, seed):
+    for case in cases:
         k, stages = model_error_terms(m, _key_length(case.inputs, m))
         tol = tolerance(m["dtype"], k, stages)
         try:
