@@ -487,3 +487,16 @@ def test_export_refuses_a_tampered_checkpoint_exit_2(mdir, hf_tensors, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and str(ckpt / "model.safetensors") in err
     assert not (tmp_path / "art").exists()
+
+
+def test_text_refuses_a_tokenizer_outside_the_artifact(minilm_artifact, tmp_path, capsys):
+    """A re-signed manifest pointing --text at a directory outside the artifact: exit 2, nothing read there."""
+    from test_validate import edit_manifest
+
+    from validate.cli import main
+
+    d = tmp_path / "a"
+    shutil.copytree(minilm_artifact, d)
+    edit_manifest(d, lambda m: m["checkpoint"].__setitem__("tokenizer", "../elsewhere"))
+    assert main([str(d), "--providers", "cpu", "--no-torch", "--text", "hello"]) == 2
+    assert "is not a directory of the artifact" in capsys.readouterr().err

@@ -66,6 +66,9 @@ def text_case(artifact: Artifact, sentences: list) -> Case:
     if not tokenizer:
         raise ArtifactError(f"{artifact.path}: --text needs the tokenizer of the checkpoint the artifact was "
                             "exported from, and this artifact has none")
+    if not isinstance(tokenizer, str) or (artifact.path / tokenizer).resolve().parent != artifact.path.resolve():
+        raise ArtifactError(f"{artifact.path / 'manifest.json'}: tokenizer {tokenizer!r} is not a directory of the "
+                            "artifact")
     try:
         feeds = tokenize(artifact.path / tokenizer, sentences, max_length=m["model"]["config"]["max_positions"])
     except TextError as e:
