@@ -30,8 +30,8 @@ def parse_args(argv):
     p.add_argument("artifacts", nargs="+", type=Path, metavar="DIR", help="artifact directories written by qkv-export")
     p.add_argument("--providers", default="auto",
                    help="comma-separated runtimes: " + ", ".join(f"{k} ({v})" for k, v in PROVIDERS.items())
-                   + "; or auto: every one that works here, reference only for graphs in the ai.onnx domain "
-                   "(default: %(default)s)")
+                   + "; or auto: every one that works here, skipping with a note a runtime that lacks an "
+                   "artifact's ops or dtype (reference: com.microsoft ops; cpu: bfloat16) (default: %(default)s)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every check as JSON")
     p.add_argument("--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)")

@@ -13,8 +13,11 @@ number of sequential sublayers (2 per encoder block, +2 for embeddings and poole
   float16: tol = u16 * 8 * S. CPU kernels (MLAS, NumPy, PyTorch) accumulate float16 products
            in float32, so the float16 error is the rounding of stored intermediates, about 4
            per sublayer (projections, attention, LayerNorm, FFN activation) with gain up to 2.
-Against PyTorch (golden data or a live run), which has its own rounding, the tolerance is
-doubled. NaN or Inf in either side never passes.
+  bfloat16: tol = u_bf16 * 8 * S, the float16 argument with an 8-bit mantissa.
+The provider enters only through the accumulation precision, float32 on every runtime judged
+(ORT CPU; ORT CUDA with TF32 off, which its sessions force; NumPy), so one policy per dtype.
+Against PyTorch (golden data or a live run) or a sibling backend, which have their own
+rounding, the tolerance is doubled. NaN or Inf in either side never passes.
 """
 import math
 
