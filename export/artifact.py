@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 from validate.artifact import (  # one format, defined by its reader
@@ -44,16 +43,6 @@ def save_test_data_set(directory: Path, input_names, inputs, output_names, outpu
     for kind, names, arrays in (("input", input_names, inputs), ("output", output_names, outputs)):
         for k, (name, array) in enumerate(zip(names, arrays)):
             (directory / f"{kind}_{k}.pb").write_bytes(numpy_helper.from_array(array, name).SerializeToString())
-
-
-def value_info(values) -> list:
-    """Name, element type and (symbolic) shape of graph inputs or outputs."""
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                    "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
-    return out
 
 
 def file_table(directory: Path) -> dict:

@@ -5,7 +5,6 @@ from . import ExportError
 from .backends import BACKENDS
 
 
-
 class FusionError(ExportError):
     """Attention was not fused as the backend promises."""
 

@@ -19,9 +19,9 @@ from model_defs.registry import (
     get_model,
     init_random_weights,
 )
-from validate.artifact import sha256_file
+from validate.artifact import graph_io, sha256_file
 
-from .artifact import publish, save_test_data_set, save_weights_npz, temporary_dir_for, value_info, write_manifest
+from .artifact import publish, save_test_data_set, save_weights_npz, temporary_dir_for, write_manifest
 from .backends import BACKENDS, export_onnx
 from .fusion import check_fusion
 
@@ -151,8 +151,8 @@ def export_artifact(model: str, out: Path, backend: str = "onnx-attention", dtyp
             "backend": backend,
             "dtype": dtype,
             "opset": {(o.domain or "ai.onnx"): o.version for o in graph.opset_import},
-            "inputs": [{**v, "role": roles[v["name"]]} for v in value_info(graph.graph.input)],
-            "outputs": value_info(graph.graph.output),
+            "inputs": [{**v, "role": roles[v["name"]]} for v in graph_io(graph.graph.input)],
+            "outputs": graph_io(graph.graph.output),
             "op_counts": op_counts,
             "fused_attention_ops": n_attention if BACKENDS[backend].attention_ops else 0,
             "ort_fusions": fusions,

@@ -22,8 +22,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
-from model_defs.checkpoint import (CheckpointError, config_from_hf, hf_to_ours, load_hf_checkpoint,  # noqa: E402
-                                   load_hf_model, minilm_dir, ours_to_hf)
+from model_defs.checkpoint import (  # noqa: E402
+    CheckpointError,
+    config_from_hf,
+    hf_to_ours,
+    load_hf_checkpoint,
+    load_hf_model,
+    minilm_dir,
+    ours_to_hf,
+)
 from model_defs.config import param_count  # noqa: E402
 from model_defs.encoder import BertModel  # noqa: E402
 from validate import oracle  # noqa: E402

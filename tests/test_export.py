@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from conftest import ROOT
 from onnx import numpy_helper
 
+from export.backends import export_onnx
 from export.cli import main as export_main
 from export.fusion import FusionError, check_fusion, count_ops
-from export.backends import export_onnx
 from export.pipeline import export_artifact
 from model_defs.registry import MODELS, example_inputs, get_model
 

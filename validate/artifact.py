@@ -270,7 +270,8 @@ def check_external_data(directory: Path, model: onnx.ModelProto, manifest: dict)
                                 f"{tensor.name!r} is at bytes {offset}..{offset + length}")
 
 
-def _graph_io(values) -> list:
+def graph_io(values) -> list:
+    """Name, element type and (symbolic) shape of graph inputs or outputs, as the manifest lists them."""
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -290,7 +291,7 @@ def check_graph(path: Path, model: onnx.ModelProto, manifest: dict) -> None:
     """The graph's inputs and outputs are the manifest's, and every op is standard ONNX, of a domain the
     artifact's backend emits (com.microsoft for ort-contrib), or a function defined in the model."""
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-        got = _graph_io(values)
+        got = graph_io(values)
         declared = [{k: v[k] for k in ("name", "dtype", "shape")} for v in manifest[kind]]
         if got != declared:
             raise ArtifactError(f"{path}: graph {kind} [{_signature(got)}] are not the manifest's "
