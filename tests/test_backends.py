@@ -14,7 +14,7 @@ from export.cli import main as export_main
 from export.fusion import FusionError, check_fusion, count_ops
 from validate.artifact import load_artifact
 from validate.parity import validate_artifact
-from validate.runtimes import OrtSession, ProviderError, Reference, cuda_problem, parse_placements
+from validate.runtimes import OrtSession, ProviderError, Reference, cpu_placement, cuda_problem, parse_placements
 
 SMALL_MODELS = ["mha", "mha-causal", "mha-cross", "mha-gqa", "encoder-block", "encoder-block-prenorm", "bert-tiny"]
 CONTRIB_ATTENTION = ("com.microsoft::Attention", "com.microsoft::MultiHeadAttention")
@@ -253,11 +253,33 @@ def test_placement_log_parser():
 
 
 def test_placements_of_a_real_cpu_session(exported):
-    from validate.runtimes import placements
+    from validate.runtimes import placement_log
 
     n = len(onnx.load(str(exported("mha") / "model.onnx")).graph.node)
-    found = placements(exported("mha") / "model.onnx", "CPUExecutionProvider")
+    found = parse_placements(placement_log(exported("mha") / "model.onnx", "CPUExecutionProvider"))
     assert list(found) == ["CPUExecutionProvider"] and 0 < found["CPUExecutionProvider"] <= n
+
+
+COST = ("2026-11-28 [I:onnxruntime:Default, fallback_cpu_capability.cc:152 GetCpuPreferredNodes] ORT optimization- "
+        "Force fallback to CPU execution for node: {} because the CPU execution path is deemed faster than overhead "
+        "involved with execution on other EPs  capable of executing this node")
+PLACED = "2026-11-28 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   {}"
+HEADER = ("2026-11-28 [V:onnxruntime:, session_state.cc:1581 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+          "[{}]. Number of nodes: {}")
+
+
+def test_cpu_placement_tells_cost_model_moves_from_missing_kernels():
+    """The CUDA policy's evidence: shape nodes ORT moved by cost are allowed (and reported); a node it put
+    on the CPU for lack of a kernel is not. Log lines in ORT 1.31's format (fallback_cpu_capability.cc)."""
+    cost_only = "\n".join([COST.format("node_Concat_3"), HEADER.format("CUDAExecutionProvider", 40),
+                           PLACED.format("MatMul (node_MatMul_1)"), HEADER.format("CPUExecutionProvider", 1),
+                           PLACED.format("Concat (node_Concat_3)")])
+    assert cpu_placement(cost_only) == (["Concat (node_Concat_3)"], [])
+    no_kernel = cost_only + "\n" + PLACED.format("NhwcMaxPool (cpu_only_node)")
+    assert cpu_placement(no_kernel) == (["Concat (node_Concat_3)", "NhwcMaxPool (cpu_only_node)"],
+                                        ["NhwcMaxPool (cpu_only_node)"])
+    everything = HEADER.format("CPUExecutionProvider", 12).replace("Node(s)", "All nodes")
+    assert cpu_placement(everything) == (12, 12)
 
 
 # --- on a machine with a working CUDA provider --------------------------------------------------------
@@ -280,7 +302,7 @@ def test_cuda_refuses_a_node_it_cannot_run(tmp_path):
     """A node with a CPU kernel only: with fallback disabled, a failure naming the node, not a CPU run."""
     path = _crafted_cpu_only(tmp_path / "c.onnx")
     OrtSession(path, "cpu")
-    with pytest.raises(ProviderError, match="CUDAExecutionProvider cannot run it.*cpu_only_node"):
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider has no kernel for node.*cpu_only_node"):
         OrtSession(path, "cuda")
 
 

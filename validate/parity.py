@@ -107,7 +107,9 @@ def open_sessions(artifact: Artifact, providers: list, skip_unsupported: bool, r
         if gap:
             raise ProviderError(f"{artifact.model_path}: {gap}")
         session = open_runtime(name, artifact.model_path)
-        report.notes.append(f"{PROVIDERS[name]}: ran, session providers {session.providers}")
+        report.notes.append(f"{PROVIDERS[name]}: ran, session providers {session.providers}" + (
+            f"; {len(session.cpu_nodes)} shape node(s) left on the CPU by ORT's cost model (the provider has "
+            f"kernels for them): {', '.join(session.cpu_nodes)}" if getattr(session, "cpu_nodes", None) else ""))
         sessions.append(session)
     if not sessions:
         raise ProviderError(f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes))

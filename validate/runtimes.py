@@ -1,7 +1,12 @@
 """Runtimes that execute an artifact: ONNX Runtime per execution provider, and onnx's ReferenceEvaluator.
 
-An ORT session runs on the provider asked for or not at all: CPU fallback is disabled for every
-other provider (`session.disable_cpu_ep_fallback`), and `get_providers()` must confirm it.
+An ORT session runs on the provider asked for, never quietly on the CPU: for any other provider
+the session is first created with CPU fallback disabled (`session.disable_cpu_ep_fallback`), and
+`get_providers()` must confirm it. ORT's CUDA provider moves small shape computations (int64
+Gather/Concat on tensor shapes) to the CPU by its own cost model even though it has kernels for
+them, which a strict session refuses. Only when every node ORT puts on the CPU is such a
+cost-model placement is the session made with fallback allowed, and those nodes are reported;
+a node the provider has no kernel for is always an error that names it.
 """
 import ctypes
 import os
@@ -54,48 +59,86 @@ def parse_placements(log: str) -> dict:
     return placements
 
 
-def placements(model_path: Path, ep: str) -> dict:
-    """Where ORT puts each node when `ep` is asked for with CPU fallback allowed (its verbose log)."""
+COST_MODEL = "Force fallback to CPU execution for node: "
+
+
+def cost_model_nodes(log: str) -> set:
+    """Names of the nodes ORT's log says it moved to the CPU by cost, though the provider could run them."""
+    return {line.split(COST_MODEL, 1)[1].split(" because ", 1)[0].strip()
+            for line in log.splitlines() if COST_MODEL in line}
+
+
+def _node_name(entry: str) -> str:
+    """'Gather (node_Gather_4)' -> 'node_Gather_4'."""
+    return entry[entry.find("(") + 1:entry.rfind(")")] if entry.endswith(")") else entry
+
+
+def cpu_placement(log: str) -> tuple:
+    """(nodes on the CPU, those among them ORT did not move by cost) from its verbose session log.
+    Nodes are 'OpType (name)' entries, or a count when the whole graph is on the CPU."""
+    on_cpu = parse_placements(log).get("CPUExecutionProvider", [])
+    if isinstance(on_cpu, int):
+        return on_cpu, on_cpu
+    cheap = cost_model_nodes(log)
+    return on_cpu, [n for n in on_cpu if _node_name(n) not in cheap]
+
+
+def placement_log(model_path: Path, ep: str) -> str:
+    """ORT's verbose log of creating a session for `ep` with CPU fallback allowed."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 0
+    ort.set_default_logger_severity(0)  # the cost-model lines go to the default logger
     with _Stderr() as err:
         try:
             ort.InferenceSession(str(model_path), opts, providers=[ep])
         except Exception:
             pass
-    return parse_placements(err.text)
+    ort.set_default_logger_severity(2)  # ORT's default, warnings
+    return err.text
+
+
+def _listing(nodes: list) -> str:
+    return f"{len(nodes)}: " + ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
 
 
 class OrtSession:
-    """An ONNX Runtime session pinned to one execution provider."""
+    """An ONNX Runtime session pinned to one execution provider (see the module docstring)."""
 
     def __init__(self, model_path: Path, name: str = "cpu"):
-        import onnxruntime as ort
-
         self.name = name
+        self.cpu_nodes = []  # shape nodes ORT's cost model keeps on the CPU, when there are any
         ep, options = ORT_PROVIDERS[name]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if ep != "CPUExecutionProvider":
-            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
-            with _Stderr():
-                self.session = ort.InferenceSession(str(model_path), opts, providers=[(ep, options)])
+            self.session = self._create(model_path, ep, options, strict=ep != "CPUExecutionProvider")
         except Exception as e:
             reason = _first_line(e).split(" : ")[-1]
-            if "fallback to CPU EP has been explicitly disabled" in reason:
-                nodes = placements(model_path, ep).get("CPUExecutionProvider")
-                if nodes:
-                    listed = f"all {nodes}" if isinstance(nodes, int) else \
-                        f"{len(nodes)}: " + ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
-                    reason = f"nodes ORT would place on the CPU, and CPU fallback is disabled: {listed}"
-            raise ProviderError(f"{model_path}: ONNX Runtime {ep} cannot run it: {reason}") from None
+            if "fallback to CPU EP has been explicitly disabled" not in reason:
+                raise ProviderError(f"{model_path}: ONNX Runtime {ep} cannot run it: {reason}") from None
+            on_cpu, unexplained = cpu_placement(placement_log(model_path, ep))
+            if not on_cpu or unexplained:
+                detail = f"all {unexplained} nodes" if isinstance(unexplained, int) else \
+                    _listing(unexplained) if unexplained else reason
+                raise ProviderError(f"{model_path}: ONNX Runtime {ep} has no kernel for node(s) that CPU fallback "
+                                    f"would take, and fallback is disabled: {detail}") from None
+            self.session = self._create(model_path, ep, options, strict=False)
+            self.cpu_nodes = on_cpu
         if self.session.get_providers()[0] != ep:
             raise ProviderError(f"{model_path}: session runs on {self.session.get_providers()}, not {ep}")
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @staticmethod
+    def _create(model_path: Path, ep: str, options: dict, strict: bool):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if strict:
+            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        with _Stderr():
+            return ort.InferenceSession(str(model_path), opts, providers=[(ep, options)])
 
     def run(self, inputs: list) -> list:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
