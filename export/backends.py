@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from model_defs.attention import MultiHeadAttention
+from validate.artifact import first_line
 
 from . import ExportError
 
@@ -72,8 +73,7 @@ def export_onnx(module, args: tuple, input_names, output_names, dynamic_shapes, 
                                         output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                                         optimize=True, verbose=False)
         except Exception as e:
-            summary = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise ExportError(f"torch.onnx.export failed: {summary}") from e
+            raise ExportError(f"torch.onnx.export failed: {first_line(e)}") from e
     fusions = {}
     if b.ort_fusions:
         from onnxscript.rewriter import ort_fusions

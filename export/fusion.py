@@ -1,5 +1,9 @@
 """The fusion check: attention must be one fused op per attention module (none for `decomposed`)."""
+from collections import Counter
+
 import onnx
+
+from validate.artifact import all_nodes
 
 from . import ExportError
 from .backends import BACKENDS
@@ -9,26 +13,9 @@ class FusionError(ExportError):
     """Attention was not fused as the backend promises."""
 
 
-def iter_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(attr.g)
-            for g in attr.graphs:
-                yield from iter_nodes(g)
-
-
 def count_ops(model: onnx.ModelProto) -> dict:
     """Op counts over the graph, its subgraphs and local functions, keyed 'domain::Op' ('Op' for ONNX)."""
-    counts = {}
-    nodes = list(iter_nodes(model.graph))
-    for f in model.functions:
-        nodes.extend(f.node)
-    for n in nodes:
-        key = _key(n.domain, n.op_type)
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(_key(n.domain, n.op_type) for n in all_nodes(model)).items()))
 
 
 def activation_matmuls(model: onnx.ModelProto) -> list:

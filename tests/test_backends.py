@@ -14,7 +14,16 @@ from export.cli import main as export_main
 from export.fusion import FusionError, check_fusion, count_ops
 from validate.artifact import load_artifact
 from validate.parity import validate_artifact
-from validate.runtimes import OrtSession, ProviderError, Reference, cpu_placement, cuda_problem, parse_placements
+from validate.runtimes import (
+    OrtSession,
+    ProviderError,
+    Reference,
+    capability_gap,
+    cpu_placement,
+    cuda_problem,
+    parse_placements,
+    single_node_model,
+)
 
 SMALL_MODELS = ["mha", "mha-causal", "mha-cross", "mha-gqa", "encoder-block", "encoder-block-prenorm", "bert-tiny"]
 CONTRIB_ATTENTION = ("com.microsoft::Attention", "com.microsoft::MultiHeadAttention")
@@ -79,21 +88,6 @@ def test_every_mask_form_of_every_backend_passes_on_ort_cpu(exported, model, bac
 def test_float16_backends_pass_on_ort_cpu(exported, backend):
     report = validate_artifact(load_artifact(exported("encoder-block", "float16", backend)), ["cpu"], use_torch=False)
     assert report.passed
-
-
-def test_all_padding_row_is_zero_attention_in_every_backend(exported):
-    """A row whose keys are all masked attends to nothing: attention output 0, so the layer's output
-    is exactly out_proj's bias. com.microsoft kernels and the decomposed softmax would average V."""
-    import onnxruntime as ort
-
-    for backend in BACKENDS:
-        d = exported("mha", backend=backend)
-        bias = np.load(d / "weights.npz")["attn.out_proj.bias"]
-        session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
-        mask = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=np.int64)
-        [y] = session.run(None, {"hidden_states": x, "attention_mask": mask})
-        np.testing.assert_allclose(y[1], np.broadcast_to(bias, (5, 64)), rtol=0, atol=1e-6, err_msg=backend)
 
 
 # --- the fusion check --------------------------------------------------------------------------------
@@ -199,11 +193,8 @@ def test_reference_asked_for_explicitly_on_contrib_ops_exits_2(exported, capsys)
 
 
 def _bfloat16_matmul(path: Path) -> Path:
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"], name="bf16_matmul")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
+    node = helper.make_node("MatMul", ["x", "x"], ["y"], name="bf16_matmul")
+    return single_node_model(path, node, TensorProto.BFLOAT16, [2, 2])
 
 
 def test_a_node_the_provider_lacks_fails_naming_the_node(tmp_path):
@@ -231,8 +222,15 @@ def test_crafted_artifact_with_an_op_the_cpu_lacks_exits_2_naming_the_node(artif
 
 
 def test_reference_refuses_contrib_ops_by_name(exported):
-    with pytest.raises(ProviderError, match="no kernels for com.microsoft::Attention.*ai.onnx domain only"):
-        Reference(exported("mha", backend="ort-contrib") / "model.onnx")
+    """Known before any session is made, from the op domains load_artifact read off the checked graph."""
+    artifact = load_artifact(exported("mha", backend="ort-contrib"))
+    assert artifact.foreign_ops == ("com.microsoft::Attention",)
+    assert capability_gap("reference", artifact) == \
+        "ReferenceEvaluator has no kernels for com.microsoft::Attention (it implements the ai.onnx domain only)"
+    assert capability_gap("cpu", artifact) is None
+    assert capability_gap("reference", load_artifact(exported("mha"))) is None
+    with pytest.raises(ProviderError, match="ReferenceEvaluator cannot load it: .*com.microsoft"):
+        Reference(artifact.model_path)
 
 
 def test_placement_log_parser():
@@ -315,14 +313,9 @@ def test_crafted_cpu_only_graph_runs_on_cpu(tmp_path):
 
 def _crafted_cpu_only(path: Path) -> Path:
     """A graph whose only op has a CPU kernel and no CUDA kernel (com.microsoft NhwcMaxPool)."""
-    graph = helper.make_graph([helper.make_node("NhwcMaxPool", ["x"], ["y"], name="cpu_only_node",
-                                                domain="com.microsoft", kernel_shape=[1, 1])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 2, 2, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT8, [1, 2, 2, 1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=8)
-    onnx.save(model, str(path))
-    return path
+    node = helper.make_node("NhwcMaxPool", ["x"], ["y"], name="cpu_only_node", domain="com.microsoft",
+                            kernel_shape=[1, 1])
+    return single_node_model(path, node, TensorProto.INT8, [1, 2, 2, 1])
 
 
 # --- bfloat16 ----------------------------------------------------------------------------------------

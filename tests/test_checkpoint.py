@@ -34,7 +34,7 @@ from model_defs.checkpoint import (  # noqa: E402
 from model_defs.config import param_count  # noqa: E402
 from model_defs.encoder import BertModel  # noqa: E402
 from validate import oracle  # noqa: E402
-from validate.compare import tolerance  # noqa: E402
+from validate.compare import model_error_terms, tolerance  # noqa: E402
 from validate.text import SAMPLE_SENTENCES, TextError, mean_pool, read_sentences, tokenize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,8 @@ def hf_out(hf_model, batch):
 
 
 def _tol(cfg, seq, both_float32=True):
-    t = tolerance("float32", max(cfg.hidden_size, cfg.ffn_size, seq), 2 * cfg.num_layers + 2)
+    """The project's policy (validate.compare) for this BERT at key length `seq`."""
+    t = tolerance("float32", *model_error_terms({"model": {"architecture": "bert", "config": cfg.to_dict()}}, seq))
     return 2 * t if both_float32 else t
 
 

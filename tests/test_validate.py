@@ -4,7 +4,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +29,21 @@ NO_TORCH = "import sys; sys.modules['torch'] = None; from validate.cli import ma
 
 
 def snapshot(directory: Path) -> dict:
-    """Relative path -> sha256 of every file under `directory`."""
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every entry under `directory`, symlinks and special files included: what 'nothing changed' means.
+    Regular files by sha256, symlinks by target, others by file type."""
+    state = {}
+    for parent, dirs, names in os.walk(directory):
+        for name in dirs + names:
+            path = Path(parent, name)
+            mode = path.lstat().st_mode
+            rel = path.relative_to(directory).as_posix()
+            if stat.S_ISLNK(mode):
+                state[rel] = ("symlink", os.readlink(path))
+            elif stat.S_ISREG(mode):
+                state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                state[rel] = stat.S_IFMT(mode)
+    return state
 
 
 def edit_manifest(directory: Path, edit, sign: bool = True) -> None:

@@ -49,6 +49,7 @@ class Artifact:
     manifest: dict
     weights: dict
     golden: list  # [(inputs, outputs)] per test_data_set_N, arrays in graph order
+    foreign_ops: tuple = ()  # 'domain::Op' of the nodes outside standard ONNX, e.g. com.microsoft ones
 
     @property
     def model_path(self) -> Path:
@@ -200,7 +201,8 @@ def verify_files(directory: Path, manifest: dict) -> None:
         raise ArtifactError(f"{directory / extra[0]}: not listed in the manifest")
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type when it has none): error lines stay one line."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -209,7 +211,7 @@ def read_model(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, onnx others
-        raise ArtifactError(f"{path}: not an ONNX model ({_first_line(e)})") from None
+        raise ArtifactError(f"{path}: not an ONNX model ({first_line(e)})") from None
     if not model.HasField("graph"):
         raise ArtifactError(f"{path}: not an ONNX model (no graph)")
     return model
@@ -229,7 +231,8 @@ def _bodies(model: onnx.ModelProto) -> list:
     return tops + [g for top in tops for g in _subgraphs(top.node)]
 
 
-def _nodes(model: onnx.ModelProto):
+def all_nodes(model: onnx.ModelProto):
+    """Every node: main graph, model-local functions, and the subgraphs inside them."""
     for body in _bodies(model):
         yield from body.node
 
@@ -240,7 +243,7 @@ def _tensors(model: onnx.ModelProto):
         yield from getattr(body, "initializer", ())
         for sparse in getattr(body, "sparse_initializer", ()):
             yield from (sparse.values, sparse.indices)
-    for node in _nodes(model):
+    for node in all_nodes(model):
         for a in node.attribute:
             yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
             for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
@@ -298,7 +301,7 @@ def check_graph(path: Path, model: onnx.ModelProto, manifest: dict) -> None:
                                 f"[{_signature(declared)}]")
     local = {(f.domain, f.name) for f in model.functions}
     allowed = STANDARD_DOMAINS + BACKEND_DOMAINS[manifest["backend"]]
-    for node in _nodes(model):
+    for node in all_nodes(model):
         if node.domain not in allowed and (node.domain, node.op_type) not in local:
             raise ArtifactError(f"{path}: op {node.op_type!r} of domain {node.domain!r} (node {node.name!r}) is "
                                 f"neither standard ONNX, nor emitted by backend {manifest['backend']}, nor a "
@@ -309,7 +312,7 @@ def check_model(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx raises several types for a bad file
-        raise ArtifactError(f"{path}: onnx.checker failed: {_first_line(e)}") from None
+        raise ArtifactError(f"{path}: onnx.checker failed: {first_line(e)}") from None
 
 
 def load_weights(path: Path) -> dict:
@@ -365,13 +368,13 @@ def _read_tensor(path: Path, spec: dict, dims: dict) -> np.ndarray:
     try:
         tensor.ParseFromString(path.read_bytes())
     except Exception as e:
-        raise ArtifactError(f"{path}: not a TensorProto ({_first_line(e)})") from None
+        raise ArtifactError(f"{path}: not a TensorProto ({first_line(e)})") from None
     if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
         raise ArtifactError(f"{path}: keeps its data in another file; golden tensors must hold their data")
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as e:
-        raise ArtifactError(f"{path}: not a readable tensor ({_first_line(e)})") from None
+        raise ArtifactError(f"{path}: not a readable tensor ({first_line(e)})") from None
     if tensor.name != spec["name"] or array.dtype.name != spec["dtype"]:
         raise ArtifactError(f"{path}: holds {tensor.name!r} {array.dtype.name}, "
                             f"expected {spec['name']!r} {spec['dtype']}")
@@ -406,8 +409,9 @@ def load_artifact(directory) -> Artifact:
     model = read_model(directory / "model.onnx")
     check_external_data(directory, model, manifest)
     check_graph(directory / "model.onnx", model, manifest)
+    foreign = tuple(sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model) if n.domain not in STANDARD_DOMAINS}))
     del model  # the checker reads its own copy: never two of bert-large's 1.3 GB graph at once
     check_model(directory / "model.onnx")
     weights = load_weights(directory / "weights.npz")
     check_weights(directory, manifest, weights)
-    return Artifact(directory, manifest, weights, load_golden(directory, manifest))
+    return Artifact(directory, manifest, weights, load_golden(directory, manifest), foreign)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import oracle
-from .artifact import Artifact, ArtifactError, np_dtype
+from .artifact import Artifact, ArtifactError, first_line, np_dtype
 from .compare import compare_outputs, model_error_terms, tolerance
 from .runtimes import PROVIDERS, ProviderError, capability_gap, open_runtime
 from .torch_peer import load_torch_peer
@@ -100,7 +100,7 @@ def open_sessions(artifact: Artifact, providers: list, skip_unsupported: bool, r
     artifact's dtype or ops is skipped and the report says why."""
     sessions = []
     for name in providers:
-        gap = capability_gap(name, artifact.manifest["dtype"], artifact.model_path)
+        gap = capability_gap(name, artifact)
         if gap and skip_unsupported:
             report.notes.append(f"{PROVIDERS[name]}: not run ({gap})")
             continue
@@ -152,8 +152,8 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
             try:
                 got = session.run(case.inputs)
             except Exception as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                report.checks += [_failed(session.name, case, o, r, f"run failed: {msg}") for r in refs for o in out_names]
+                report.checks += [_failed(session.name, case, o, r, f"run failed: {first_line(e)}")
+                                  for r in refs for o in out_names]
                 continue
             report.checks += _compare(session.name, case, out_names, got, refs)
             report.runs[case.name][2][session.name] = got
@@ -186,9 +186,8 @@ def compare_backends(reports: list) -> None:
 
 
 def _mismatch(artifact, who, error) -> ArtifactError:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return ArtifactError(f"{artifact.path / 'manifest.json'}: {who} cannot build the model it describes from "
-                         f"weights.npz ({type(error).__name__}: {detail})")
+                         f"weights.npz ({type(error).__name__}: {first_line(error)})")
 
 
 def _compare(runtime, case, out_names, got, refs) -> list:

@@ -13,19 +13,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from .artifact import first_line
+
 PROVIDERS = {"cpu": "ONNX Runtime CPUExecutionProvider", "cuda": "ONNX Runtime CUDAExecutionProvider (TF32 off)",
              "reference": "onnx.reference.ReferenceEvaluator"}
 ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider", {}), "cuda": ("CUDAExecutionProvider", {"use_tf32": "0"})}
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class ProviderError(Exception):
     """The requested runtime cannot run here, or cannot run this artifact (exit code 2)."""
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class _Stderr:
@@ -113,7 +109,7 @@ class OrtSession:
         try:
             self.session = self._create(model_path, ep, options, strict=ep != "CPUExecutionProvider")
         except Exception as e:
-            reason = _first_line(e).split(" : ")[-1]
+            reason = first_line(e).split(" : ")[-1]
             if "fallback to CPU EP has been explicitly disabled" not in reason:
                 raise ProviderError(f"{model_path}: ONNX Runtime {ep} cannot run it: {reason}") from None
             on_cpu, unexplained = cpu_placement(placement_log(model_path, ep))
@@ -154,35 +150,24 @@ class Reference:
         import onnx
         from onnx.reference import ReferenceEvaluator
 
-        model = onnx.load(str(model_path))
-        gap = _foreign_ops(model)
-        if gap:
-            raise ProviderError(f"{model_path}: {gap}")
         try:
-            self.session = ReferenceEvaluator(model)
+            self.session = ReferenceEvaluator(onnx.load(str(model_path)))
         except Exception as e:
-            raise ProviderError(f"{model_path}: ReferenceEvaluator cannot load it: {_first_line(e)}") from None
+            raise ProviderError(f"{model_path}: ReferenceEvaluator cannot load it: {first_line(e)}") from None
         self.input_names = list(self.session.input_names)
 
     def run(self, inputs: list) -> list:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
 
 
-def _foreign_ops(model) -> str | None:
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
-    return f"ReferenceEvaluator has no kernels for {', '.join(foreign)} (it implements the ai.onnx domain only)" \
-        if foreign else None
-
-
-def capability_gap(name: str, dtype: str, model_path: Path) -> str | None:
+def capability_gap(name: str, artifact) -> str | None:
     """Why runtime `name` is known not to run this artifact (a dtype or op domain it lacks), or None."""
-    if name == "cpu" and dtype == "bfloat16":
+    if name == "cpu" and artifact.manifest["dtype"] == "bfloat16":
         return ("ONNX Runtime's CPU provider has no bfloat16 kernels; validate bfloat16 artifacts with "
                 "--providers cuda on a GPU machine")
-    if name == "reference":
-        import onnx
-
-        return _foreign_ops(onnx.load(str(model_path), load_external_data=False))
+    if name == "reference" and artifact.foreign_ops:
+        return (f"ReferenceEvaluator has no kernels for {', '.join(artifact.foreign_ops)} "
+                "(it implements the ai.onnx domain only)")
     return None
 
 
@@ -190,9 +175,20 @@ def open_runtime(name: str, model_path: Path):
     return Reference(model_path) if name == "reference" else OrtSession(model_path, name)
 
 
+def single_node_model(path: Path, node, elem_type: int, shape: list) -> Path:
+    """Write a model of one node `x -> y` (both of `elem_type` and `shape`) to `path`: provider probes."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", elem_type, shape)],
+                              [helper.make_tensor_value_info("y", elem_type, shape)])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(node.domain, 1)] if node.domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
+    return path
+
+
 def cuda_problem() -> str | None:
     """Why ONNX Runtime's CUDA provider cannot run here, or None when a CUDA session really works."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -204,13 +200,9 @@ def cuda_problem() -> str | None:
             ctypes.CDLL(str(library))
         except OSError as e:
             return f"the CUDA provider library does not load: {e}"
-    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "probe.onnx"
-        onnx.save(probe, str(path))
+        path = single_node_model(Path(d) / "probe.onnx", helper.make_node("Add", ["x", "x"], ["y"]),
+                                 TensorProto.FLOAT, [1])
         try:
             OrtSession(path, "cuda")
         except ProviderError as e:
