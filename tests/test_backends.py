@@ -204,20 +204,20 @@ def test_a_node_the_provider_lacks_fails_naming_the_node(tmp_path):
 
 
 def test_crafted_artifact_with_an_op_the_cpu_lacks_exits_2_naming_the_node(artifact_copy, capsys):
-    """A re-signed ort-contrib artifact whose graph gains a com.microsoft op with no CPU kernel (CUDA only):
-    exit 2, the node named, nothing changed on disk."""
-    d = artifact_copy("mha", backend="ort-contrib")
+    """A re-signed artifact whose graph gains a node ORT CPU has no kernel for (Add on bfloat16; the graph
+    stays valid for onnx.checker and shape inference): exit 2, the node named, nothing changed on disk."""
+    d = artifact_copy("mha")
     model = onnx.load(str(d / "model.onnx"))
     out = model.graph.output[0].name
-    model.graph.node.append(helper.make_node("GemmFloat8", [out, out], ["unreachable"], name="no_cpu_kernel",
-                                             domain="com.microsoft"))
-    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    model.graph.node.extend([helper.make_node("Cast", [out], ["as_bf16"], name="to_bf16", to=TensorProto.BFLOAT16),
+                             helper.make_node("Add", ["as_bf16", "as_bf16"], ["unused"], name="bf16_add")])
     onnx.save(model, str(d / "model.onnx"))
     rehash(d, "model.onnx")
     before = snapshot(d)
     code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
     line = single_error_line(err)
-    assert code == 2 and "CPUExecutionProvider cannot run it" in line and "no_cpu_kernel" in line
+    assert code == 2 and "CPUExecutionProvider cannot run it: Could not find an implementation for Add" in line
+    assert "bf16_add" in line
     assert snapshot(d) == before
 
 
