@@ -138,12 +138,14 @@ def test_fusion_check_counts_attention_modules(exported):
         check_fusion(model, "onnx-attention", 3)
 
 
-def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path):
-    """Same model, weights and options: same bytes, from another process and hash seed, under another name."""
-    first = exported("bert-tiny")
+@pytest.mark.parametrize("backend", ["onnx-attention", "ort-contrib", "decomposed"])
+def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path, backend):
+    """Same model, weights and options: same bytes, from another process and hash seed, under another name
+    (ort-contrib included: onnxscript's rewriter runs after the exporter)."""
+    first = exported("bert-tiny", backend=backend)
     other = tmp_path / "another-name"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-m", "export", "--model", "bert-tiny", "--out", str(other)],
+    subprocess.run([sys.executable, "-m", "export", "--model", "bert-tiny", "--backend", backend, "--out", str(other)],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     assert tree_bytes(first) == tree_bytes(other)
 
