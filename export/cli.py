@@ -1,5 +1,6 @@
 """qkv-export: turn a registered PyTorch model into ONNX artifacts with fused attention."""
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 EPILOG = """backends:
 {backends}
-  all             one artifact per backend
+  all             one artifact per backend (--dtype all: one per dtype too)
 
 exit codes:
   0  artifact(s) written
@@ -38,8 +39,9 @@ def parse_args(argv):
     p.add_argument("--backend", default="onnx-attention",
                    help="attention backend, or 'all' (default: %(default)s): " + ", ".join(BACKENDS))
     p.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-BACKEND-DTYPE); with "
-                   "--backend all, the directory that receives one MODEL-BACKEND-DTYPE artifact per backend")
-    p.add_argument("--dtype", default="float32", help="weights and activations (default: %(default)s): " + ", ".join(DTYPES))
+                   "--backend all or --dtype all, the directory that receives one MODEL-BACKEND-DTYPE artifact each")
+    p.add_argument("--dtype", default="float32", help="weights and activations, or 'all' (default: %(default)s): "
+                   + ", ".join(DTYPES))
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and golden inputs (default: %(default)s)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the backend's: " + ", ".join(
         f"{b.name} {b.default_opset}" for b in BACKENDS.values()) + ")")
@@ -57,6 +59,7 @@ def describe(manifest: dict) -> str:
 def main(argv=None) -> int:
     args, models, backends, dtypes = parse_args(argv)
     chosen = list(backends) if args.backend == "all" else [args.backend]
+    chosen_dtypes = list(dtypes) if args.dtype == "all" else [args.dtype]
     if args.weights is not None:
         args.model = args.model or args.weights.resolve().name
         models = [args.model]
@@ -67,18 +70,19 @@ def main(argv=None) -> int:
     args.model = args.model or "bert-tiny"
     problems = [f"unknown {what} {value!r}; known: {', '.join(known)}" for what, value, known in
                 (("model", args.model, models), ("backend", args.backend, [*backends, "all"]),
-                 ("dtype", args.dtype, dtypes)) if value not in known]
+                 ("dtype", args.dtype, [*dtypes, "all"])) if value not in known]
     if not problems and args.opset is not None:
         if len(chosen) > 1:
             problems.append("--opset applies to one backend; each backend of --backend all uses its default")
         else:
             problems += filter(None, [backends[chosen[0]].opset_problem(args.opset)])
     outs = {}
-    for b in chosen if not problems else []:
-        name = f"{args.model}-{b}-{args.dtype}"
-        outs[b] = (args.out or Path("artifacts")) / name if len(chosen) > 1 else args.out or Path("artifacts") / name
-        if outs[b].exists() and not (outs[b] / "manifest.json").is_file():
-            problems.append(f"{outs[b]} exists and is not an artifact: refusing to replace it")
+    several = len(chosen) * len(chosen_dtypes) > 1
+    for b, dtype in itertools.product(chosen, chosen_dtypes) if not problems else []:
+        name = f"{args.model}-{b}-{dtype}"
+        out = outs[b, dtype] = (args.out or Path("artifacts")) / name if several else args.out or Path("artifacts") / name
+        if out.exists() and not (out / "manifest.json").is_file():
+            problems.append(f"{out} exists and is not an artifact: refusing to replace it")
     if problems:
         print(f"qkv-export: error: {problems[0]}", file=sys.stderr)
         return EXIT_INVALID
@@ -89,10 +93,10 @@ def main(argv=None) -> int:
     from .pipeline import export_artifact
 
     code = EXIT_OK
-    for backend, out in outs.items():
+    for (backend, dtype), out in outs.items():
         start = time.perf_counter()
         try:
-            manifest = export_artifact(args.model, out, backend, args.dtype, args.seed, args.opset,
+            manifest = export_artifact(args.model, out, backend, dtype, args.seed, args.opset,
                                        weights_dir=args.weights)
         except ExportError as e:
             print(f"qkv-export: error: {backend}: {e}", file=sys.stderr)

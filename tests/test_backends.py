@@ -1,13 +1,15 @@
 """The three attention backends and the execution providers: fused-op counts, parity on ORT CPU with
 every mask form, backends judged against each other, CUDA strictness (no silent CPU fallback)."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from test_validate import rehash, run_cli, single_error_line, snapshot
+from test_validate import NO_OPENVINO, OPENVINO, ROOT, rehash, run_cli, single_error_line, snapshot
 
 from export.backends import BACKENDS
 from export.cli import main as export_main
@@ -165,17 +167,20 @@ def test_cuda_where_it_cannot_run_exits_2_with_the_reason(exported, capsys):
     code, out, err, _ = run_cli(capsys, d, "--providers", "cpu,cuda")
     line = single_error_line(err)
     assert code == 2 and out == ""
-    assert "--providers cuda: the CUDA provider cannot run here: " in line and CUDA_PROBLEM in line
+    assert "--providers cuda: ONNX Runtime CUDAExecutionProvider (TF32 off) cannot run here: " in line
+    assert CUDA_PROBLEM in line
 
 
 def test_auto_says_which_providers_it_found(exported, tmp_path, capsys):
     code, out, err, doc = run_cli(capsys, exported("mha"), "--no-torch", "--json", tmp_path / "r.json")
     assert code == 0 and err == ""
     [note] = doc["notes"]
-    assert note.startswith("--providers auto found: cpu, " + ("" if CUDA_PROBLEM else "cuda, ") + "reference")
+    assert note.startswith("--providers auto found: cpu, " + ("" if CUDA_PROBLEM else "cuda, ") + "reference"
+                           + (", openvino, openvino-default" if OPENVINO else ""))
     assert note in out
     runtimes = {c["runtime"] for c in doc["artifacts"][0]["checks"]}
-    assert runtimes == {"cpu", "reference", "pytorch-golden"} | (set() if CUDA_PROBLEM else {"cuda"})
+    assert runtimes == {"cpu", "reference", "pytorch-golden"} | (set() if CUDA_PROBLEM else {"cuda"}) | (
+        {"openvino", "openvino-default"} if OPENVINO else set())
 
 
 def test_auto_notes_that_reference_cannot_run_contrib_ops(exported, tmp_path, capsys):
@@ -328,17 +333,21 @@ def test_bfloat16_on_ort_cpu_is_refused_with_the_reason(exported, capsys):
 
 
 def test_bfloat16_under_auto_runs_where_kernels_exist(exported, tmp_path, capsys):
-    """auto skips ORT CPU for bfloat16 (saying so) and judges the artifact on the reference runtime."""
+    """auto skips ORT CPU for bfloat16 (saying so) and judges the artifact on the reference runtime (and
+    OpenVINO where installed)."""
     code, out, _, doc = run_cli(capsys, exported("mha", "bfloat16"), "--json", tmp_path / "r.json")
     assert code == 0
     assert "ONNX Runtime CPUExecutionProvider: not run (ONNX Runtime's CPU provider has no bfloat16 kernels" in out
     checks = doc["artifacts"][0]["checks"]
-    assert {c["runtime"] for c in checks} == {"reference", "pytorch", "pytorch-golden"}
+    assert {c["runtime"] for c in checks} == {"reference", "pytorch", "pytorch-golden"} | (
+        {"openvino", "openvino-default"} if OPENVINO else set())
     assert all(c["passed"] for c in checks)
 
 
-def test_bfloat16_contrib_has_no_runtime_here_exit_2(exported, capsys):
+def test_bfloat16_contrib_has_no_runtime_without_openvino_exit_2(exported):
+    """No CUDA, OpenVINO not importable: neither ORT CPU (bfloat16) nor the reference (com.microsoft) can run it."""
     if CUDA_PROBLEM is None:
         pytest.skip("CUDA can run it here")
-    code, _, err, _ = run_cli(capsys, exported("mha", "bfloat16", "ort-contrib"))
-    assert code == 2 and "no runtime asked for can run it" in single_error_line(err)
+    proc = subprocess.run([sys.executable, "-c", NO_OPENVINO, str(exported("mha", "bfloat16", "ort-contrib"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no runtime asked for can run it" in single_error_line(proc.stderr)

@@ -71,7 +71,10 @@ def main(argv=None) -> int:
             invalid[str(directory)] = str(e)
             print(f"qkv-validate: error: {e}", file=sys.stderr)
     compare_backends(reports)
-    code = EXIT_INVALID if invalid else (EXIT_PASS if all(r.passed for r in reports) else EXIT_PARITY)
+    for r in reports:
+        for e in r.errors:
+            print(f"qkv-validate: error: {e}", file=sys.stderr)
+    code = EXIT_INVALID if invalid or any(r.errors for r in reports) else (EXIT_PASS if all(r.passed for r in reports) else EXIT_PARITY)
     text = markdown(reports, invalid, notes)
     try:
         if args.report:

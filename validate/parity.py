@@ -6,8 +6,8 @@ import numpy as np
 
 from . import oracle
 from .artifact import Artifact, ArtifactError, first_line, np_dtype
-from .compare import compare_outputs, model_error_terms, tolerance
-from .runtimes import PROVIDERS, ProviderError, capability_gap, open_runtime
+from .compare import UNIT_ROUNDOFF, compare_outputs, model_error_terms, tolerance
+from .runtimes import RUNTIMES, ProviderError
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
@@ -28,11 +28,20 @@ class Report:
     manifest: dict
     checks: list = field(default_factory=list)
     notes: list = field(default_factory=list)
-    runs: dict = field(default_factory=dict)  # case name -> (Case, tol, {runtime: outputs}), for sibling backends
+    errors: list = field(default_factory=list)  # a runtime asked for that cannot run the artifact (exit 2)
+    runtimes: dict = field(default_factory=dict)  # name -> load/run status: the compatibility matrix
+    runs: dict = field(default_factory=dict)  # case name -> (Case, {runtime: (outputs, tol, gating)}), for siblings
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c["passed"] for c in self.checks)
+        decisive = [c for c in self.checks if decides(c)]
+        return not self.errors and bool(decisive) and all(c["passed"] for c in decisive)
+
+
+def decides(check: dict) -> bool:
+    """A check decides pass/fail unless it is a non-gating runtime's numbers; that runtime's run
+    errors and non-finite outputs still decide."""
+    return check.get("gating", True) or "error" in check
 
 
 def make_inputs(manifest: dict, batch: int, seq: int, lengths, rng: np.random.Generator) -> list:
@@ -95,25 +104,47 @@ def _key_length(inputs: list, manifest: dict) -> int:
 
 
 def open_sessions(artifact: Artifact, providers: list, skip_unsupported: bool, report: Report) -> list:
-    """A session per runtime, before any case runs; a runtime that cannot load the artifact raises
-    ProviderError up front. With skip_unsupported (--providers auto), a runtime known to lack the
-    artifact's dtype or ops is skipped and the report says why."""
+    """A session per runtime, before any case runs; each outcome goes to report.runtimes. A runtime
+    that cannot load the artifact is a finding there and a report error (exit 2), and the other
+    runtimes still run. With skip_unsupported (--providers auto), a runtime known to lack the
+    artifact's dtype or ops is skipped with a note instead of an error."""
     sessions = []
     for name in providers:
-        gap = capability_gap(name, artifact)
-        if gap and skip_unsupported:
-            report.notes.append(f"{PROVIDERS[name]}: not run ({gap})")
-            continue
+        runtime = RUNTIMES[name]
+        status = report.runtimes[name] = {"label": runtime.label, "gating": runtime.gating, "loads": None,
+                                          "runs": None, "reason": None}
+        gap = runtime.gap(artifact)
         if gap:
-            raise ProviderError(f"{artifact.model_path}: {gap}")
-        session = open_runtime(name, artifact.model_path)
-        report.notes.append(f"{PROVIDERS[name]}: ran, session providers {session.providers}" + (
-            f"; {len(session.cpu_nodes)} shape node(s) left on the CPU by ORT's cost model (the provider has "
-            f"kernels for them): {', '.join(session.cpu_nodes)}" if getattr(session, "cpu_nodes", None) else ""))
+            status["reason"] = f"not run: {gap}"
+            report.notes.append(f"{runtime.label}: not run ({gap})")
+            if not skip_unsupported:
+                report.errors.append(f"{artifact.model_path}: {gap}")
+            continue
+        try:
+            session = runtime(artifact.model_path)
+        except ProviderError as e:
+            status.update(loads=False, reason=str(e).removeprefix(f"{artifact.model_path}: "))
+            report.errors.append(str(e))
+            continue
+        judged = _judged_dtype(artifact.manifest["dtype"], session)
+        status.update(loads=True, judged_dtype=judged)
+        if judged != artifact.manifest["dtype"]:
+            session.notes.append(f"it computes in {judged}, coarser than the artifact's {artifact.manifest['dtype']}: "
+                                 f"judged at the {judged} tolerance and reported, not deciding pass/fail")
+        report.notes.append(f"{runtime.label}: ran, session providers {session.providers}"
+                            + "".join(f"; {n}" for n in session.notes))
         sessions.append(session)
-    if not sessions:
-        raise ProviderError(f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes))
+    if not sessions and not report.errors:
+        report.errors.append(f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes))
     return sessions
+
+
+def _judged_dtype(dtype: str, session) -> str:
+    """The dtype whose tolerance judges a session: the artifact's, or for a non-gating runtime the
+    coarser precision it computes in."""
+    own = session.compute_dtype
+    coarser = own is not None and UNIT_ROUNDOFF[own] > UNIT_ROUNDOFF[dtype]
+    return own if coarser and not session.gating else dtype
 
 
 def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_torch: bool = True,
@@ -131,32 +162,36 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
         "torch is not installed" if use_torch else "disabled by --no-torch") + ")"))
     out_names = [o["name"] for o in m["outputs"]]
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
+    for s in sessions:
+        report.runtimes[s.name]["runs"] = True
     for case in cases:
         k, stages = model_error_terms(m, _key_length(case.inputs, m))
-        tol = tolerance(m["dtype"], k, stages)
         try:
             expected = oracle.forward(m["model"]["architecture"], m["model"]["config"], m["model"]["options"],
                                       weights64, case.inputs)
         except Exception as e:
             raise _mismatch(artifact, "the oracle", e) from None
-        refs = {"oracle": (expected, tol)}
+        tol = tolerance(m["dtype"], k, stages)
         if case.golden is not None:
-            refs["golden"] = (case.golden, 2 * tol)
-            report.checks += _compare("pytorch-golden", case, out_names, case.golden, {"oracle": refs["oracle"]})
-        if peer is not None:
-            live = peer(case.inputs)
-            refs["pytorch"] = (live, 2 * tol)
-            report.checks += _compare("pytorch", case, out_names, live, {"oracle": refs["oracle"]})
-        report.runs[case.name] = (case, tol, {})
+            report.checks += _compare("pytorch-golden", case, out_names, case.golden, {"oracle": (expected, tol)})
+        live = peer(case.inputs) if peer is not None else None
+        if live is not None:
+            report.checks += _compare("pytorch", case, out_names, live, {"oracle": (expected, tol)})
+        report.runs[case.name] = (case, {})
         for session in sessions:
+            t = tolerance(_judged_dtype(m["dtype"], session), k, stages)
+            refs = {"oracle": (expected, t)}
+            refs.update({} if case.golden is None else {"golden": (case.golden, 2 * t)})
+            refs.update({} if live is None else {"pytorch": (live, 2 * t)})
             try:
                 got = session.run(case.inputs)
             except Exception as e:
-                report.checks += [_failed(session.name, case, o, r, f"run failed: {first_line(e)}")
-                                  for r in refs for o in out_names]
+                error = f"run failed: {first_line(e)}"
+                report.runtimes[session.name].update(runs=False, reason=f"{case.name}: {error}")
+                report.checks += [_failed(session.name, case, o, r, error) for r in refs for o in out_names]
                 continue
-            report.checks += _compare(session.name, case, out_names, got, refs)
-            report.runs[case.name][2][session.name] = got
+            report.checks += _compare(session.name, case, out_names, got, refs, session.gating)
+            report.runs[case.name][1][session.name] = (got, t, session.gating)
     return report
 
 
@@ -173,16 +208,16 @@ def compare_backends(reports: list) -> None:
             if a.manifest["backend"] == b.manifest["backend"]:
                 continue
             out_names = [o["name"] for o in a.manifest["outputs"]]
-            for name, (case, tol, outputs_a) in a.runs.items():
+            for name, (case, runs_a) in a.runs.items():
                 other = b.runs.get(name)
                 if other is None or not all(np.array_equal(x, y) for x, y in zip(case.inputs, other[0].inputs)):
                     continue
-                for runtime in sorted(outputs_a.keys() & other[2].keys()):
-                    got_a, got_b = outputs_a[runtime], other[2][runtime]
+                for runtime in sorted(runs_a.keys() & other[1].keys()):
+                    (got_a, tol, gating), (got_b, _, _) = runs_a[runtime], other[1][runtime]
                     a.checks += _compare(runtime, case, out_names, got_a,
-                                         {f"backend {b.manifest['backend']}": (got_b, 2 * tol)})
+                                         {f"backend {b.manifest['backend']}": (got_b, 2 * tol)}, gating)
                     b.checks += _compare(runtime, case, out_names, got_b,
-                                         {f"backend {a.manifest['backend']}": (got_a, 2 * tol)})
+                                         {f"backend {a.manifest['backend']}": (got_a, 2 * tol)}, gating)
 
 
 def _mismatch(artifact, who, error) -> ArtifactError:
@@ -190,7 +225,7 @@ def _mismatch(artifact, who, error) -> ArtifactError:
                          f"weights.npz ({type(error).__name__}: {first_line(error)})")
 
 
-def _compare(runtime, case, out_names, got, refs) -> list:
+def _compare(runtime, case, out_names, got, refs, gating: bool = True) -> list:
     checks = []
     for ref_name, (ref_outputs, tol) in refs.items():
         for i, name in enumerate(out_names):
@@ -198,7 +233,8 @@ def _compare(runtime, case, out_names, got, refs) -> list:
                 checks.append(_failed(runtime, case, name, ref_name, "output missing"))
                 continue
             metrics = compare_outputs(got[i], ref_outputs[i], tol)
-            checks.append({"runtime": runtime, "case": case.name, "output": name, "reference": ref_name, **metrics})
+            checks.append({"runtime": runtime, "case": case.name, "output": name, "reference": ref_name, **metrics,
+                           **({} if gating else {"gating": False})})
     return checks
 
 

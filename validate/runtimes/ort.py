@@ -1,4 +1,4 @@
-"""Runtimes that execute an artifact: ONNX Runtime per execution provider, and onnx's ReferenceEvaluator.
+"""ONNX Runtime, one adapter per execution provider.
 
 An ORT session runs on the provider asked for, never quietly on the CPU: for any other provider
 the session is first created with CPU fallback disabled (`session.disable_cpu_ep_fallback`), and
@@ -13,15 +13,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from .artifact import first_line
+from ..artifact import first_line
+from .base import ProviderError, Runtime
 
-PROVIDERS = {"cpu": "ONNX Runtime CPUExecutionProvider", "cuda": "ONNX Runtime CUDAExecutionProvider (TF32 off)",
-             "reference": "onnx.reference.ReferenceEvaluator"}
 ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider", {}), "cuda": ("CUDAExecutionProvider", {"use_tf32": "0"})}
-
-
-class ProviderError(Exception):
-    """The requested runtime cannot run here, or cannot run this artifact (exit code 2)."""
 
 
 class _Stderr:
@@ -99,10 +94,11 @@ def _listing(nodes: list) -> str:
     return f"{len(nodes)}: " + ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
 
 
-class OrtSession:
+class OrtSession(Runtime):
     """An ONNX Runtime session pinned to one execution provider (see the module docstring)."""
 
     def __init__(self, model_path: Path, name: str = "cpu"):
+        super().__init__(model_path)
         self.name = name
         self.cpu_nodes = []  # shape nodes ORT's cost model keeps on the CPU, when there are any
         ep, options = ORT_PROVIDERS[name]
@@ -123,6 +119,9 @@ class OrtSession:
         if self.session.get_providers()[0] != ep:
             raise ProviderError(f"{model_path}: session runs on {self.session.get_providers()}, not {ep}")
         self.providers = self.session.get_providers()
+        if self.cpu_nodes:
+            self.notes.append(f"{len(self.cpu_nodes)} shape node(s) left on the CPU by ORT's cost model (the "
+                              f"provider has kernels for them): {', '.join(self.cpu_nodes)}")
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     @staticmethod
@@ -140,39 +139,29 @@ class OrtSession:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
 
 
-class Reference:
-    """onnx.reference.ReferenceEvaluator: the ai.onnx domain only."""
-
-    name = "reference"
-    providers = ["ReferenceEvaluator"]
+class OrtCpu(OrtSession):
+    name, label, short = "cpu", "ONNX Runtime CPUExecutionProvider", "ORT CPU"
 
     def __init__(self, model_path: Path):
-        import onnx
-        from onnx.reference import ReferenceEvaluator
+        super().__init__(model_path, "cpu")
 
-        try:
-            self.session = ReferenceEvaluator(onnx.load(str(model_path)))
-        except Exception as e:
-            raise ProviderError(f"{model_path}: ReferenceEvaluator cannot load it: {first_line(e)}") from None
-        self.input_names = list(self.session.input_names)
-
-    def run(self, inputs: list) -> list:
-        return self.session.run(None, dict(zip(self.input_names, inputs)))
+    @classmethod
+    def gap(cls, artifact) -> str | None:
+        if artifact.manifest["dtype"] == "bfloat16":
+            return ("ONNX Runtime's CPU provider has no bfloat16 kernels; validate bfloat16 artifacts with "
+                    "--providers cuda on a GPU machine, or openvino")
+        return None
 
 
-def capability_gap(name: str, artifact) -> str | None:
-    """Why runtime `name` is known not to run this artifact (a dtype or op domain it lacks), or None."""
-    if name == "cpu" and artifact.manifest["dtype"] == "bfloat16":
-        return ("ONNX Runtime's CPU provider has no bfloat16 kernels; validate bfloat16 artifacts with "
-                "--providers cuda on a GPU machine")
-    if name == "reference" and artifact.foreign_ops:
-        return (f"ReferenceEvaluator has no kernels for {', '.join(artifact.foreign_ops)} "
-                "(it implements the ai.onnx domain only)")
-    return None
+class OrtCuda(OrtSession):
+    name, label, short = "cuda", "ONNX Runtime CUDAExecutionProvider (TF32 off)", "ORT CUDA"
 
+    def __init__(self, model_path: Path):
+        super().__init__(model_path, "cuda")
 
-def open_runtime(name: str, model_path: Path):
-    return Reference(model_path) if name == "reference" else OrtSession(model_path, name)
+    @classmethod
+    def problem(cls) -> str | None:
+        return cuda_problem()
 
 
 def single_node_model(path: Path, node, elem_type: int, shape: list) -> Path:
@@ -208,24 +197,3 @@ def cuda_problem() -> str | None:
         except ProviderError as e:
             return str(e).split(": ", 1)[-1]
     return None
-
-
-def parse_providers(text: str) -> tuple:
-    """(runtime names, notes, auto) for --providers: a comma list, or 'auto' for every runtime that
-    works here. Under auto, a runtime known to lack what an artifact needs (capability_gap) is skipped
-    with a note; asked for by name, it is an error. Raises ProviderError for an unknown name or a
-    provider that cannot run on this machine."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if names == ["auto"]:
-        problem = cuda_problem()
-        found = ["cpu"] + (["cuda"] if problem is None else []) + ["reference"]
-        note = f"--providers auto found: {', '.join(found)}" + ("" if problem is None else f" (no cuda: {problem})")
-        return found, [note], True
-    unknown = [p for p in names if p not in PROVIDERS]
-    if unknown or not names:
-        raise ProviderError(f"unknown provider(s) {unknown or text!r}; available: {', '.join(PROVIDERS)}, or auto")
-    if "cuda" in names:
-        problem = cuda_problem()
-        if problem:
-            raise ProviderError(f"--providers cuda: the CUDA provider cannot run here: {problem}")
-    return names, [], False
