@@ -5,8 +5,8 @@ from pathlib import Path
 
 from .artifact import ArtifactError, load_artifact
 from .parity import compare_backends, validate_artifact
-from .report import markdown, to_json
-from .runtimes import PROVIDERS, ProviderError, parse_providers
+from .report import markdown, matrix_markdown, to_json
+from .runtimes import RUNTIMES, ProviderError, parse_providers
 
 EXIT_PASS, EXIT_PARITY, EXIT_INVALID = 0, 1, 2
 
@@ -14,14 +14,23 @@ EPILOG = """exit codes:
   0  every check passed
   1  a parity check failed (numbers out of tolerance, NaN/Inf, a run that errored)
   2  an artifact or argument is invalid: missing file, sha256 mismatch, onnx.checker
-     error, unknown provider, a provider that cannot run here (cuda without its libraries)
-     or cannot run the artifact (a node it has no kernel for; CUDA never falls back to the
-     CPU); one line on stderr names the file and why
+     error, unknown provider, a provider that cannot run here (cuda without its libraries,
+     openvino not installed: the line gives the install command) or cannot run the artifact
+     (a node it has no kernel for; CUDA never falls back to the CPU); one line on stderr
+     names the file and why. A runtime that cannot load an artifact does not stop the
+     others: the report and the compatibility matrix still show what they found.
 
 Each artifact is compared, on several shapes (batch 1 and 3, sequence 1, 7 and 128, padded
 rows, a row that is all padding) and on its golden data, with the NumPy float64 oracle, with
 the golden PyTorch outputs, and with a live PyTorch run where torch is installed. Artifacts
-of one model and weights from different backends are also compared with each other."""
+of one model and weights from different backends are also compared with each other.
+The report opens with a compatibility matrix per model: artifact (backend, dtype) x runtime
+-> loads, runs, parity (worst error against the oracle and the tolerance it was judged at).
+
+OpenVINO (pip install 'qkv-onnx[openvino]'): `openvino` runs with INFERENCE_PRECISION_HINT=f32
+and is judged like ORT; `openvino-default` runs with the CPU plugin's defaults (bf16 on a CPU
+with bfloat16 instructions), judged at the tolerance of the precision it computes in and
+reported without deciding the exit code (its run errors and NaN/Inf still do)."""
 
 
 def parse_args(argv):
@@ -29,9 +38,11 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifacts", nargs="+", type=Path, metavar="DIR", help="artifact directories written by qkv-export")
     p.add_argument("--providers", default="auto",
-                   help="comma-separated runtimes: " + ", ".join(f"{k} ({v})" for k, v in PROVIDERS.items())
+                   help="comma-separated runtimes: " + ", ".join(f"{k} ({v.label})" for k, v in RUNTIMES.items())
                    + "; or auto: every one that works here, skipping with a note a runtime that lacks an "
                    "artifact's ops or dtype (reference: com.microsoft ops; cpu: bfloat16) (default: %(default)s)")
+    p.add_argument("--matrix", action="store_true",
+                   help="print only the compatibility matrix (--report and --json still get everything)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every check as JSON")
     p.add_argument("--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)")
@@ -79,7 +90,9 @@ def main(argv=None) -> int:
     try:
         if args.report:
             args.report.write_text(text)
-        else:
+        if args.matrix:
+            print("\n".join([f"- {n}" for n in notes] + [""] + matrix_markdown(reports)))
+        elif not args.report:
             print(text)
         if args.json:
             args.json.write_text(to_json(reports, invalid, code, notes))

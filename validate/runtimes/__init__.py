@@ -4,8 +4,17 @@ OpenVINO's CPU plugin (openvino.py). Adding a runtime is one adapter and one ent
 the comparison and report code take whatever is registered."""
 from .base import ProviderError, Runtime
 from .openvino import OpenVino, OpenVinoDefault
-from .ort import OrtCpu, OrtCuda, OrtSession, cost_model_nodes, cpu_placement, cuda_problem, parse_placements, \
-    placement_log, single_node_model
+from .ort import (
+    OrtCpu,
+    OrtCuda,
+    OrtSession,
+    cost_model_nodes,
+    cpu_placement,
+    cuda_problem,
+    parse_placements,
+    placement_log,
+    single_node_model,
+)
 from .reference import Reference
 
 RUNTIMES = {cls.name: cls for cls in (OrtCpu, OrtCuda, Reference, OpenVino, OpenVinoDefault)}

@@ -18,6 +18,13 @@ INSTALL_HINT = "pip install 'qkv-onnx[openvino]'"
 PRECISIONS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
+def _reason(error: Exception) -> str:
+    """OpenVINO's message on one line, without its source-location lines."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.startswith(("Exception from src/", "Check '"))]
+    return " ".join(lines) or first_line(error)
+
+
 class OpenVino(Runtime):
     name, label, short = "openvino", "OpenVINO CPU (INFERENCE_PRECISION_HINT=f32)", "OpenVINO f32"
     install_hint = INSTALL_HINT
@@ -31,7 +38,7 @@ class OpenVino(Runtime):
         try:
             self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", self.config)
         except Exception as e:
-            raise ProviderError(f"{model_path}: OpenVINO CPU cannot load it: {first_line(e)}") from None
+            raise ProviderError(f"{model_path}: OpenVINO CPU cannot load it: {_reason(e)}") from None
         self.hint = hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.compute_dtype = PRECISIONS.get(hint)
         if self.compute_dtype is None:
