@@ -1,6 +1,7 @@
 """Markdown and JSON renderings of validation results, and the compatibility matrix."""
 import json
 
+from .artifact import DTYPES
 from .parity import decides
 from .runtimes import RUNTIMES
 
@@ -60,8 +61,9 @@ def matrix(reports: list) -> list:
 
 def _cell(row: dict, footnotes: list) -> str:
     def note(text):
-        footnotes.append(text)
-        return f" [{len(footnotes)}]"
+        if text not in footnotes:
+            footnotes.append(text)
+        return f" [{footnotes.index(text) + 1}]"
     if row["loads"] is None:
         return "not run" + note(row["reason"])
     if not row["loads"]:
@@ -87,7 +89,8 @@ def matrix_markdown(reports: list) -> list:
                   "(worst max abs error against the oracle ≤ allowed; info = reported, not gating).", "",
                   "| backend | dtype | " + " | ".join(label(rt) for rt in runtimes) + " |",
                   "|---|---|" + "---|" * len(runtimes)]
-        for artifact in dict.fromkeys(row["artifact"] for row in rows if row["model"] == model):
+        artifacts = {row["artifact"]: (row["backend"], DTYPES.index(row["dtype"])) for row in rows if row["model"] == model}
+        for artifact in sorted(artifacts, key=artifacts.get):
             cells = {row["runtime"]: row for row in rows if row["artifact"] == artifact}
             first = next(iter(cells.values()))
             lines.append(f"| {first['backend']} | {first['dtype']} | " + " | ".join(
