@@ -113,8 +113,10 @@ def test_openvino_judges_low_precision_artifacts(exported, tmp_path, capsys, dty
 # --- a runtime that cannot load an artifact: a finding -----------------------------------------------
 
 def test_a_runtime_that_cannot_load_is_a_matrix_finding_and_the_others_still_run(artifact_copy, tmp_path, capsys):
-    """ORT CPU has no bfloat16 Add; the reference runtime has. Exit 2 with ORT's reason in one line, and
-    the report still holds the reference runtime's parity and the matrix cell that says why."""
+    """A re-signed artifact whose graph gains a node ORT CPU has no kernel for (Add on bfloat16; the graph
+    stays valid for onnx.checker and shape inference; the reference runtime has the kernel). Exit 2 with
+    ORT's reason and the node in one line, the reference runtime's parity and the matrix cell that says
+    why still reported, nothing changed on disk."""
     d = artifact_copy("mha")
     model = onnx.load(str(d / "model.onnx"))
     out = model.graph.output[0].name
@@ -126,6 +128,7 @@ def test_a_runtime_that_cannot_load_is_a_matrix_finding_and_the_others_still_run
     code, stdout, err, doc = run_cli(capsys, d, "--providers", "cpu,reference", "--json", tmp_path / "r.json")
     line = single_error_line(err)
     assert code == 2 and doc["exit_code"] == 2 and "bf16_add" in line
+    assert "CPUExecutionProvider cannot run it: Could not find an implementation for Add" in line
     cells = {r["runtime"]: r for r in doc["matrix"]}
     assert cells["cpu"]["loads"] is False and "Could not find an implementation for Add" in cells["cpu"]["reason"]
     assert cells["reference"]["loads"] and cells["reference"]["parity"] == "pass"
