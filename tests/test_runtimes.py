@@ -82,7 +82,7 @@ def test_openvino_default_precision_is_reported_and_explained_not_judged(tiny_ma
         cell = cells[a["backend"], "openvino-default"]
         assert not cell["gating"] and a["passed"]
         [note] = [n for n in a["notes"] if n.startswith("OpenVINO CPU (default precision): ran")]
-        assert f"default INFERENCE_PRECISION_HINT on this CPU is {hint}" in note
+        assert f"default INFERENCE_PRECISION_HINT here is {hint} (this CPU's OPTIMIZATION_CAPABILITIES: " in note
         if hint == "bf16":
             f32 = cells[a["backend"], "openvino"]
             assert cell["judged_dtype"] == "bfloat16" and cell["max_abs"] > 100 * f32["max_abs"]
@@ -91,6 +91,14 @@ def test_openvino_default_precision_is_reported_and_explained_not_judged(tiny_ma
             assert "info" in out and "(bfloat16 tolerance)" in out
         else:
             assert cell["judged_dtype"] == "float32"
+
+
+@needs_openvino
+def test_only_a_non_gating_runtime_says_its_numbers_were_not_judged(exported, tmp_path, capsys):
+    code, out, _, doc = run_cli(capsys, exported("mha"), "--providers", "openvino-default", "--no-torch",
+                                "--json", tmp_path / "r.json")
+    assert code == 0 and "every runtime that ran is non-gating" in out
+    assert {c["runtime"] for c in doc["artifacts"][0]["checks"]} == {"openvino-default", "pytorch-golden"}
 
 
 @needs_openvino

@@ -134,6 +134,9 @@ def open_sessions(artifact: Artifact, providers: list, skip_unsupported: bool, r
         report.notes.append(f"{runtime.label}: ran, session providers {session.providers}"
                             + "".join(f"; {n}" for n in session.notes))
         sessions.append(session)
+    if sessions and not any(s.gating for s in sessions):
+        report.notes.append("every runtime that ran is non-gating: its numbers are reported, not judged; the verdict "
+                            "rests on integrity, PyTorch against the oracle, and run errors or NaN/Inf")
     if not sessions and not report.errors:
         report.errors.append(f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes))
     return sessions

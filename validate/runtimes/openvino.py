@@ -34,7 +34,7 @@ class OpenVino(Runtime):
         super().__init__(model_path)
         import openvino as ov
 
-        core = ov.Core()
+        self.core = core = ov.Core()
         try:
             self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", self.config)
         except Exception as e:
@@ -81,7 +81,8 @@ class OpenVinoDefault(OpenVino):
 
     def __init__(self, model_path: Path):
         super().__init__(model_path)
-        self.notes.append(f"the CPU plugin's default INFERENCE_PRECISION_HINT on this CPU is {self.hint}" + (
-            "" if self.hint == "f32" else f" (the CPU has {self.compute_dtype} instructions): it computes in "
-            f"{self.compute_dtype} whatever the artifact's dtype; a deployment that wants float32 results sets "
-            "INFERENCE_PRECISION_HINT=f32, as runtime `openvino` does"))
+        capabilities = ", ".join(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        self.notes.append(f"the CPU plugin's default INFERENCE_PRECISION_HINT here is {self.hint} (this CPU's "
+                          f"OPTIMIZATION_CAPABILITIES: {capabilities})" + ("" if self.hint == "f32" else (
+                              "; a deployment that wants float32 results sets INFERENCE_PRECISION_HINT=f32, as "
+                              "runtime `openvino` does")))
