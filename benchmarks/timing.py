@@ -1,0 +1,57 @@
+"""Interleaved timing: warm-up, then rounds that run every contender once in rotated order; medians and spread."""
+import sys
+import time
+
+import numpy as np
+
+
+class Progress:
+    """A one-line text bar on stderr (silent when `enabled` is False)."""
+
+    def __init__(self, total: int, enabled: bool = True, width: int = 30):
+        self.total, self.done, self.enabled, self.width = max(total, 1), 0, enabled, width
+        self.start = time.perf_counter()
+
+    def step(self, label: str = "", n: int = 1):
+        self.done = min(self.done + n, self.total)
+        if not self.enabled:
+            return
+        filled = self.width * self.done // self.total
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:5.0f}s {label[:40]:<40}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def interleaved(contenders: dict, warmup: int, rounds: int, progress: Progress | None = None) -> dict:
+    """{name: [seconds, ...]} for `contenders` ({name: zero-argument callable}). Each contender first runs
+    `warmup` times; then in round r the contenders run once each, starting at position r (rotation), so no
+    contender always follows the same neighbour."""
+    names = list(contenders)
+    for name in names:
+        for _ in range(warmup):
+            contenders[name]()
+        if progress:
+            progress.step(f"warm-up {name}", 0)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+        if progress:
+            progress.step(f"round {r + 1}/{rounds}")
+    return times
+
+
+def summarize(samples: list) -> dict:
+    """Median, interquartile range, p10/p90, min (milliseconds) of one contender's samples (seconds)."""
+    a = np.asarray(samples) * 1e3
+    p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
+    return {"median_ms": float(p50), "p25_ms": float(p25), "p75_ms": float(p75), "p10_ms": float(p10),
+            "p90_ms": float(p90), "min_ms": float(a.min()), "n": int(a.size)}
