@@ -106,8 +106,8 @@ def _child(model: str, directory: str) -> dict:
     import io
 
     import export.cli
-    import validate.cli
     import export.pipeline  # noqa: F401  (the stages' modules, imported before the clock starts)
+    import validate.cli
     import validate.parity  # noqa: F401
     imports = time.perf_counter() - t0
     out = f"{directory}/{model}"

@@ -55,3 +55,32 @@ def summarize(samples: list) -> dict:
     p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
     return {"median_ms": float(p50), "p25_ms": float(p25), "p75_ms": float(p75), "p10_ms": float(p10),
             "p90_ms": float(p90), "min_ms": float(a.min()), "n": int(a.size)}
+
+
+class MachineLoad:
+    """CPU time other processes took while the run went on, from /proc/stat: `nice` (niced processes) and
+    `other` (everything not this process or its children), each as a share of all cores' time."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        t = __import__("os").times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return {"busy": user + nice + system + irq + softirq + steal, "nice": nice, "all": sum(fields[:8]),
+                "own": own, "hz": __import__("os").sysconf("SC_CLK_TCK")}
+
+    def shares(self) -> dict:
+        end = self._sample()
+        if not self.start or not end:
+            return {}
+        d = {k: end[k] - self.start[k] for k in ("busy", "nice", "all", "own")}
+        total = d["all"] or 1
+        other = max(d["busy"] - d["own"] * end["hz"], 0)
+        return {"nice": d["nice"] / total, "other": other / total}
