@@ -167,9 +167,10 @@ def main(argv=None) -> int:
     results.update(command=command, machine=machine(), wall_s=time.perf_counter() - started)
     from .report import markdown, plots, write_json
 
+    write_json(results, out / "results.json")  # first: the numbers survive a plotting or formatting problem
     plots(results, out)
-    write_json(results, out / "results.json")
     (out / "results.md").write_text(markdown(results))
+    write_json(results, out / "results.json")  # again, with any note the plots added
     print(f"wrote {out}/results.md, results.json" + ", plots" * bool(list(out.glob("*.png"))))
     return EXIT_FAILED if failed else EXIT_OK
 

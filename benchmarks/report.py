@@ -92,8 +92,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plain(x):
+    """numpy scalars -> Python numbers for JSON."""
+    return x.item() if hasattr(x, "item") else str(x)
+
+
 def write_json(results: dict, path: Path):
-    path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    path.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
 
 
 def plots(results: dict, out: Path) -> list:

@@ -96,19 +96,19 @@ def targets(results: dict, backends: list) -> list:
         c = ours[best]
         if (p["batch"], p["seq"]) == (1, 128):
             out.append({"target": "best artifact at (1,128) >= 2x faster than PyTorch eager",
-                        "measured": f"{best}: {c['speedup_vs_eager']:.2f}x", "met": c["speedup_vs_eager"] >= 2})
+                        "measured": f"{best}: {c['speedup_vs_eager']:.2f}x", "met": bool(c["speedup_vs_eager"] >= 2)})
             if c.get("vs_peer") is not None:
                 out.append({"target": "best artifact at (1,128) no slower than the peer (time ratio <= 1 + noise)",
                             "measured": f"{best}: {c['vs_peer']:.3f} (noise {noise:.1%})",
-                            "met": c["vs_peer"] <= 1 + noise})
+                            "met": bool(c["vs_peer"] <= 1 + noise)})
         if (p["batch"], p["seq"]) == (1, 512):
             out.append({"target": "best artifact at (1,512) >= 90% of the GEMM ceiling",
                         "measured": f"{best}: {c['of_ceiling']:.0%} ({c['gflops']:.0f} GFLOP/s)",
-                        "met": c["of_ceiling"] >= 0.9})
+                        "met": bool(c["of_ceiling"] >= 0.9)})
     pc = results.get("pipeline") or {}
     if "process_s" in pc:
-        out.append({"target": f"export + full validation of {results['model']} < 60 s",
-                    "measured": f"{pc['process_s']:.1f} s", "met": pc["process_s"] < 60})
+        out.append({"target": f"export + full validation of {results['model']} < 60 s (whole process)",
+                    "measured": f"{pc['process_s']:.1f} s", "met": bool(pc["process_s"] < 60)})
     return out
 
 
@@ -186,7 +186,7 @@ def run(args, work: Path, out: Path) -> tuple:
         results["notes"].append(f"- other processes used {results['machine_load']['other']:.0%} of this machine's CPU "
                                 f"time during the run ({results['machine_load']['nice']:.0%} at a nice level): "
                                 "timings are slower and noisier than on an idle machine.")
-    results["targets"] = targets(results, args.backends) if args.model == "bert-base" else []
+    results["targets"] = targets(results, args.backends)
     results["failures"] = failures
     results["notes"] += [f"- failed: {f}" for f in failures]
     return results, bool(failures)
