@@ -32,7 +32,8 @@ EPILOG = f"""what runs, in one process unless said otherwise:
   5. pipeline: qkv-export --model MODEL then qkv-validate on it, per stage, in a fresh process
 
 All ORT sessions: intra-op threads --threads, inter-op 1, thread-pool spinning off (on 2 cores a spinning
-pool steals time from the next contender) unless --spinning; torch.set_num_threads(--threads).
+pool steals time from the next contender) unless --spinning; torch.set_num_threads(--threads), its OpenMP
+defaults untouched (its threads spin after each op: --settle gives them time to stop before the next run).
 
 exit codes:
   0  done: results written
@@ -71,6 +72,9 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, help="timed rounds; each runs every contender once (default: 15)")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op and torch threads (default: %(default)s)")
     p.add_argument("--spinning", action="store_true", help="leave ORT's thread-pool spinning on")
+    p.add_argument("--settle", type=float, default=0.02, metavar="S",
+                   help="untimed pause before each timed run, so the previous contender's threads stop spinning "
+                   "(PyTorch's OpenMP threads spin for milliseconds after each op) (default: %(default)s)")
     p.add_argument("--twin", help="the contender timed twice for the noise estimate (default: ort-contrib, "
                    "or the first backend)")
     p.add_argument("--memory-seqs", help=f"sequence lengths of the memory runs, or none (default: "
@@ -115,8 +119,8 @@ def check(args) -> str | None:
     bad = [b for b in args.backends if b not in BACKENDS]
     if bad or not args.backends:
         return f"unknown backend {bad[0] if bad else ''!r}; known: {', '.join(BACKENDS)}"
-    if args.warmup < 0 or args.rounds < 1 or args.threads < 1:
-        return "--warmup must be >= 0, --rounds and --threads >= 1"
+    if args.warmup < 0 or args.rounds < 1 or args.threads < 1 or args.settle < 0:
+        return "--warmup and --settle must be >= 0, --rounds and --threads >= 1"
     longest = max(s for _, s in args.points)
     if longest > PRESETS[args.model].max_positions:
         return f"sequence {longest} exceeds {args.model}'s {PRESETS[args.model].max_positions} positions"

@@ -70,7 +70,7 @@ def latency_point(args, models: dict, module, batch: int, seq: int, work: Path, 
     diffs = {name: float(np.abs(run()[0] - reference).max()) for name, run in runners.items() if name != EAGER}
     shapes = list(dict.fromkeys([(batch * seq, cfg.hidden_size, cfg.ffn_size), args.gemm[0]]))
     gemms = gemm_contenders(work, shapes, args.threads)
-    times = interleaved(runners | gemms, args.warmup, args.rounds, progress)
+    times = interleaved(runners | gemms, args.warmup, args.rounds, progress, args.settle)
     gemm = gemm_rates({k: summarize(times.pop(k)) for k in gemms}, shapes)
     ceiling = gemm["ceiling_gflops"]
     flops = bert_flops(cfg, batch, seq)
@@ -151,14 +151,16 @@ def run(args, work: Path, out: Path) -> tuple:
     results = {"model": args.model, "dtype": "float32", "started": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
                "versions": package_versions(), "artifacts": {}, "notes": [],
                "settings": {"threads": args.threads, "spinning": args.spinning, "warmup": args.warmup,
-                            "rounds": args.rounds, "twin": args.twin,
+                            "rounds": args.rounds, "twin": args.twin, "settle_s": args.settle,
                             "note": f"ORT CPU, intra-op threads {args.threads}, inter-op 1, sequential, graph "
                                     f"optimizations all, thread-pool spinning {'on' if args.spinning else 'off'}; "
                                     f"torch.set_num_threads({args.threads}), inference_mode; {args.warmup} warm-up "
-                                    f"runs each, {args.rounds} rounds in rotated order; inputs: full rows (no "
+                                    f"runs each, {args.rounds} rounds in rotated order, {args.settle * 1e3:.0f} ms untimed pause before "
+                                    "each run (lets the previous contender's threads stop spinning); inputs: full rows (no "
                                     "padding), random token ids and segments"}}
     models, module, failures = build_contenders(args, work, results, progress)
-    gemm_times = interleaved(gemm_contenders(work, args.gemm, args.threads), args.warmup, args.rounds, progress)
+    gemm_times = interleaved(gemm_contenders(work, args.gemm, args.threads), args.warmup, args.rounds, progress,
+                             args.settle)
     summaries = {k: summarize(v) for k, v in gemm_times.items()}
     results["gemm"] = {**gemm_rates(summaries, args.gemm), "summaries": summaries}
     results["latency"] = []

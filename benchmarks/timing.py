@@ -27,10 +27,13 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def interleaved(contenders: dict, warmup: int, rounds: int, progress: Progress | None = None) -> dict:
+def interleaved(contenders: dict, warmup: int, rounds: int, progress: Progress | None = None,
+                settle: float = 0.0) -> dict:
     """{name: [seconds, ...]} for `contenders` ({name: zero-argument callable}). Each contender first runs
     `warmup` times; then in round r the contenders run once each, starting at position r (rotation), so no
-    contender always follows the same neighbour."""
+    contender always follows the same neighbour. `settle` seconds of sleep (untimed) before each timed run
+    let the previous contender's thread pool stop spinning (PyTorch's OpenMP threads spin for milliseconds
+    after each op: an ORT GEMM right after a torch matmul ran at 121 GFLOP/s instead of 196 here)."""
     names = list(contenders)
     for name in names:
         for _ in range(warmup):
@@ -41,6 +44,8 @@ def interleaved(contenders: dict, warmup: int, rounds: int, progress: Progress |
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
+            if settle:
+                time.sleep(settle)
             t0 = time.perf_counter()
             contenders[name]()
             times[name].append(time.perf_counter() - t0)
