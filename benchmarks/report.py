@@ -119,14 +119,19 @@ def plots(results: dict, out: Path) -> list:
 
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = [n for n in results["latency"][0]["contenders"]] if results["latency"] else []
-    for name in names:
-        for batch in sorted({p["batch"] for p in results["latency"]}):
+    names = [n for n in results["latency"][0]["contenders"] if not n.endswith("(again)")] if results["latency"] else []
+    batches = sorted({p["batch"] for p in results["latency"]})
+    for i, name in enumerate(names):
+        for j, batch in enumerate(batches):
             pts = sorted((p["seq"], p["contenders"][name]["summary"]["median_ms"])
                          for p in results["latency"] if p["batch"] == batch and name in p["contenders"])
-            ax.plot(*zip(*pts), marker="o", label=f"{name} (batch {batch})")
+            ax.plot(*zip(*pts), color=f"C{i}", marker="os^vD"[j % 5], linestyle="-" if j == 0 else "--",
+                    label=f"{name}, batch {batch}")
+    seqs = sorted({p["seq"] for p in results["latency"]})
     ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median latency (ms)",
            title=f"{results['model']} latency, ORT CPU vs PyTorch eager")
+    ax.set_xticks(seqs, [str(s) for s in seqs])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=110)
@@ -145,6 +150,8 @@ def plots(results: dict, out: Path) -> list:
                 label="floor + one fp32 L×L per head")
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak RSS above baseline (MiB)",
                title="one encoder layer (hidden 768, 12 heads), batch 1")
+        ax.set_xticks(seqs, [str(s) for s in seqs])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "memory.png", dpi=110)
