@@ -34,7 +34,8 @@ def test_end_to_end_writes_json_markdown_and_plots(bench_run):
         if name != "torch eager":
             assert c["max_abs_vs_eager"] < 1e-4  # the race is the same function
     assert point["noise"]["of"] == "ort-contrib" and point["noise"]["ratio"] > 0
-    assert results["gemm"]["ceiling_gflops"] > 0
+    assert results["gemm"]["ceiling_gflops"] > 0 and point["gemm"]["ceiling_gflops"] > 0
+    assert set(point["gemm"]["shapes"]) == {"gemm 16x128x512", "gemm 64x128x256"}  # the FFN shape, the fixed one
     assert results["peer"]["fused_ops"]["Attention"] == 2
     (mem,) = results["memory"]["points"]
     assert set(mem["peak_mb"]) == {"onnx-attention", "ort-contrib", "torch eager"}
@@ -47,7 +48,7 @@ def test_end_to_end_writes_json_markdown_and_plots(bench_run):
     assert abs(sum(results["profiles"]["ort-contrib 1x16"].values()) - 1) < 1e-6
     assert [t["met"] for t in results["targets"]] in ([True], [False])  # the pipeline target; others need bert-base points
     md = (out / "results.md").read_text()
-    for heading in ("## GEMM ceiling", "## Latency", "## Peak memory", "## Pipeline cost", "## Targets", "| torch eager |"):
+    for heading in ("## GEMM rate", "GEMM in the same rounds", "## Latency", "## Peak memory", "## Pipeline cost", "## Targets", "| torch eager |"):
         assert heading in md
     for png in ("latency.png", "memory.png"):
         head = (out / png).read_bytes()[:24]
