@@ -22,12 +22,12 @@ EPILOG = f"""what runs, in one process unless said otherwise:
   1. export: every --backends artifact of --model (qkv-export's pipeline), the peer (transformers BertModel
      with the same weights, torch.onnx.export(dynamo=False), then onnxruntime.transformers.optimizer
      optimize_model(model_type="bert")), and PyTorch eager on the same module
-  2. GEMM ceiling: one fp32 MatMul per shape {', '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)} in ORT;
-     the ceiling is the best shape's GFLOP/s
+  2. GEMM rate: one fp32 MatMul per shape {', '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)} in ORT
   3. latency per (batch x sequence) point: every contender is run once and compared with eager (max abs
      difference), warmed up, then --rounds rounds run each contender once in rotated order; median, IQR,
-     p10-p90; achieved GFLOP/s (matmul FLOPs of the forward) as a share of the ceiling. One contender is
-     registered twice (--twin): the ratio of its two medians is the run's noise
+     p10-p90; achieved GFLOP/s (matmul FLOPs of the forward) as a share of the point's GEMM ceiling: the
+     better of two MatMuls timed in the same rounds (the model's FFN shape and {'x'.join(map(str, GEMM_SHAPES[0]))}).
+     One contender is registered twice (--twin): the ratio of its two medians is the run's noise
   4. memory: one encoder layer (hidden 768, 12 heads) per backend and PyTorch, each point in its own process
   5. pipeline: qkv-export --model MODEL then qkv-validate on it, per stage, in a fresh process
 
