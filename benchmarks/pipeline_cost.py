@@ -36,12 +36,23 @@ VALIDATE_STAGES = [
     ("validate.parity", "open_sessions", "open sessions (ORT, ReferenceEvaluator)"),
     ("validate.parity", "load_torch_peer", "build PyTorch peer"),
     ("validate.oracle", "forward", "NumPy float64 oracle"),
-    ("validate.runtimes", "OrtSession.run", "ORT CPU runs"),
-    ("validate.runtimes", "Reference.run", "ReferenceEvaluator runs"),
     ("validate.parity", "compare_outputs", "compare"),
     ("validate.cli", "markdown", "report"),
 ]
 PEER_RUNS = "PyTorch peer runs"
+RUN_LABELS = {"OrtSession": "ORT CPU runs", "Reference": "ReferenceEvaluator runs"}
+
+
+def runtime_stages() -> list:
+    """A stage for each runtime class that defines `run` (validate.runtimes, a module or a package of
+    adapters with a RUNTIMES registry)."""
+    import validate.runtimes as rt
+
+    classes = [c for c in vars(rt).values() if isinstance(c, type)]
+    classes += list(getattr(rt, "RUNTIMES", {}).values())
+    owners = {k for c in classes for k in c.__mro__ if "run" in vars(k) and k.__module__.startswith("validate.")}
+    return [(k.__module__, f"{k.__qualname__}.run", RUN_LABELS.get(k.__name__, f"{getattr(k, 'label', '') or k.__name__} runs"))
+            for k in sorted(owners, key=lambda k: k.__qualname__)]
 
 
 class StageClock:
@@ -113,7 +124,8 @@ def _child(model: str, directory: str) -> dict:
     out = f"{directory}/{model}"
     with contextlib.redirect_stdout(io.StringIO()):
         exported = _timed_main(export.cli.main, ["--model", model, "--out", out], EXPORT_STAGES)
-        validated = _timed_main(validate.cli.main, [out, "--report", f"{directory}/validate.md"], VALIDATE_STAGES)
+        validated = _timed_main(validate.cli.main, [out, "--report", f"{directory}/validate.md"],
+                                VALIDATE_STAGES + runtime_stages())
     return {"imports_s": imports, "export": exported, "validate": validated}
 
 
