@@ -26,14 +26,14 @@ EXPORT_STAGES = [
     ("export.pipeline", "publish", "atomic publish"),
 ]
 VALIDATE_STAGES = [
-    ("validate.cli", "parse_providers", "probe providers (CUDA)"),
+    ("validate.cli", "parse_providers", "probe runtimes (CUDA, ...)"),
     ("validate.artifact", "read_manifest", "read manifest"),
     ("validate.artifact", "verify_files", "sha256 of files"),
     ("validate.artifact", "read_model", "onnx.load + graph checks"),
     ("validate.artifact", "check_model", "onnx.checker (full)"),
     ("validate.artifact", "load_weights", "load weights.npz"),
     ("validate.artifact", "load_golden", "load golden data"),
-    ("validate.parity", "open_sessions", "open sessions (ORT, ReferenceEvaluator)"),
+    ("validate.parity", "open_sessions", "open sessions (every runtime)"),
     ("validate.parity", "load_torch_peer", "build PyTorch peer"),
     ("validate.oracle", "forward", "NumPy float64 oracle"),
     ("validate.parity", "compare_outputs", "compare"),
