@@ -29,14 +29,14 @@ def reset_peak() -> float:
     return _status_mb("VmRSS")
 
 
-def floor_bytes(seq: int, batch: int = 1, hidden: int = 768, ffn: int = 3072) -> dict:
+def floor_bytes(seq: int, batch: int = 1, hidden: int = LAYER["hidden_size"], ffn: int = LAYER["ffn_size"],
+                heads: int = LAYER["num_heads"]) -> dict:
     """What one layer cannot do without: its weights, and the largest set of live (B, L, ·) activations
     without any L×L matrix: attention keeps input, Q, K, V and its output (5·H per token), the
     feed-forward keeps input, its FFN-wide hidden and output (2·H + F). `scores` is one fp32 L×L matrix
     per head, what an attention that materializes its scores adds."""
     weights = (4 * hidden * hidden + 4 * hidden + 2 * hidden * ffn + ffn + hidden + 4 * hidden) * BYTES
     activations = batch * seq * max(5 * hidden, 2 * hidden + ffn) * BYTES
-    heads = 12 * hidden // 768
     return {"weights": weights, "activations": activations, "floor": weights + activations,
             "scores": batch * heads * seq * seq * BYTES}
 

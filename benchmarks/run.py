@@ -120,10 +120,10 @@ def targets(results: dict, backends: list) -> list:
     return out
 
 
-def run_memory(args, work: Path, progress) -> tuple:
+def run_memory(args, work: Path, progress) -> dict:
     paths = memory.export_layer(work, args.backends, args.seed)
     runners = {b: ("ort", paths[b]) for b in args.backends} | {EAGER: ("torch", paths["torch"])}
-    points, failed = [], False
+    points = []
     for seq in args.memory_seqs:
         point = {"seq": seq, "floor": memory.floor_bytes(seq), "peak_mb": {}, "errors": {}}
         for name, (kind, path) in runners.items():
@@ -138,7 +138,7 @@ def run_memory(args, work: Path, progress) -> tuple:
             "process per cell, batch 1, no padding, ORT sessions with default memory options. Floor: the "
             "layer's weights plus its largest set of live (L, ·) activations, no L×L matrix. The exported "
             "graphs also carry the padding mask expanded to (B, 1, L, L) booleans: L² bytes.")
-    return {"runners": list(runners), "points": points, "note": note}, failed
+    return {"runners": list(runners), "points": points, "note": note}
 
 
 def run(args, work: Path, out: Path) -> tuple:
@@ -180,8 +180,12 @@ def run(args, work: Path, out: Path) -> tuple:
                 results["profiles"][f"{name} {batch}x{seq}"] = profile_model(
                     Path(path), feeds, args.threads, out / "profiles" / f"{name.replace(' ', '-')}-{batch}x{seq}")
     if args.memory_seqs:
-        results["memory"], _ = run_memory(args, work, progress)
-        failures += [f"memory {p['seq']} {r}: {e}" for p in results["memory"]["points"] for r, e in p["errors"].items()]
+        try:
+            results["memory"] = run_memory(args, work, progress)
+            failures += [f"memory {p['seq']} {r}: {e}" for p in results["memory"]["points"]
+                         for r, e in p["errors"].items()]
+        except Exception as e:
+            failures.append(f"memory: {_first_line(e)}")
     if not args.no_pipeline:
         progress.step("pipeline: export + validate", 0)
         (work / "pipeline").mkdir(exist_ok=True)
