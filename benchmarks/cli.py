@@ -1,0 +1,183 @@
+"""qkv-bench: time every backend's artifact on ONNX Runtime CPU against PyTorch eager and the peer path
+(Hugging Face BertModel -> TorchScript export -> onnxruntime.transformers optimizer), side by side in one run,
+next to this machine's GEMM ceiling; peak memory of one encoder layer per backend; and the cost of export
+plus validation."""
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+DEFAULT_POINTS = "1x128,8x128,1x512"
+DEFAULT_MEMORY_SEQS = "512,1024,2048,4096,8192"
+GEMM_SHAPES = [(512, 768, 3072), (1024, 1024, 1024), (128, 768, 3072)]
+QUICK = {"points": "1x16,2x32", "warmup": 1, "rounds": 3, "memory_seqs": "64,128", "gemm": [(64, 128, 256)]}
+
+EPILOG = f"""what runs, in one process unless said otherwise:
+  1. export: every --backends artifact of --model (qkv-export's pipeline), the peer (transformers BertModel
+     with the same weights, torch.onnx.export(dynamo=False), then onnxruntime.transformers.optimizer
+     optimize_model(model_type="bert")), and PyTorch eager on the same module
+  2. GEMM rate: one fp32 MatMul per shape {', '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)} in ORT
+  3. latency per (batch x sequence) point: every contender is run once and compared with eager (max abs
+     difference), warmed up, then --rounds rounds run each contender once in rotated order; median, IQR,
+     p10-p90; achieved GFLOP/s (matmul FLOPs of the forward) as a share of the point's GEMM ceiling: the
+     better of two MatMuls timed in the same rounds (the model's FFN shape and {'x'.join(map(str, GEMM_SHAPES[0]))}).
+     One contender is registered twice (--twin): the ratio of its two medians is the run's noise
+  4. memory: one encoder layer (hidden 768, 12 heads) per backend and PyTorch, each point in its own process
+  5. pipeline: qkv-export --model MODEL then qkv-validate on it, per stage, in a fresh process
+
+All ORT sessions: intra-op threads --threads, inter-op 1, thread-pool spinning off (on 2 cores a spinning
+pool steals time from the next contender) unless --spinning; torch.set_num_threads(--threads), its OpenMP
+defaults untouched (its threads spin after each op: --settle gives them time to stop before the next run).
+
+exit codes:
+  0  done: results written
+  1  a contender could not be exported or run (the rest are reported)
+  2  bad argument or missing dependency (one line on stderr)
+
+Writes OUT/results.json, OUT/results.md, OUT/latency.png, OUT/memory.png (plots need matplotlib)."""
+
+
+def parse_points(text: str) -> list:
+    points = []
+    for item in text.split(","):
+        b, sep, s = item.strip().partition("x")
+        if not sep or not b.isdigit() or not s.isdigit() or int(b) < 1 or int(s) < 1:
+            raise ValueError(f"bad point {item.strip()!r}: expected BATCHxSEQ, e.g. 1x128")
+        points.append((int(b), int(s)))
+    return points
+
+
+def parse_seqs(text: str) -> list:
+    if text in ("", "none"):
+        return []
+    if not all(x.strip().isdigit() and int(x) > 0 for x in text.split(",")):
+        raise ValueError(f"bad --memory-seqs {text!r}: expected comma-separated positive integers, or none")
+    return [int(x) for x in text.split(",")]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="qkv-bench", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bert-base", help="a BERT preset (default: %(default)s)")
+    p.add_argument("--points", help=f"BATCHxSEQ points, comma-separated (default: {DEFAULT_POINTS})")
+    p.add_argument("--backends", default="onnx-attention,ort-contrib,decomposed",
+                   help="artifact backends to time (default: %(default)s)")
+    p.add_argument("--warmup", type=int, help="runs of each contender before timing (default: 3)")
+    p.add_argument("--rounds", type=int, help="timed rounds; each runs every contender once (default: 15)")
+    p.add_argument("--threads", type=int, default=2, help="ORT intra-op and torch threads (default: %(default)s)")
+    p.add_argument("--spinning", action="store_true", help="leave ORT's thread-pool spinning on")
+    p.add_argument("--settle", type=float, default=0.02, metavar="S",
+                   help="untimed pause before each timed run, so the previous contender's threads stop spinning "
+                   "(PyTorch's OpenMP threads spin for milliseconds after each op) (default: %(default)s)")
+    p.add_argument("--twin", help="the contender timed twice for the noise estimate (default: ort-contrib, "
+                   "or the first backend)")
+    p.add_argument("--memory-seqs", help=f"sequence lengths of the memory runs, or none (default: "
+                   f"{DEFAULT_MEMORY_SEQS})")
+    p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the export + validation cost")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each ORT contender under ORT's profiler at each point (op-type shares)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny settings for a smoke run: points {QUICK['points']}, warm-up {QUICK['warmup']}, "
+                   f"{QUICK['rounds']} rounds, memory {QUICK['memory_seqs']}, GEMM 64x128x256")
+    p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="results directory (default: results/bench-<UTC timestamp>)")
+    p.add_argument("--keep-artifacts", action="store_true", help="keep the exported models under OUT/artifacts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"qkv-bench: error: {message}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def check(args) -> str | None:
+    """The first problem with the arguments or the installed packages, or None; fills in defaults."""
+    from export.backends import BACKENDS
+    from model_defs.config import PRESETS
+
+    q = QUICK if args.quick else {}
+    try:
+        args.points = parse_points(args.points or q.get("points", DEFAULT_POINTS))
+        args.memory_seqs = parse_seqs(args.memory_seqs if args.memory_seqs is not None
+                                      else q.get("memory_seqs", DEFAULT_MEMORY_SEQS))
+    except ValueError as e:
+        return str(e)
+    args.warmup = args.warmup if args.warmup is not None else q.get("warmup", 3)
+    args.rounds = args.rounds if args.rounds is not None else q.get("rounds", 15)
+    args.gemm = q.get("gemm", GEMM_SHAPES)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.model not in PRESETS:
+        return f"unknown model {args.model!r}; known: {', '.join(PRESETS)}"
+    bad = [b for b in args.backends if b not in BACKENDS]
+    if bad or not args.backends:
+        return f"unknown backend {bad[0] if bad else ''!r}; known: {', '.join(BACKENDS)}"
+    if args.warmup < 0 or args.rounds < 1 or args.threads < 1 or args.settle < 0:
+        return "--warmup and --settle must be >= 0, --rounds and --threads >= 1"
+    longest = max(s for _, s in args.points)
+    if longest > PRESETS[args.model].max_positions:
+        return f"sequence {longest} exceeds {args.model}'s {PRESETS[args.model].max_positions} positions"
+    args.twin = args.twin or ("ort-contrib" if "ort-contrib" in args.backends else args.backends[0])
+    if args.twin not in args.backends:
+        return f"--twin {args.twin!r} is not one of --backends"
+    needed = ["torch", "onnxruntime", "onnxscript"] + ([] if args.no_peer else ["transformers"])
+    for module in needed:
+        try:
+            __import__(module)
+        except ImportError:
+            extra = "--no-peer, or " if module == "transformers" else ""
+            return f"{module} is not installed ({extra}pip install '.[bench]')"
+    return None
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration):
+        mem = 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem / 2**20, "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problem = check(args)
+    if problem:
+        return fail(problem)
+    out = args.out or Path("results") / f"bench-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"cannot create {out}: {e}")
+    from .run import run
+
+    command = "qkv-bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qkv-bench-") as work:
+        work = out / "artifacts" if args.keep_artifacts else Path(work)
+        work.mkdir(exist_ok=True)
+        results, failed = run(args, work, out)
+    results.update(command=command, machine=machine(), wall_s=time.perf_counter() - started)
+    from .report import markdown, plots, write_json
+
+    write_json(results, out / "results.json")  # first: the numbers survive a plotting or formatting problem
+    plots(results, out)
+    (out / "results.md").write_text(markdown(results))
+    write_json(results, out / "results.json")  # again, with any note the plots added
+    print(f"wrote {out}/results.md, results.json" + ", plots" * bool(list(out.glob("*.png"))))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

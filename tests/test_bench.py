@@ -1,0 +1,129 @@
+"""qkv-bench: the harness runs end to end on a tiny model and writes well-formed results. No timing is asserted."""
+import json
+import struct
+
+import pytest
+
+from benchmarks import cli
+from benchmarks.flops import bert_flops
+from benchmarks.pipeline_cost import StageClock
+from benchmarks.timing import interleaved, summarize
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One quick run: bert-tiny, two backends, the peer, one point, one memory length, profiles, pipeline."""
+    out = tmp_path_factory.mktemp("bench")
+    code = cli.main(["--model", "bert-tiny", "--quick", "--points", "1x16", "--backends", "onnx-attention,ort-contrib",
+                     "--memory-seqs", "64", "--profile", "--no-progress", "--out", str(out)])
+    return code, out
+
+
+def test_end_to_end_writes_json_markdown_and_plots(bench_run):
+    code, out = bench_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["failures"] == []
+    (point,) = results["latency"]
+    assert (point["batch"], point["seq"]) == (1, 16)
+    names = {"onnx-attention", "ort-contrib", "ort-contrib (again)", "peer ort-transformers", "torch eager"}
+    assert set(point["contenders"]) == names
+    for name, c in point["contenders"].items():
+        assert c["summary"]["n"] == 3 and len(c["samples_ms"]) == 3
+        assert c["summary"]["p10_ms"] <= c["summary"]["median_ms"] <= c["summary"]["p90_ms"]
+        if name != "torch eager":
+            assert c["max_abs_vs_eager"] < 1e-4  # the race is the same function
+    assert point["noise"]["of"] == "ort-contrib" and point["noise"]["ratio"] > 0
+    assert results["gemm"]["ceiling_gflops"] > 0 and point["gemm"]["ceiling_gflops"] > 0
+    assert set(point["gemm"]["shapes"]) == {"gemm 16x128x512", "gemm 64x128x256"}  # the FFN shape, the fixed one
+    assert results["peer"]["fused_ops"]["Attention"] == 2
+    (mem,) = results["memory"]["points"]
+    assert set(mem["peak_mb"]) == {"onnx-attention", "ort-contrib", "torch eager"}
+    assert all(v > 0 for v in mem["peak_mb"].values())
+    assert mem["floor"]["floor"] == mem["floor"]["weights"] + mem["floor"]["activations"]
+    pipe = results["pipeline"]
+    assert pipe["export"]["exit_code"] == 0 and pipe["validate"]["exit_code"] == 0
+    assert pipe["export"]["not_wrapped"] == [] and "torch.onnx.export (dynamo)" in pipe["export"]["stages_s"]
+    assert set(results["profiles"]) == {f"{n} 1x16" for n in ("onnx-attention", "ort-contrib", "peer ort-transformers")}
+    assert abs(sum(results["profiles"]["ort-contrib 1x16"].values()) - 1) < 1e-6
+    assert [t["met"] for t in results["targets"]] in ([True], [False])  # the pipeline target; others need bert-base points
+    md = (out / "results.md").read_text()
+    for heading in ("## GEMM rate", "GEMM in the same rounds", "## Latency", "## Peak memory", "## Pipeline cost", "## Targets", "| torch eager |"):
+        assert heading in md
+    for png in ("latency.png", "memory.png"):
+        head = (out / png).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", head[16:24])[0] > 100  # width
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """The closed form against torch's FlopCounterMode over the same forward (SDPA as its math kernel, so
+    QKᵀ and P·V appear as bmm)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model_defs.config import EncoderConfig
+    from model_defs.encoder import BertModel
+    from model_defs.registry import init_random_weights
+
+    cfg = EncoderConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_size=96, vocab_size=50)
+    module = init_random_weights(BertModel(cfg), 0).eval()
+    ids = torch.randint(0, 50, (3, 11))
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        module(ids, torch.zeros_like(ids), torch.ones_like(ids))
+    assert bert_flops(cfg, 3, 11)["total"] == counter.get_total_flops()
+
+
+def test_flop_count_bert_base_by_hand():
+    from model_defs.config import PRESETS
+
+    f = bert_flops(PRESETS["bert-base"], 1, 128)
+    assert f["attention"] == 12 * 4 * 128 * 128 * 768
+    assert f["projections"] + f["ffn"] == 12 * 2 * 128 * (4 * 768 * 768 + 2 * 768 * 3072)
+    assert f["total"] == f["projections"] + f["ffn"] + f["attention"] + 2 * 768 * 768
+
+
+def test_rounds_rotate_and_summary():
+    order = []
+    contenders = {n: (lambda n=n: order.append(n)) for n in "abc"}
+    times = interleaved(contenders, warmup=1, rounds=3)
+    assert order[:3] == list("abc") and order[3:] == list("abcbcacab")
+    assert all(len(v) == 3 for v in times.values())
+    s = summarize([0.001, 0.002, 0.003, 0.004])
+    assert s["median_ms"] == pytest.approx(2.5) and s["min_ms"] == pytest.approx(1.0)
+
+
+def test_stage_clock_times_are_exclusive():
+    import time
+
+    clock = StageClock()
+    inner = clock.wrap(lambda: time.sleep(0.02), "inner")
+    outer = clock.wrap(lambda: (inner(), time.sleep(0.01)), "outer")
+    outer()
+    assert clock.totals["inner"] >= 0.02 and 0.01 <= clock.totals["outer"] < 0.02
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--points", "1y128"], "bad point '1y128'"),
+    (["--points", "0x128"], "bad point '0x128'"),
+    (["--model", "gpt-9"], "unknown model 'gpt-9'"),
+    (["--backends", "onnx-attention,fast"], "unknown backend 'fast'"),
+    (["--points", "1x1024"], "exceeds bert-base's 512 positions"),
+    (["--memory-seqs", "512,x"], "bad --memory-seqs"),
+    (["--twin", "decomposed", "--backends", "onnx-attention"], "--twin 'decomposed' is not one of --backends"),
+    (["--rounds", "0"], "--rounds"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    assert cli.main(argv + ["--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-bench: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_dependency_exits_2(monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert cli.main(["--quick", "--out", str(tmp_path / "r")]) == 2
+    assert "transformers is not installed (--no-peer, or pip install '.[bench]')" in capsys.readouterr().err
