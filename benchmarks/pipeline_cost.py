@@ -40,7 +40,8 @@ VALIDATE_STAGES = [
     ("validate.cli", "markdown", "report"),
 ]
 PEER_RUNS = "PyTorch peer runs"
-RUN_LABELS = {"OrtSession": "ORT CPU runs", "Reference": "ReferenceEvaluator runs"}
+RUN_LABELS = {"OrtSession": "ORT CPU runs", "Reference": "ReferenceEvaluator runs",
+              "OpenVino": "OpenVINO runs (f32 hint and default precision)"}
 
 
 def runtime_stages() -> list:
