@@ -1,4 +1,5 @@
 """Interleaved timing: warm-up, then rounds that run every contender once in rotated order; medians and spread."""
+import os
 import sys
 import time
 
@@ -76,10 +77,10 @@ class MachineLoad:
         except (OSError, ValueError):
             return None
         user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        t = __import__("os").times()
+        t = os.times()
         own = t.user + t.system + t.children_user + t.children_system
         return {"busy": user + nice + system + irq + softirq + steal, "nice": nice, "all": sum(fields[:8]),
-                "own": own, "hz": __import__("os").sysconf("SC_CLK_TCK")}
+                "own": own, "hz": os.sysconf("SC_CLK_TCK")}
 
     def shares(self) -> dict:
         end = self._sample()
