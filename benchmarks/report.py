@@ -130,13 +130,7 @@ def plots(results: dict, out: Path) -> list:
     seqs = sorted({p["seq"] for p in results["latency"]})
     ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median latency (ms)",
            title=f"{results['model']} latency, ORT CPU vs PyTorch eager")
-    ax.set_xticks(seqs, [str(s) for s in seqs])
-    ax.minorticks_off()
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=110)
-    plt.close(fig)
-    written.append("latency.png")
+    written.append(_save(plt, fig, ax, seqs, out / "latency.png"))
     if results.get("memory"):
         mem = results["memory"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -150,11 +144,16 @@ def plots(results: dict, out: Path) -> list:
                 label="floor + one fp32 L×L per head")
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak RSS above baseline (MiB)",
                title="one encoder layer (hidden 768, 12 heads), batch 1")
-        ax.set_xticks(seqs, [str(s) for s in seqs])
-        ax.minorticks_off()
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=110)
-        plt.close(fig)
-        written.append("memory.png")
+        written.append(_save(plt, fig, ax, seqs, out / "memory.png"))
     return written
+
+
+def _save(plt, fig, ax, seqs: list, path) -> str:
+    """Sequence-length ticks, legend, write the PNG; its file name."""
+    ax.set_xticks(seqs, [str(x) for x in seqs])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
