@@ -18,9 +18,8 @@ from .ort import (
 from .reference import Reference
 
 RUNTIMES = {cls.name: cls for cls in (OrtCpu, OrtCuda, Reference, OpenVino, OpenVinoDefault)}
-PROVIDERS = {name: cls.label for name, cls in RUNTIMES.items()}
 
-__all__ = ["PROVIDERS", "RUNTIMES", "OrtSession", "ProviderError", "Reference", "Runtime", "capability_gap",
+__all__ = ["RUNTIMES", "OrtSession", "ProviderError", "Reference", "Runtime", "capability_gap",
            "cost_model_nodes", "cpu_placement", "cuda_problem", "open_runtime", "parse_placements",
            "parse_providers", "placement_log", "single_node_model"]
 

@@ -19,7 +19,6 @@ class Runtime:
     label = ""  # in notes and errors
     short = ""  # in table columns
     gating = True
-    install_hint = None  # how to get it, for a runtime that is an optional install
 
     def __init__(self, model_path: Path):
         self.providers = [self.label]  # what the session really runs on, for the report

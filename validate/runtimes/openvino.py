@@ -27,7 +27,6 @@ def _reason(error: Exception) -> str:
 
 class OpenVino(Runtime):
     name, label, short = "openvino", "OpenVINO CPU (INFERENCE_PRECISION_HINT=f32)", "OpenVINO f32"
-    install_hint = INSTALL_HINT
     config = {"INFERENCE_PRECISION_HINT": "f32"}
 
     def __init__(self, model_path: Path):
