@@ -29,13 +29,15 @@ def reset_peak() -> float:
     return _status_mb("VmRSS")
 
 
-def floor_bytes(seq: int, batch: int = 1, hidden: int = LAYER["hidden_size"], ffn: int = LAYER["ffn_size"],
-                heads: int = LAYER["num_heads"]) -> dict:
+def floor_bytes(seq: int, batch: int = 1) -> dict:
     """What one layer cannot do without: its weights, and the largest set of live (B, L, ·) activations
     without any L×L matrix: attention keeps input, Q, K, V and its output (5·H per token), the
     feed-forward keeps input, its FFN-wide hidden and output (2·H + F). `scores` is one fp32 L×L matrix
     per head, what an attention that materializes its scores adds."""
-    weights = (4 * hidden * hidden + 4 * hidden + 2 * hidden * ffn + ffn + hidden + 4 * hidden) * BYTES
+    from model_defs.config import EncoderConfig, block_param_count
+
+    hidden, ffn, heads = LAYER["hidden_size"], LAYER["ffn_size"], LAYER["num_heads"]
+    weights = block_param_count(EncoderConfig(**LAYER)) * BYTES
     activations = batch * seq * max(5 * hidden, 2 * hidden + ffn) * BYTES
     return {"weights": weights, "activations": activations, "floor": weights + activations,
             "scores": batch * heads * seq * seq * BYTES}
@@ -43,6 +45,7 @@ def floor_bytes(seq: int, batch: int = 1, hidden: int = LAYER["hidden_size"], ff
 
 def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
     """{backend: model.onnx path} for the layer, and 'torch': its state_dict, all with the same weights."""
+    import onnx
     import torch
 
     from export.backends import export_onnx
@@ -58,8 +61,6 @@ def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
         path = directory / f"layer-{backend}.onnx"
         export_onnx(module, (x, mask), ["hidden_states", "attention_mask"], ["output"],
                     ({0: batch, 1: seq}, {0: batch, 1: seq}), path, backend)
-        import onnx
-
         check_fusion(onnx.load(str(path)), backend, 1)
         paths[backend] = path
     paths["torch"] = directory / "layer.pt"
@@ -87,7 +88,9 @@ def _child(runner: str, model: str, seq: int, threads: int) -> dict:
     if runner == "torch":
         import torch
     else:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (imported before the baseline, as torch is)
+
+        from .contenders import ort_session
     base = reset_peak()
     x = np.random.default_rng(0).standard_normal((1, seq, 768)).astype(np.float32)
     mask = np.ones((1, seq), dtype=np.int64)
@@ -101,10 +104,7 @@ def _child(runner: str, model: str, seq: int, threads: int) -> dict:
         with torch.inference_mode():
             module(torch.from_numpy(x), torch.from_numpy(mask))
     else:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        session = ort_session(Path(model), threads)
         session.run(None, {"hidden_states": x, "attention_mask": mask})
     return {"baseline_mb": base, "peak_mb": _status_mb("VmHWM") - base}
 

@@ -45,13 +45,10 @@ RUN_LABELS = {"OrtSession": "ORT CPU runs", "Reference": "ReferenceEvaluator run
 
 
 def runtime_stages() -> list:
-    """A stage for each runtime class that defines `run` (validate.runtimes, a module or a package of
-    adapters with a RUNTIMES registry)."""
-    import validate.runtimes as rt
+    """A stage for each class that implements `run` for a registered runtime adapter."""
+    from validate.runtimes import RUNTIMES, Runtime
 
-    classes = [c for c in vars(rt).values() if isinstance(c, type)]
-    classes += list(getattr(rt, "RUNTIMES", {}).values())
-    owners = {k for c in classes for k in c.__mro__ if "run" in vars(k) and k.__module__.startswith("validate.")}
+    owners = {k for c in RUNTIMES.values() for k in c.__mro__ if "run" in vars(k) and k is not Runtime}
     return [(k.__module__, f"{k.__qualname__}.run", RUN_LABELS.get(k.__name__, f"{getattr(k, 'label', '') or k.__name__} runs"))
             for k in sorted(owners, key=lambda k: k.__qualname__)]
 

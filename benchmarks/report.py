@@ -23,9 +23,10 @@ def latency_table(point: dict) -> list:
     g = point["gemm"]
     lines += ["", "GEMM in the same rounds: " + ", ".join(f"{k.split()[1]} {v:.0f} GFLOP/s" for k, v in g["shapes"].items())
               + f"; ceiling for this point {g['ceiling_gflops']:.0f} GFLOP/s."]
-    n = point["noise"]
+    n = point.get("noise")
     lines += ["", f"Noise: `{n['twin']}` is `{n['of']}` timed again as its own contender; median ratio "
-              f"{n['ratio']:.3f} ({abs(n['ratio'] - 1):.1%} apart).", ""]
+              f"{n['ratio']:.3f} ({abs(n['ratio'] - 1):.1%} apart)." if n else "Noise: not measured (the twin "
+              "contender did not run).", ""]
     return lines
 
 

@@ -13,7 +13,9 @@ from .timing import MachineLoad, Progress, interleaved, summarize
 
 
 def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    from validate.artifact import first_line
+
+    return f"{type(e).__name__}: {first_line(e)[:300]}"
 
 
 def build_contenders(args, work: Path, results: dict, progress: Progress) -> tuple:
@@ -53,8 +55,7 @@ def build_contenders(args, work: Path, results: dict, progress: Progress) -> tup
         export_s[PEER] = time.perf_counter() - t0
         progress.step("exported peer")
     if args.twin in models:
-        models[f"{args.twin} (again)"] = ort_session(work / f"{args.model}-{args.twin}-float32" / "model.onnx",
-                                                     args.threads, args.spinning)
+        models[f"{args.twin} (again)"] = ort_session(results["artifacts"][args.twin], args.threads, args.spinning)
     results["export_s"] = export_s
     return models, module, failures
 

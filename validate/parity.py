@@ -182,7 +182,7 @@ def validate_artifact(artifact: Artifact, providers: list, seed: int = 0, use_to
             report.checks += _compare("pytorch", case, out_names, live, {"oracle": (expected, tol)})
         report.runs[case.name] = (case, {})
         for session in sessions:
-            t = tolerance(_judged_dtype(m["dtype"], session), k, stages)
+            t = tolerance(report.runtimes[session.name]["judged_dtype"], k, stages)
             refs = {"oracle": (expected, t)}
             refs.update({} if case.golden is None else {"golden": (case.golden, 2 * t)})
             refs.update({} if live is None else {"pytorch": (live, 2 * t)})
