@@ -2,6 +2,7 @@
 (Hugging Face BertModel -> TorchScript export -> onnxruntime.transformers optimizer), side by side in one run,
 next to this machine's GEMM ceiling; peak memory of one encoder layer per backend; and the cost of export
 plus validation."""
+
 import argparse
 import os
 import platform
@@ -22,11 +23,12 @@ EPILOG = f"""what runs, in one process unless said otherwise:
   1. export: every --backends artifact of --model (qkv-export's pipeline), the peer (transformers BertModel
      with the same weights, torch.onnx.export(dynamo=False), then onnxruntime.transformers.optimizer
      optimize_model(model_type="bert")), and PyTorch eager on the same module
-  2. GEMM rate: one fp32 MatMul per shape {', '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)} in ORT
+  2. GEMM rate: one fp32 MatMul per shape {", ".join("x".join(map(str, s)) for s in GEMM_SHAPES)} in ORT
   3. latency per (batch x sequence) point: every contender is run once and compared with eager (max abs
      difference), warmed up, then --rounds rounds run each contender once in rotated order; median, IQR,
      p10-p90; achieved GFLOP/s (matmul FLOPs of the forward) as a share of the point's GEMM ceiling: the
-     better of two MatMuls timed in the same rounds (the model's FFN shape and {'x'.join(map(str, GEMM_SHAPES[0]))}).
+     better of two MatMuls timed in the same rounds (the model's FFN shape and
+     {"x".join(map(str, GEMM_SHAPES[0]))}).
      One contender is registered twice (--twin): the ratio of its two medians is the run's noise
   4. memory: one encoder layer (hidden 768, 12 heads) per backend and PyTorch, each point in its own process
   5. pipeline: qkv-export --model MODEL then qkv-validate on it, per stage, in a fresh process
@@ -62,33 +64,58 @@ def parse_seqs(text: str) -> list:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="qkv-bench", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qkv-bench",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="bert-base", help="a BERT preset (default: %(default)s)")
     p.add_argument("--points", help=f"BATCHxSEQ points, comma-separated (default: {DEFAULT_POINTS})")
-    p.add_argument("--backends", default="onnx-attention,ort-contrib,decomposed",
-                   help="artifact backends to time (default: %(default)s)")
+    p.add_argument(
+        "--backends",
+        default="onnx-attention,ort-contrib,decomposed",
+        help="artifact backends to time (default: %(default)s)",
+    )
     p.add_argument("--warmup", type=int, help="runs of each contender before timing (default: 3)")
     p.add_argument("--rounds", type=int, help="timed rounds; each runs every contender once (default: 15)")
-    p.add_argument("--threads", type=int, default=2, help="ORT intra-op and torch threads (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="ORT intra-op and torch threads (default: %(default)s)"
+    )
     p.add_argument("--spinning", action="store_true", help="leave ORT's thread-pool spinning on")
-    p.add_argument("--settle", type=float, default=0.02, metavar="S",
-                   help="untimed pause before each timed run, so the previous contender's threads stop spinning "
-                   "(PyTorch's OpenMP threads spin for milliseconds after each op) (default: %(default)s)")
-    p.add_argument("--twin", help="the contender timed twice for the noise estimate (default: ort-contrib, "
-                   "or the first backend)")
-    p.add_argument("--memory-seqs", help=f"sequence lengths of the memory runs, or none (default: "
-                   f"{DEFAULT_MEMORY_SEQS})")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.02,
+        metavar="S",
+        help="untimed pause before each timed run, so the previous contender's threads stop spinning "
+        "(PyTorch's OpenMP threads spin for milliseconds after each op) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--twin",
+        help="the contender timed twice for the noise estimate (default: ort-contrib, or the first backend)",
+    )
+    p.add_argument(
+        "--memory-seqs", help=f"sequence lengths of the memory runs, or none (default: {DEFAULT_MEMORY_SEQS})"
+    )
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     p.add_argument("--no-pipeline", action="store_true", help="skip the export + validation cost")
-    p.add_argument("--profile", action="store_true",
-                   help="also run each ORT contender under ORT's profiler at each point (op-type shares)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny settings for a smoke run: points {QUICK['points']}, warm-up {QUICK['warmup']}, "
-                   f"{QUICK['rounds']} rounds, memory {QUICK['memory_seqs']}, GEMM 64x128x256")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run each ORT contender under ORT's profiler at each point (op-type shares)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny settings for a smoke run: points {QUICK['points']}, warm-up {QUICK['warmup']}, "
+        f"{QUICK['rounds']} rounds, memory {QUICK['memory_seqs']}, GEMM 64x128x256",
+    )
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default: %(default)s)")
     p.add_argument("--out", type=Path, help="results directory (default: results/bench-<UTC timestamp>)")
-    p.add_argument("--keep-artifacts", action="store_true", help="keep the exported models under OUT/artifacts")
+    p.add_argument(
+        "--keep-artifacts", action="store_true", help="keep the exported models under OUT/artifacts"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 
@@ -100,14 +127,15 @@ def fail(message: str) -> int:
 
 def check(args) -> str | None:
     """The first problem with the arguments or the installed packages, or None; fills in defaults."""
-    from export.backends import BACKENDS
-    from model_defs.config import PRESETS
+    from ..artifact_format import BACKENDS
+    from ..model_defs.config import PRESETS
 
     q = QUICK if args.quick else {}
     try:
         args.points = parse_points(args.points or q.get("points", DEFAULT_POINTS))
-        args.memory_seqs = parse_seqs(args.memory_seqs if args.memory_seqs is not None
-                                      else q.get("memory_seqs", DEFAULT_MEMORY_SEQS))
+        args.memory_seqs = parse_seqs(
+            args.memory_seqs if args.memory_seqs is not None else q.get("memory_seqs", DEFAULT_MEMORY_SEQS)
+        )
     except ValueError as e:
         return str(e)
     args.warmup = args.warmup if args.warmup is not None else q.get("warmup", 3)
@@ -144,7 +172,11 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        mem = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = int(
+            next(
+                x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+            ).split()[1]
+        )
     except (OSError, StopIteration):
         mem = 0
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem / 2**20, "platform": platform.platform()}

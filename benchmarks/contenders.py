@@ -1,5 +1,7 @@
-"""The contenders: ORT CPU sessions of each backend's artifact, PyTorch eager on the same weights, and the peer
+"""The contenders: ORT CPU sessions of each backend's artifact, PyTorch eager on the same weights, and the
+peer
 path a user has today (Hugging Face BertModel -> TorchScript export -> onnxruntime.transformers optimizer)."""
+
 import logging
 import warnings
 from pathlib import Path
@@ -33,16 +35,21 @@ def session_options(threads: int, spinning: bool = False, profile_prefix: str | 
 def ort_session(path: Path, threads: int, spinning: bool = False, profile_prefix: str | None = None):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads, spinning, profile_prefix),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options(threads, spinning, profile_prefix), providers=["CPUExecutionProvider"]
+    )
 
 
-def bert_inputs(cfg, batch: int, seq: int, seed: int = 0) -> dict:
-    """Full rows (no padding): random token ids and segments, attention_mask all ones; int64 (batch, seq)."""
-    rng = np.random.default_rng([seed, batch, seq])
-    return {"input_ids": rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int64),
-            "token_type_ids": rng.integers(0, cfg.type_vocab_size, (batch, seq), dtype=np.int64),
-            "attention_mask": np.ones((batch, seq), dtype=np.int64)}
+def bert_inputs(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full rows (no padding) from the shared input generator: {input_ids, token_type_ids, attention_mask}."""
+    from ..inputs import full_rows, make_inputs
+    from ..model_defs.registry import bert_spec
+
+    records = bert_spec("bench", cfg).input_records("float32")
+    arrays = make_inputs(
+        records, cfg.to_dict(), batch, seq, full_rows(batch, seq), np.random.default_rng([seed, batch, seq])
+    )
+    return {r["name"]: a for r, a in zip(records, arrays, strict=True)}
 
 
 def ort_runner(session, feeds: dict):
@@ -59,16 +66,25 @@ def torch_runner(module, feeds: dict):
     def run():
         with torch.inference_mode():
             return [t.numpy() for t in module(*args)]
+
     return run
 
 
 def hf_config(cfg):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_size,
-                      max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab_size,
-                      layer_norm_eps=cfg.layer_norm_eps, hidden_act="gelu", attn_implementation="eager")
+    return BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        max_position_embeddings=cfg.max_positions,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act="gelu",
+        attn_implementation="eager",
+    )
 
 
 def hf_bert(module):
@@ -76,7 +92,7 @@ def hf_bert(module):
     import torch
     from transformers import BertModel
 
-    from model_defs.checkpoint import ours_to_hf
+    from ..model_defs.checkpoint import ours_to_hf
 
     cfg = module.config
     hf = BertModel(hf_config(cfg), add_pooling_layer=cfg.with_pooler).eval()
@@ -88,9 +104,14 @@ def hf_bert(module):
             self.m = m
 
         def forward(self, input_ids, token_type_ids, attention_mask):
-            out = self.m(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                         return_dict=False)
-            return tuple(out[:len(OUTPUT_NAMES) if cfg.with_pooler else 1])
+            out = self.m(
+                input_ids=input_ids,
+                token_type_ids=token_type_ids,
+                attention_mask=attention_mask,
+                return_dict=False,
+            )
+            return tuple(out[: len(OUTPUT_NAMES) if cfg.with_pooler else 1])
+
     return Outputs(hf)
 
 
@@ -108,11 +129,19 @@ def export_peer(module, path: Path, opset: int = 17) -> dict:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(hf, (ids, ids, torch.ones_like(ids)), str(raw), dynamo=False, opset_version=opset,
-                          input_names=list(INPUT_NAMES), output_names=list(outputs),
-                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in INPUT_NAMES})
-        optimized = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_heads,
-                                   hidden_size=cfg.hidden_size, opt_level=0)
+        torch.onnx.export(
+            hf,
+            (ids, ids, torch.ones_like(ids)),
+            str(raw),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(INPUT_NAMES),
+            output_names=list(outputs),
+            dynamic_axes={n: {0: "batch", 1: "seq"} for n in INPUT_NAMES},
+        )
+        optimized = optimize_model(
+            str(raw), model_type="bert", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, opt_level=0
+        )
     optimized.save_model_to_file(str(path))
     raw.unlink()
     return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}

@@ -1,12 +1,14 @@
 """Peak resident memory of one encoder layer (hidden 768, 12 heads, FFN 3072: a BERT-base layer) per backend
 and sequence length, each point in its own process, next to the closed-form floor.
 
-Child process: `python -m benchmarks.memory RUNNER MODEL SEQ THREADS` prints one JSON line. RUNNER is `ort`
+Child process: `python -m qkv_onnx.benchmarks.memory RUNNER MODEL SEQ THREADS` prints one JSON line.
+RUNNER is `ort`
 (MODEL is an .onnx file) or `torch` (MODEL is a saved state_dict). Peak = the process's high-water RSS at exit
 minus its RSS after imports, read from /proc/self/status (VmHWM, VmRSS) after resetting the high-water mark
 (`/proc/self/clear_refs` 5). Not getrusage's ru_maxrss: Linux carries it across fork+exec, so a child reports
 its parent's peak when that is higher.
 """
+
 import json
 import subprocess
 import sys
@@ -34,13 +36,17 @@ def floor_bytes(seq: int, batch: int = 1) -> dict:
     without any L×L matrix: attention keeps input, Q, K, V and its output (5·H per token), the
     feed-forward keeps input, its FFN-wide hidden and output (2·H + F). `scores` is one fp32 L×L matrix
     per head, what an attention that materializes its scores adds."""
-    from model_defs.config import EncoderConfig, block_param_count
+    from ..model_defs.config import EncoderConfig, block_param_count
 
     hidden, ffn, heads = LAYER["hidden_size"], LAYER["ffn_size"], LAYER["num_heads"]
     weights = block_param_count(EncoderConfig(**LAYER)) * BYTES
     activations = batch * seq * max(5 * hidden, 2 * hidden + ffn) * BYTES
-    return {"weights": weights, "activations": activations, "floor": weights + activations,
-            "scores": batch * heads * seq * seq * BYTES}
+    return {
+        "weights": weights,
+        "activations": activations,
+        "floor": weights + activations,
+        "scores": batch * heads * seq * seq * BYTES,
+    }
 
 
 def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
@@ -48,10 +54,10 @@ def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
     import onnx
     import torch
 
-    from export.backends import export_onnx
-    from export.fusion import check_fusion
-    from model_defs.config import EncoderConfig
-    from model_defs.registry import BlockLayer, init_random_weights
+    from ..export.backends import export_onnx
+    from ..export.fusion import check_fusion
+    from ..model_defs.config import EncoderConfig
+    from ..model_defs.registry import BlockLayer, init_random_weights
 
     module = init_random_weights(BlockLayer(EncoderConfig(**LAYER)), seed).eval()
     x, mask = torch.randn(2, 16, 768), torch.ones(2, 16, dtype=torch.int64)
@@ -59,8 +65,15 @@ def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
     paths = {}
     for backend in backends:
         path = directory / f"layer-{backend}.onnx"
-        export_onnx(module, (x, mask), ["hidden_states", "attention_mask"], ["output"],
-                    ({0: batch, 1: seq}, {0: batch, 1: seq}), path, backend)
+        export_onnx(
+            module,
+            (x, mask),
+            ["hidden_states", "attention_mask"],
+            ["output"],
+            ({0: batch, 1: seq}, {0: batch, 1: seq}),
+            path,
+            backend,
+        )
         check_fusion(onnx.load(str(path)), backend, 1)
         paths[backend] = path
     paths["torch"] = directory / "layer.pt"
@@ -70,15 +83,18 @@ def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
 
 def measure(runner: str, model: str, seq: int, threads: int = 2, timeout: float = 600) -> dict:
     """Run one point in a fresh process; {'peak_mb': ...} or {'error': one line}."""
-    cmd = [sys.executable, "-m", "benchmarks.memory", runner, str(model), str(seq), str(threads)]
+    cmd = [sys.executable, "-m", "qkv_onnx.benchmarks.memory", runner, str(model), str(seq), str(threads)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if p.returncode != 0:
         lines = (p.stderr.strip() or f"exit code {p.returncode}").splitlines()
-        return {"error": f"exit code {p.returncode}" + (" (killed: out of memory?)" if p.returncode < 0 else "")
-                + f": {lines[-1][:200]}"}
+        return {
+            "error": f"exit code {p.returncode}"
+            + (" (killed: out of memory?)" if p.returncode < 0 else "")
+            + f": {lines[-1][:200]}"
+        }
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -95,8 +111,8 @@ def _child(runner: str, model: str, seq: int, threads: int) -> dict:
     x = np.random.default_rng(0).standard_normal((1, seq, 768)).astype(np.float32)
     mask = np.ones((1, seq), dtype=np.int64)
     if runner == "torch":
-        from model_defs.config import EncoderConfig
-        from model_defs.registry import BlockLayer
+        from ..model_defs.config import EncoderConfig
+        from ..model_defs.registry import BlockLayer
 
         torch.set_num_threads(threads)
         module = BlockLayer(EncoderConfig(**LAYER)).eval()

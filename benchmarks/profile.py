@@ -1,4 +1,5 @@
 """ONNX Runtime's own profiler: where a session's time goes, by op type."""
+
 import json
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """One benchmark run: export the contenders, then GEMM ceiling, latency, memory and pipeline cost."""
+
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ from .timing import MachineLoad, Progress, interleaved, summarize
 
 
 def _first_line(e: Exception) -> str:
-    from validate.artifact import first_line
+    from ..errors import first_line
 
     return f"{type(e).__name__}: {first_line(e)[:300]}"
 
@@ -22,7 +23,7 @@ def build_contenders(args, work: Path, results: dict, progress: Progress) -> tup
     """({name: ORT session or torch module}, module, failures)."""
     import torch
 
-    from export.pipeline import export_artifact, source_model
+    from ..export.pipeline import export_artifact, source_model
 
     torch.set_num_threads(args.threads)
     _, module, _ = source_model(args.model, None, args.seed)
@@ -46,16 +47,21 @@ def build_contenders(args, work: Path, results: dict, progress: Progress) -> tup
             fused = export_peer(module, work / "peer.onnx")
             models[PEER] = ort_session(work / "peer.onnx", args.threads, args.spinning)
             results["artifacts"][PEER] = str(work / "peer.onnx")
-            results["peer"] = {"how": "transformers BertModel (eager attention) with the same weights, "
-                               "torch.onnx.export(dynamo=False, opset 17), onnxruntime.transformers.optimizer."
-                               "optimize_model(model_type='bert', opt_level=0); ORT applies its own graph "
-                               "optimizations at session creation as for every contender", "fused_ops": fused}
+            results["peer"] = {
+                "how": "transformers BertModel (eager attention) with the same weights, "
+                "torch.onnx.export(dynamo=False, opset 17), onnxruntime.transformers.optimizer."
+                "optimize_model(model_type='bert', opt_level=0); ORT applies its own graph "
+                "optimizations at session creation as for every contender",
+                "fused_ops": fused,
+            }
         except Exception as e:
             failures.append(f"{PEER}: {_first_line(e)}")
         export_s[PEER] = time.perf_counter() - t0
         progress.step("exported peer")
     if args.twin in models:
-        models[f"{args.twin} (again)"] = ort_session(results["artifacts"][args.twin], args.threads, args.spinning)
+        models[f"{args.twin} (again)"] = ort_session(
+            results["artifacts"][args.twin], args.threads, args.spinning
+        )
     results["export_s"] = export_s
     return models, module, failures
 
@@ -68,24 +74,37 @@ def latency_point(args, models: dict, module, batch: int, seq: int, work: Path, 
     runners = {name: ort_runner(s, feeds) for name, s in models.items()}
     runners[EAGER] = torch_runner(module, feeds)
     reference = runners[EAGER]()[0]
-    diffs = {name: float(np.abs(run()[0] - reference).max()) for name, run in runners.items() if name != EAGER}
+    diffs = {
+        name: float(np.abs(run()[0] - reference).max()) for name, run in runners.items() if name != EAGER
+    }
     shapes = list(dict.fromkeys([(batch * seq, cfg.hidden_size, cfg.ffn_size), args.gemm[0]]))
     gemms = gemm_contenders(work, shapes, args.threads)
     times = interleaved(runners | gemms, args.warmup, args.rounds, progress, args.settle)
     gemm = gemm_rates({k: summarize(times.pop(k)) for k in gemms}, shapes)
     ceiling = gemm["ceiling_gflops"]
     flops = bert_flops(cfg, batch, seq)
-    point = {"batch": batch, "seq": seq, "gflop": flops["total"] / 1e9, "flops": flops, "gemm": gemm,
-             "contenders": {}}
+    point = {
+        "batch": batch,
+        "seq": seq,
+        "gflop": flops["total"] / 1e9,
+        "flops": flops,
+        "gemm": gemm,
+        "contenders": {},
+    }
     eager = np.median(times[EAGER])
     peer = np.median(times[PEER]) if PEER in times else None
     for name, samples in times.items():
         s = summarize(samples)
         med = s["median_ms"] / 1e3
         point["contenders"][name] = {
-            "summary": s, "gflops": flops["total"] / med / 1e9, "of_ceiling": flops["total"] / med / 1e9 / ceiling,
-            "speedup_vs_eager": eager / med, "vs_peer": med / peer if peer else None,
-            "max_abs_vs_eager": diffs.get(name), "samples_ms": [round(t * 1e3, 3) for t in samples]}
+            "summary": s,
+            "gflops": flops["total"] / med / 1e9,
+            "of_ceiling": flops["total"] / med / 1e9 / ceiling,
+            "speedup_vs_eager": eager / med,
+            "vs_peer": med / peer if peer else None,
+            "max_abs_vs_eager": diffs.get(name),
+            "samples_ms": [round(t * 1e3, 3) for t in samples],
+        }
     twin = f"{args.twin} (again)"
     if twin in times:
         ratio = np.median(times[twin]) / np.median(times[args.twin])
@@ -103,21 +122,40 @@ def targets(results: dict, backends: list) -> list:
         best = min(ours, key=lambda n: ours[n]["summary"]["median_ms"])
         c = ours[best]
         if (p["batch"], p["seq"]) == (1, 128):
-            out.append({"target": "best artifact at (1,128) >= 2x faster than PyTorch eager",
-                        "measured": f"{best}: {c['speedup_vs_eager']:.2f}x", "met": bool(c["speedup_vs_eager"] >= 2)})
+            out.append(
+                {
+                    "target": "best artifact at (1,128) >= 2x faster than PyTorch eager",
+                    "measured": f"{best}: {c['speedup_vs_eager']:.2f}x",
+                    "met": bool(c["speedup_vs_eager"] >= 2),
+                }
+            )
             if c.get("vs_peer") is not None:
-                out.append({"target": "best artifact at (1,128) no slower than the peer (time ratio <= 1 + noise)",
-                            "measured": f"{best}: {c['vs_peer']:.3f} (noise {noise:.1%})",
-                            "met": bool(c["vs_peer"] <= 1 + noise)})
+                out.append(
+                    {
+                        "target": "best artifact at (1,128) no slower than the peer "
+                        "(time ratio <= 1 + noise)",
+                        "measured": f"{best}: {c['vs_peer']:.3f} (noise {noise:.1%})",
+                        "met": bool(c["vs_peer"] <= 1 + noise),
+                    }
+                )
         if (p["batch"], p["seq"]) == (1, 512):
-            out.append({"target": "best artifact at (1,512) >= 90% of the GEMM ceiling",
-                        "measured": f"{best}: {c['of_ceiling']:.0%} ({c['gflops']:.0f} of "
-                                    f"{p['gemm']['ceiling_gflops']:.0f} GFLOP/s)",
-                        "met": bool(c["of_ceiling"] >= 0.9)})
+            out.append(
+                {
+                    "target": "best artifact at (1,512) >= 90% of the GEMM ceiling",
+                    "measured": f"{best}: {c['of_ceiling']:.0%} ({c['gflops']:.0f} of "
+                    f"{p['gemm']['ceiling_gflops']:.0f} GFLOP/s)",
+                    "met": bool(c["of_ceiling"] >= 0.9),
+                }
+            )
     pc = results.get("pipeline") or {}
     if "process_s" in pc:
-        out.append({"target": f"export + full validation of {results['model']} < 60 s (whole process)",
-                    "measured": f"{pc['process_s']:.1f} s", "met": bool(pc["process_s"] < 60)})
+        out.append(
+            {
+                "target": f"export + full validation of {results['model']} < 60 s (whole process)",
+                "measured": f"{pc['process_s']:.1f} s",
+                "met": bool(pc["process_s"] < 60),
+            }
+        )
     return out
 
 
@@ -135,33 +173,54 @@ def run_memory(args, work: Path, progress) -> dict:
                 point["errors"][name] = r["error"]
             progress.step(f"memory {name} {seq}")
         points.append(point)
-    note = ("Peak resident memory above the process's own after imports (VmHWM after resetting it), one fresh "
-            "process per cell, batch 1, no padding, ORT sessions with default memory options. Floor: the "
-            "layer's weights plus its largest set of live (L, ·) activations, no L×L matrix. The exported "
-            "graphs also carry the padding mask expanded to (B, 1, L, L) booleans: L² bytes.")
+    note = (
+        "Peak resident memory above the process's own after imports (VmHWM after resetting it), one fresh "
+        "process per cell, batch 1, no padding, ORT sessions with default memory options. Floor: the "
+        "layer's weights plus its largest set of live (L, ·) activations, no L×L matrix. The exported "
+        "graphs also carry the padding mask expanded to (B, 1, L, L) booleans: L² bytes."
+    )
     return {"runners": list(runners), "points": points, "note": note}
 
 
 def run(args, work: Path, out: Path) -> tuple:
-    from export.pipeline import package_versions
+    from ..export.pipeline import package_versions
 
-    n_steps = (len(args.backends) + (0 if args.no_peer else 1) + args.rounds * (1 + len(args.points))
-               + len(args.memory_seqs) * (len(args.backends) + 1) + (0 if args.no_pipeline else 1))
+    n_steps = (
+        len(args.backends)
+        + (0 if args.no_peer else 1)
+        + args.rounds * (1 + len(args.points))
+        + len(args.memory_seqs) * (len(args.backends) + 1)
+        + (0 if args.no_pipeline else 1)
+    )
     progress = Progress(n_steps, enabled=not args.no_progress)
     load = MachineLoad()
-    results = {"model": args.model, "dtype": "float32", "started": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-               "versions": package_versions(), "artifacts": {}, "notes": [],
-               "settings": {"threads": args.threads, "spinning": args.spinning, "warmup": args.warmup,
-                            "rounds": args.rounds, "twin": args.twin, "settle_s": args.settle,
-                            "note": f"ORT CPU, intra-op threads {args.threads}, inter-op 1, sequential, graph "
-                                    f"optimizations all, thread-pool spinning {'on' if args.spinning else 'off'}; "
-                                    f"torch.set_num_threads({args.threads}), inference_mode; {args.warmup} warm-up "
-                                    f"runs each, {args.rounds} rounds in rotated order, {args.settle * 1e3:.0f} ms untimed pause before "
-                                    "each run (lets the previous contender's threads stop spinning); inputs: full rows (no "
-                                    "padding), random token ids and segments"}}
+    results = {
+        "model": args.model,
+        "dtype": "float32",
+        "started": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "versions": package_versions(),
+        "artifacts": {},
+        "notes": [],
+        "settings": {
+            "threads": args.threads,
+            "spinning": args.spinning,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "twin": args.twin,
+            "settle_s": args.settle,
+            "note": f"ORT CPU, intra-op threads {args.threads}, inter-op 1, sequential, graph "
+            f"optimizations all, thread-pool spinning {'on' if args.spinning else 'off'}; "
+            f"torch.set_num_threads({args.threads}), inference_mode; {args.warmup} warm-up "
+            f"runs each, {args.rounds} rounds in rotated order, "
+            f"{args.settle * 1e3:.0f} ms untimed pause before "
+            "each run (lets the previous contender's threads stop spinning); inputs: full rows (no "
+            "padding), random token ids and segments",
+        },
+    }
     models, module, failures = build_contenders(args, work, results, progress)
-    gemm_times = interleaved(gemm_contenders(work, args.gemm, args.threads), args.warmup, args.rounds, progress,
-                             args.settle)
+    gemm_times = interleaved(
+        gemm_contenders(work, args.gemm, args.threads), args.warmup, args.rounds, progress, args.settle
+    )
     summaries = {k: summarize(v) for k, v in gemm_times.items()}
     results["gemm"] = {**gemm_rates(summaries, args.gemm), "summaries": summaries}
     results["latency"] = []
@@ -179,12 +238,19 @@ def run(args, work: Path, out: Path) -> tuple:
             feeds = bert_inputs(module.config, batch, seq, args.seed)
             for name, path in results["artifacts"].items():
                 results["profiles"][f"{name} {batch}x{seq}"] = profile_model(
-                    Path(path), feeds, args.threads, out / "profiles" / f"{name.replace(' ', '-')}-{batch}x{seq}")
+                    Path(path),
+                    feeds,
+                    args.threads,
+                    out / "profiles" / f"{name.replace(' ', '-')}-{batch}x{seq}",
+                )
     if args.memory_seqs:
         try:
             results["memory"] = run_memory(args, work, progress)
-            failures += [f"memory {p['seq']} {r}: {e}" for p in results["memory"]["points"]
-                         for r, e in p["errors"].items()]
+            failures += [
+                f"memory {p['seq']} {r}: {e}"
+                for p in results["memory"]["points"]
+                for r, e in p["errors"].items()
+            ]
         except Exception as e:
             failures.append(f"memory: {_first_line(e)}")
     if not args.no_pipeline:
@@ -197,9 +263,11 @@ def run(args, work: Path, out: Path) -> tuple:
     progress.close()
     results["machine_load"] = load.shares()
     if results["machine_load"].get("other", 0) > 0.05:
-        results["notes"].append(f"- other processes used {results['machine_load']['other']:.0%} of this machine's CPU "
-                                f"time during the run ({results['machine_load']['nice']:.0%} at a nice level): "
-                                "timings are slower and noisier than on an idle machine.")
+        results["notes"].append(
+            f"- other processes used {results['machine_load']['other']:.0%} of this machine's CPU "
+            f"time during the run ({results['machine_load']['nice']:.0%} at a nice level): "
+            "timings are slower and noisier than on an idle machine."
+        )
     results["targets"] = targets(results, args.backends)
     results["failures"] = failures
     results["notes"] += [f"- failed: {f}" for f in failures]

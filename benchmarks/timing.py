@@ -1,4 +1,6 @@
-"""Interleaved timing: warm-up, then rounds that run every contender once in rotated order; medians and spread."""
+"""Interleaved timing: warm-up, then rounds that run every contender once in rotated order; medians and
+spread."""
+
 import os
 import sys
 import time
@@ -19,8 +21,10 @@ class Progress:
             return
         filled = self.width * self.done // self.total
         elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                         f"{elapsed:5.0f}s {label[:40]:<40}")
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+            f"{elapsed:5.0f}s {label[:40]:<40}"
+        )
         sys.stderr.flush()
 
     def close(self):
@@ -28,8 +32,9 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def interleaved(contenders: dict, warmup: int, rounds: int, progress: Progress | None = None,
-                settle: float = 0.0) -> dict:
+def interleaved(
+    contenders: dict, warmup: int, rounds: int, progress: Progress | None = None, settle: float = 0.0
+) -> dict:
     """{name: [seconds, ...]} for `contenders` ({name: zero-argument callable}). Each contender first runs
     `warmup` times; then in round r the contenders run once each, starting at position r (rotation), so no
     contender always follows the same neighbour. `settle` seconds of sleep (untimed) before each timed run
@@ -59,8 +64,15 @@ def summarize(samples: list) -> dict:
     """Median, interquartile range, p10/p90, min (milliseconds) of one contender's samples (seconds)."""
     a = np.asarray(samples) * 1e3
     p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
-    return {"median_ms": float(p50), "p25_ms": float(p25), "p75_ms": float(p75), "p10_ms": float(p10),
-            "p90_ms": float(p90), "min_ms": float(a.min()), "n": int(a.size)}
+    return {
+        "median_ms": float(p50),
+        "p25_ms": float(p25),
+        "p75_ms": float(p75),
+        "p10_ms": float(p10),
+        "p90_ms": float(p90),
+        "min_ms": float(a.min()),
+        "n": int(a.size),
+    }
 
 
 class MachineLoad:
@@ -79,8 +91,13 @@ class MachineLoad:
         user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         t = os.times()
         own = t.user + t.system + t.children_user + t.children_system
-        return {"busy": user + nice + system + irq + softirq + steal, "nice": nice, "all": sum(fields[:8]),
-                "own": own, "hz": os.sysconf("SC_CLK_TCK")}
+        return {
+            "busy": user + nice + system + irq + softirq + steal,
+            "nice": nice,
+            "all": sum(fields[:8]),
+            "own": own,
+            "hz": os.sysconf("SC_CLK_TCK"),
+        }
 
     def shares(self) -> dict:
         end = self._sample()

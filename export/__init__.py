@@ -1,5 +1,5 @@
 """torch -> ONNX export with fused attention, the fusion check, and the artifact writer."""
 
+from ..errors import ExportError
 
-class ExportError(RuntimeError):
-    """The export failed: the exporter errored or the fusion check refused the graph (exit code 1)."""
+__all__ = ["ExportError"]

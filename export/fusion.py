@@ -1,24 +1,23 @@
 """The fusion check: attention must be one fused op per attention module (none for `decomposed`)."""
+
 from collections import Counter
 
 import onnx
 
-from validate.artifact import all_nodes
-
-from . import ExportError
-from .backends import BACKENDS
+from ..artifact_format import BACKENDS, all_nodes, op_key
+from ..errors import ExportError
 
 
 class FusionError(ExportError):
     """Attention was not fused as the backend promises."""
 
 
-def count_ops(model: onnx.ModelProto) -> dict:
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     """Op counts over the graph, its subgraphs and local functions, keyed 'domain::Op' ('Op' for ONNX)."""
-    return dict(sorted(Counter(_key(n.domain, n.op_type) for n in all_nodes(model)).items()))
+    return dict(sorted(Counter(op_key(n.domain, n.op_type) for n in all_nodes(model)).items()))
 
 
-def activation_matmuls(model: onnx.ModelProto) -> list:
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMuls whose both operands are computed at run time: the QKᵀ and PV products of unfused attention.
 
     Every legitimate MatMul in an encoder multiplies an activation by a weight (an initializer,
@@ -28,15 +27,12 @@ def activation_matmuls(model: onnx.ModelProto) -> list:
     for n in model.graph.node:
         if n.op_type in ("Constant", "Transpose", "Cast", "Identity") and all(i in const for i in n.input):
             const.update(n.output)
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and not any(i in const for i in n.input)]
+    return [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in const for i in n.input)
+    ]
 
 
-def _key(domain: str, op: str) -> str:
-    return f"{domain}::{op}" if domain not in ("", "ai.onnx") else op
-
-
-def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict:
+def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict[str, int]:
     """Raise FusionError unless the graph's attention is what `backend` promises for `expected`
     attention modules; returns the op counts.
 
@@ -44,8 +40,8 @@ def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict:
     MatMul. `decomposed`: no fused attention node of any kind and one Softmax per module.
     """
     counts = count_ops(model)
-    own = [_key(*op) for op in BACKENDS[backend].attention_ops]
-    every = {_key(*op) for b in BACKENDS.values() for op in b.attention_ops}
+    own = [op_key(*op) for op in BACKENDS[backend].attention_ops]
+    every = {op_key(*op) for b in BACKENDS.values() for op in b.attention_ops}
     problems = []
     stray = {k: counts[k] for k in sorted(every - set(own)) if counts.get(k)}
     if stray:
@@ -58,7 +54,9 @@ def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict:
             problems.append(f"{counts['Softmax']} Softmax nodes left outside the fused op")
         loose = activation_matmuls(model)
         if loose:
-            problems.append(f"{len(loose)} activation x activation MatMul nodes (unfused QKᵀ/PV): {', '.join(loose[:4])}")
+            problems.append(
+                f"{len(loose)} activation x activation MatMul nodes (unfused QKᵀ/PV): {', '.join(loose[:4])}"
+            )
     elif counts.get("Softmax", 0) != expected:
         problems.append(f"{counts.get('Softmax', 0)} Softmax nodes for {expected} attention modules")
     if problems:

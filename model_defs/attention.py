@@ -1,4 +1,5 @@
 """Multi-head attention through `F.scaled_dot_product_attention`."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +49,9 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or num_kv_heads < 1 or hidden_size % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"bad head layout: hidden {hidden_size}, heads {num_heads}, kv heads {num_kv_heads}")
+            raise ValueError(
+                f"bad head layout: hidden {hidden_size}, heads {num_heads}, kv heads {num_kv_heads}"
+            )
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.scale = scale
@@ -64,11 +67,22 @@ class MultiHeadAttention(nn.Module):
         context = x if context is None else context  # (B, Lk, Dkv)
         Lk = context.shape[1]
         q = self.q_proj(x).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, Lq, d)
-        k = self.k_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, d)
-        v = self.v_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, d)
+        k = (
+            self.k_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hkv, Lk, d)
+        v = (
+            self.v_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hkv, Lk, d)
         mask, is_causal = combine_masks(key_padding_mask, attn_mask, is_causal, B, Lq, Lk, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, Hq, Lq, d)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, Hq, Lq, d)
         y = y.transpose(1, 2).reshape(B, Lq, D)
         if self.zero_empty_rows and mask is not None and mask.dtype == torch.bool:
             y = torch.where(mask.any(-1).transpose(1, 2), y, 0)  # (B, Lq, 1): query has a key to attend to

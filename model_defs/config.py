@@ -1,4 +1,5 @@
 """Encoder configuration, named presets and the closed-form parameter count."""
+
 from dataclasses import asdict, dataclass, fields
 
 
@@ -18,7 +19,9 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.num_heads < 1 or (self.num_kv_heads is not None and self.num_kv_heads < 1):
-            raise ValueError(f"head counts must be >= 1, got num_heads {self.num_heads}, num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"head counts must be >= 1, got num_heads {self.num_heads}, num_kv_heads {self.num_kv_heads}"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:

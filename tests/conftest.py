@@ -1,17 +1,28 @@
-"""Shared fixtures: artifacts exported once per test session with the real exporter."""
+"""Shared fixtures: artifacts exported once per test session with the real exporter.
+
+A test that uses them (or is marked `slow` itself) exports or runs real models: it is marked `slow`
+here, so `pytest -m "not slow"` is the fast inner loop.
+"""
+
 import shutil
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+EXPORTING_FIXTURES = {"exported", "artifact_copy", "exported_external"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """export(model, dtype='float32', backend='onnx-attention') -> path of a pristine artifact
     (cached; copy before mutating)."""
-    from export.pipeline import export_artifact
+    from qkv_onnx.export.pipeline import export_artifact
 
     cache = {}
 
@@ -28,7 +39,8 @@ def exported(tmp_path_factory):
 
 @pytest.fixture
 def artifact_copy(exported, tmp_path):
-    """copy(model, dtype='float32', backend='onnx-attention') -> a private copy of an exported artifact, safe to tamper with."""
+    """copy(model, dtype='float32', backend='onnx-attention') -> a private copy of an exported artifact,
+    safe to tamper with."""
 
     def copy(model: str, dtype: str = "float32", backend: str = "onnx-attention") -> Path:
         src = exported(model, dtype, backend)
@@ -42,7 +54,7 @@ def artifact_copy(exported, tmp_path):
 @pytest.fixture(scope="session")
 def exported_external(tmp_path_factory):
     """Path of a pristine 'mha' artifact exported with its weights in the model.onnx.data side file."""
-    from export.pipeline import export_artifact
+    from qkv_onnx.export.pipeline import export_artifact
 
     path = tmp_path_factory.mktemp("artifacts") / "mha-external"
     export_artifact("mha", path, external_data=True)

@@ -1,4 +1,5 @@
 """Export: fused-op counts, the fusion check, manifest and golden layout, reproducibility, atomic writes."""
+
 import hashlib
 import json
 import os
@@ -13,20 +14,14 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from helpers import ROOT, SMALL_MODELS, tree_bytes
 from onnx import numpy_helper
 
-from export.backends import export_onnx
-from export.cli import main as export_main
-from export.fusion import FusionError, check_fusion, count_ops
-from export.pipeline import export_artifact
-from model_defs.registry import MODELS, example_inputs, get_model
-
-SMALL_MODELS = ["mha", "mha-causal", "mha-cross", "mha-gqa", "encoder-block", "encoder-block-prenorm", "bert-tiny"]
-
-
-def tree_bytes(directory):
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+from qkv_onnx.export.backends import export_onnx
+from qkv_onnx.export.cli import main as export_main
+from qkv_onnx.export.fusion import FusionError, check_fusion, count_ops
+from qkv_onnx.export.pipeline import export_artifact
+from qkv_onnx.model_defs.registry import MODELS, example_inputs, get_model
 
 
 def test_bert_tiny_has_two_attention_nodes_and_no_softmax(exported):
@@ -78,21 +73,27 @@ def test_golden_data_is_pytorch_output_in_onnx_layout(exported):
             expected = module(*(torch.from_numpy(numpy_helper.to_array(t).copy()) for t in ins))
         for t, e in zip(outs, expected):
             np.testing.assert_array_equal(numpy_helper.to_array(t), e.numpy())
-    masks = [numpy_helper.to_array(onnx.load_tensor(str(d / f"test_data_set_{n}" / "input_2.pb"))) for n in range(3)]
-    assert any((row == 0).all() for mask in masks for row in mask), "a golden set must hold an all-padding row"
+    masks = [
+        numpy_helper.to_array(onnx.load_tensor(str(d / f"test_data_set_{n}" / "input_2.pb")))
+        for n in range(3)
+    ]
+    assert any((row == 0).all() for mask in masks for row in mask), (
+        "a golden set must hold an all-padding row"
+    )
 
 
 @pytest.mark.parametrize("model", SMALL_MODELS)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_every_mask_form_runs_on_ort_cpu(exported, model, dtype):
-    """Each model's padding mask (padded rows, an all-padding row, seq 1, unpadded) runs on ORT CPU, finite."""
+    """Each model's padding mask (padded rows, an all-padding row, seq 1, unpadded) runs on ORT CPU,
+    finite."""
     d = exported(model, dtype)
     m = json.loads((d / "manifest.json").read_text())
     assert count_ops(onnx.load(str(d / "model.onnx")))["Attention"] == m["model"]["attention_modules"] >= 1
     session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
     spec = MODELS[model]
     for batch, seq, lengths in [(3, 9, [9, 5, 0]), (1, 1, [1]), (2, 1, [0, 1]), (2, 33, [33, 33])]:
-        feeds = example_inputs(spec, batch, seq, lengths, seed=7, dtype=getattr(torch, dtype), kv_seq=seq + 2)
+        feeds = example_inputs(spec, batch, seq, lengths, seed=7, dtype=dtype, kv_seq=seq + 2)
         outs = session.run(None, {k: v.numpy() for k, v in feeds.items()})
         assert outs[0].shape[:2] == (batch, seq)
         assert all(np.isfinite(o).all() for o in outs)
@@ -116,11 +117,13 @@ def _export_qkv(module, path, opset):
     return onnx.load(str(path))
 
 
+@pytest.mark.slow
 def test_fusion_check_rejects_hand_written_attention(tmp_path):
     with pytest.raises(FusionError, match="0 Attention nodes for 1 attention modules.*Softmax"):
         check_fusion(_export_qkv(HandWrittenAttention(), tmp_path / "m.onnx", 23), "onnx-attention", 1)
 
 
+@pytest.mark.slow
 def test_fusion_check_rejects_sdpa_decomposed_below_opset_23(tmp_path):
     """Below opset 23 the exporter decomposes SDPA into MatMul/Softmax: export must refuse it."""
     path = tmp_path / "m.onnx"
@@ -129,7 +132,10 @@ def test_fusion_check_rejects_sdpa_decomposed_below_opset_23(tmp_path):
     prog.save(str(path))
     with pytest.raises(FusionError, match="activation x activation MatMul"):
         check_fusion(onnx.load(str(path)), "onnx-attention", 1)
-    assert check_fusion(_export_qkv(SdpaAttention(), tmp_path / "f.onnx", 23), "onnx-attention", 1)["Attention"] == 1
+    assert (
+        check_fusion(_export_qkv(SdpaAttention(), tmp_path / "f.onnx", 23), "onnx-attention", 1)["Attention"]
+        == 1
+    )
 
 
 def test_fusion_check_counts_attention_modules(exported):
@@ -145,11 +151,27 @@ def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path,
     first = exported("bert-tiny", backend=backend)
     other = tmp_path / "another-name"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-m", "export", "--model", "bert-tiny", "--backend", backend, "--out", str(other)],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkv_onnx.export",
+            "--model",
+            "bert-tiny",
+            "--backend",
+            backend,
+            "--out",
+            str(other),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert tree_bytes(first) == tree_bytes(other)
 
 
+@pytest.mark.slow
 def test_seed_changes_weights(exported, tmp_path):
     export_artifact("mha", tmp_path / "s1", seed=1)
     a = np.load(exported("mha") / "weights.npz")["attn.q_proj.weight"]
@@ -157,6 +179,7 @@ def test_seed_changes_weights(exported, tmp_path):
     assert not np.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_reexport_replaces_artifact_and_leaves_no_temporaries(tmp_path):
     out = tmp_path / "art"
     export_artifact("mha", out, seed=1)
@@ -165,8 +188,10 @@ def test_reexport_replaces_artifact_and_leaves_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
+@pytest.mark.slow
 def test_failed_export_keeps_existing_artifact(tmp_path, monkeypatch):
-    """An export that fails after writing model.onnx leaves the old artifact byte-identical and no temp dir."""
+    """An export that fails after writing model.onnx leaves the old artifact byte-identical and no temp
+    dir."""
     out = tmp_path / "art"
     export_artifact("mha", out, seed=1)
     before = tree_bytes(out)
@@ -174,27 +199,44 @@ def test_failed_export_keeps_existing_artifact(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise FusionError("forced for the test")
 
-    monkeypatch.setattr("export.pipeline.check_fusion", refuse)
+    monkeypatch.setattr("qkv_onnx.export.pipeline.check_fusion", refuse)
     with pytest.raises(FusionError):
         export_artifact("mha", out, seed=2)
     assert tree_bytes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_export_leaves_old_artifact_intact(tmp_path):
     """Killing a real export process at several moments never leaves a partial or damaged artifact."""
     out = tmp_path / "art"
     export_artifact("bert-tiny", out, seed=1)
     before = tree_bytes(out)
     for delay in (0.5, 1.5, 2.5, 3.5):
-        proc = subprocess.Popen([sys.executable, "-m", "export", "--model", "bert-tiny", "--seed", "1",
-                                 "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qkv_onnx.export",
+                "--model",
+                "bert-tiny",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert tree_bytes(out) == before  # same seed: a finished export is byte-identical too
     export_artifact("bert-tiny", out, seed=1)
-    assert [p.name for p in tmp_path.iterdir()] == ["art"], "stale temporaries of killed exports are cleaned up"
+    assert [p.name for p in tmp_path.iterdir()] == ["art"], (
+        "stale temporaries of killed exports are cleaned up"
+    )
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
@@ -211,6 +253,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_artifact(tmp_path, capsys):
     assert export_main(["--model", "mha-gqa", "--out", str(tmp_path / "gqa")]) == 0
     assert "float32, 1 Attention, opset 23" in capsys.readouterr().out
@@ -218,13 +261,33 @@ def test_cli_writes_artifact(tmp_path, capsys):
 
 
 def test_help_documents_exit_codes():
-    r = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "qkv_onnx.export", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0
     assert "exit codes" in r.stdout and "bert-tiny" in r.stdout
+    assert "3  internal error" in r.stdout
 
 
+@pytest.mark.slow
+def test_a_bug_in_the_exporter_is_exit_3_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """An unexpected exception inside our pipeline: traceback, exit 3, no artifact and no temporary left."""
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the fusion check")
+
+    monkeypatch.setattr("qkv_onnx.export.pipeline.check_fusion", broken)
+    assert export_main(["--model", "mha", "--out", str(tmp_path / "art")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'a bug in the fusion check'" in err
+    assert "qkv-export: internal error" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_weights_can_go_to_a_side_file(tmp_path):
-    """The >2 GB path, forced on a small model: model.onnx names model.onnx.data, and the manifest hashes it."""
+    """The >2 GB path, forced on a small model: model.onnx names model.onnx.data, and the manifest hashes
+    it."""
     out = tmp_path / "ext"
     manifest = export_artifact("mha", out, external_data=True)
     assert manifest["weights"]["external_data"] is True

@@ -1,11 +1,19 @@
 """PyTorch reference modules: parameter counts, config validation, masks, block and model structure."""
+
 from dataclasses import replace
 
 import pytest
 import torch
 
-from model_defs import PRESETS, BertModel, EncoderBlock, EncoderConfig, MultiHeadAttention, param_count
-from model_defs.registry import MODELS, count_attention_modules, get_model, init_random_weights
+from qkv_onnx.model_defs import (
+    PRESETS,
+    BertModel,
+    EncoderBlock,
+    EncoderConfig,
+    MultiHeadAttention,
+    param_count,
+)
+from qkv_onnx.model_defs.registry import MODELS, count_attention_modules, get_model, init_random_weights
 
 
 def rel_diff(a, b):
@@ -26,6 +34,7 @@ def mha(*args, seed=1, **kwargs):
 
 # --- parameter counts ----------------------------------------------------------------------------
 
+
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -37,8 +46,16 @@ def test_param_count_matches_module(name):
 
 
 @pytest.mark.parametrize("name", ["bert-tiny", "bert-mini"])
-@pytest.mark.parametrize("variant", [{"with_pooler": False}, {"pre_layer_norm": True},
-                                     {"pre_layer_norm": True, "with_pooler": False}, {"num_kv_heads": 1}], ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"with_pooler": False},
+        {"pre_layer_norm": True},
+        {"pre_layer_norm": True, "with_pooler": False},
+        {"num_kv_heads": 1},
+    ],
+    ids=str,
+)
 def test_param_count_variants(name, variant):
     cfg = replace(PRESETS[name], **variant)
     assert param_count(cfg) == n_params(BertModel(cfg))
@@ -52,11 +69,15 @@ def test_param_count_known_values(name, expected):
 
 # --- EncoderConfig ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [
-    {"hidden_size": 130, "num_heads": 4},
-    {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 3},
-    {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 4},
-])
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"hidden_size": 130, "num_heads": 4},
+        {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 3},
+        {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 4},
+    ],
+)
 def test_config_rejects_bad_head_layout(kwargs):
     with pytest.raises(ValueError):
         EncoderConfig(**kwargs)
@@ -73,8 +94,15 @@ def test_config_from_dict_rejects_unknown_keys():
         EncoderConfig.from_dict({**PRESETS["bert-tiny"].to_dict(), "bogus": 1})
 
 
-@pytest.mark.parametrize("cfg", [*PRESETS.values(), EncoderConfig(num_heads=8, num_kv_heads=2, pre_layer_norm=True,
-                                                                    with_pooler=False, layer_norm_eps=1e-5)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        *PRESETS.values(),
+        EncoderConfig(
+            num_heads=8, num_kv_heads=2, pre_layer_norm=True, with_pooler=False, layer_norm_eps=1e-5
+        ),
+    ],
+)
 def test_config_round_trip(cfg):
     d = cfg.to_dict()
     assert EncoderConfig.from_dict(d) == cfg
@@ -82,6 +110,7 @@ def test_config_round_trip(cfg):
 
 
 # --- MultiHeadAttention -------------------------------------------------------------------------
+
 
 def test_key_padding_mask_equals_bool_attn_mask():
     m, x = mha(64, 4), randn(2, 6, 64)
@@ -161,6 +190,7 @@ def test_bad_head_layout_rejected_by_module():
 
 # --- EncoderBlock and BertModel -----------------------------------------------------------------
 
+
 def test_pre_and_post_layer_norm_blocks_differ():
     cfg = EncoderConfig(num_layers=1, hidden_size=64, num_heads=4, ffn_size=128)
     post = init_random_weights(EncoderBlock(cfg), 3).double()
@@ -191,6 +221,7 @@ def test_bert_outputs(with_pooler):
 
 # --- registry ------------------------------------------------------------------------------------
 
+
 def test_get_model_unknown_name():
     with pytest.raises(KeyError) as err:
         get_model("nope")
@@ -207,3 +238,63 @@ def test_get_model_known_name():
 @pytest.mark.parametrize("name, expected", [("bert-tiny", 2), ("bert-mini", 4)])
 def test_count_attention_modules(name, expected):
     assert count_attention_modules(BertModel(PRESETS[name])) == expected
+
+
+# --- the weights a config implies (qkv_onnx.artifact_format), against the real modules ---------------
+
+
+VARIANTS = [
+    ("bert", EncoderConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_size=48, vocab_size=50)),
+    (
+        "bert",
+        EncoderConfig(num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_size=48, vocab_size=50),
+    ),
+    ("bert", EncoderConfig(num_layers=3, hidden_size=32, num_heads=2, ffn_size=40, pre_layer_norm=True)),
+    ("bert", EncoderConfig(num_layers=1, hidden_size=32, num_heads=2, ffn_size=40, with_pooler=False)),
+]
+
+
+@pytest.mark.parametrize(
+    "architecture, cfg, options",
+    [(s.architecture, s.config, s.options) for s in MODELS.values()] + [(a, c, {}) for a, c in VARIANTS],
+    ids=[*MODELS, "bert-small", "bert-gqa", "bert-prenorm", "bert-no-pooler"],
+)
+def test_expected_weights_are_the_modules_state_dict(architecture, cfg, options):
+    """The torch-free table the validator checks weights.npz against is exactly each module's state_dict."""
+    from qkv_onnx.artifact_format import expected_weights
+    from qkv_onnx.model_defs.registry import build_module
+
+    with torch.device("meta"):
+        module = build_module(architecture, cfg, options)
+    state = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert expected_weights(architecture, cfg.to_dict()) == state
+
+
+# --- the shared input generator ----------------------------------------------------------------------
+
+
+def test_inputs_by_role_are_seeded_and_masked():
+    import numpy as np
+
+    from qkv_onnx.inputs import KV_EXTRA, make_inputs
+
+    spec = MODELS["mha-cross"]
+    records = spec.input_records("float16")
+    a = make_inputs(records, spec.config.to_dict(), 3, 5, [5, 2, 0], np.random.default_rng(1))
+    b = make_inputs(records, spec.config.to_dict(), 3, 5, [5, 2, 0], np.random.default_rng(1))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    hidden, context, mask = a
+    assert (
+        hidden.dtype == np.float16 and hidden.shape == (3, 5, 64) and context.shape == (3, 5 + KV_EXTRA, 64)
+    )
+    assert mask.dtype == np.int64 and mask.sum(axis=1).tolist() == [5, 2, 0] and mask[0, :5].all()
+    bert = MODELS["bert-tiny"]
+    ids, segments, mask = make_inputs(
+        bert.input_records("float32"), bert.config.to_dict(), 2, 300, [300, 1], np.random.default_rng(2)
+    )
+    assert ids.min() >= 0 and ids.max() < bert.config.vocab_size and len(np.unique(ids)) > 100
+    assert set(np.unique(segments)) == {0, 1} and mask.sum(axis=1).tolist() == [300, 1]
+    with pytest.raises(ValueError, match="3 row lengths for batch 2"):
+        make_inputs(
+            bert.input_records("float32"), bert.config.to_dict(), 2, 4, [1, 2, 3], np.random.default_rng(0)
+        )

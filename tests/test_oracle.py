@@ -1,4 +1,5 @@
 """The NumPy oracle against facts derived from the math and against PyTorch in float64."""
+
 import math
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_defs.registry import MODELS, example_inputs, init_random_weights
-from validate import oracle
+from qkv_onnx.model_defs.registry import MODELS, example_inputs, init_random_weights
+from qkv_onnx.validate import oracle
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-12
@@ -25,7 +26,11 @@ def rel_diff(actual, reference):
 
 def qkv(seed, b=2, hq=4, hkv=4, lq=5, lk=7, d=8):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((b, hq, lq, d)), rng.standard_normal((b, hkv, lk, d)), rng.standard_normal((b, hkv, lk, d))
+    return (
+        rng.standard_normal((b, hq, lq, d)),
+        rng.standard_normal((b, hkv, lk, d)),
+        rng.standard_normal((b, hkv, lk, d)),
+    )
 
 
 def sdpa(q, k, v, **kw):
@@ -41,6 +46,7 @@ def padding_mask(lengths, lk):
 
 # --- softmax -------------------------------------------------------------------------------------
 
+
 def test_softmax_rows_sum_to_one():
     x = np.random.default_rng(0).standard_normal((3, 5, 7)) * 4
     for axis in (-1, 0, 1):
@@ -49,12 +55,15 @@ def test_softmax_rows_sum_to_one():
         np.testing.assert_allclose(p.sum(axis=axis), 1.0, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("x, expected", [
-    ([0.0, math.log(3.0)], [0.25, 0.75]),
-    ([math.log(1.0), math.log(2.0), math.log(5.0)], [1 / 8, 2 / 8, 5 / 8]),
-    ([1000.0, 1000.0 + math.log(4.0)], [0.2, 0.8]),
-    ([-math.inf, 0.0, math.log(3.0)], [0.0, 0.25, 0.75]),
-])
+@pytest.mark.parametrize(
+    "x, expected",
+    [
+        ([0.0, math.log(3.0)], [0.25, 0.75]),
+        ([math.log(1.0), math.log(2.0), math.log(5.0)], [1 / 8, 2 / 8, 5 / 8]),
+        ([1000.0, 1000.0 + math.log(4.0)], [0.2, 0.8]),
+        ([-math.inf, 0.0, math.log(3.0)], [0.0, 0.25, 0.75]),
+    ],
+)
 def test_softmax_hand_computed(x, expected):
     np.testing.assert_allclose(oracle.softmax(np.array(x)), expected, rtol=1e-14, atol=0)
 
@@ -69,6 +78,7 @@ def test_softmax_all_masked_row_is_zero():
 
 
 # --- attention against torch SDPA ----------------------------------------------------------------
+
 
 def test_attention_no_mask():
     q, k, v = qkv(1)
@@ -168,15 +178,16 @@ SHAPES = [  # batch, seq, kv_seq (cross-attention only), lengths of the padding 
 
 def run_both(spec, batch, seq, kv_seq, lengths, seed, weights_edit=None):
     module = init_random_weights(spec.build(), seed).double()
-    inputs = example_inputs(spec, batch, seq, lengths, seed + 1, torch.float64, kv_seq=kv_seq)
+    inputs = example_inputs(spec, batch, seq, lengths, seed + 1, "float64", kv_seq=kv_seq)
     with torch.no_grad():
         out = module(*inputs.values())
     out = (out,) if isinstance(out, torch.Tensor) else out
     weights = {k: v.numpy().copy() for k, v in module.state_dict().items()}
     if weights_edit:
         weights_edit(weights)
-    ref = oracle.forward(spec.architecture, spec.config.to_dict(), spec.options, weights,
-                         [t.numpy() for t in inputs.values()])
+    ref = oracle.forward(
+        spec.architecture, spec.config.to_dict(), spec.options, weights, [t.numpy() for t in inputs.values()]
+    )
     return [o.numpy() for o in out], ref
 
 
@@ -218,10 +229,15 @@ def test_forward_detects_perturbed_weight():
 
 # --- the oracle stays independent of torch and onnxruntime ---------------------------------------
 
+
 def test_oracle_imports_no_torch_or_onnxruntime():
-    code = ("import sys; import validate.oracle; "
-            "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules, sorted(sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys; import qkv_onnx.validate.oracle; "
+        "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules, sorted(sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -1,15 +1,27 @@
 """qkv-validate: verify artifacts and judge their parity on each runtime."""
+
 import argparse
 import sys
 from pathlib import Path
 
-from .artifact import ArtifactError, load_artifact
+from ..errors import (
+    EXIT_OK,
+    ArtifactError,
+    ParityFailure,
+    ProviderError,
+    UsageError,
+    first_line,
+    report_error,
+    run_cli,
+)
+from ..stages import stage
+from .artifact import load_artifact
 from .parity import compare_backends, validate_artifact
 from .report import markdown, matrix_markdown, to_json
-from .runtimes import RUNTIMES, ProviderError, parse_providers
+from .runtimes import RUNTIMES, parse_providers
 
-EXIT_PASS, EXIT_PARITY, EXIT_INVALID = 0, 1, 2
-
+PROG = "qkv-validate"
+STAGE_PROBE, STAGE_REPORT = "probe runtimes (CUDA, ...)", "report"
 EPILOG = """exit codes:
   0  every check passed
   1  a parity check failed (numbers out of tolerance, NaN/Inf, a run that errored)
@@ -19,6 +31,8 @@ EPILOG = """exit codes:
      (a node it has no kernel for; CUDA never falls back to the CPU); one line on stderr
      names the file and why. A runtime that cannot load an artifact does not stop the
      others: the report and the compatibility matrix still show what they found.
+  3  internal error: a bug in qkv-onnx, not in the artifact (the traceback is printed;
+     please report it)
 
 Each artifact is compared, on several shapes (batch 1 and 3, sequence 1, 7 and 128, padded
 rows, a row that is all padding) and on its golden data, with the NumPy float64 oracle, with
@@ -33,60 +47,75 @@ with bfloat16 instructions), judged at the tolerance of the precision it compute
 reported without deciding the exit code (its run errors and NaN/Inf still do)."""
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="qkv-validate", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifacts", nargs="+", type=Path, metavar="DIR", help="artifact directories written by qkv-export")
-    p.add_argument("--providers", default="auto",
-                   help="comma-separated runtimes: " + ", ".join(f"{k} ({v.label})" for k, v in RUNTIMES.items())
-                   + "; or auto: every one that works here, skipping with a note a runtime that lacks an "
-                   "artifact's ops or dtype (reference: com.microsoft ops; cpu: bfloat16) (default: %(default)s)")
-    p.add_argument("--matrix", action="store_true",
-                   help="print only the compatibility matrix (--report and --json still get everything)")
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "artifacts", nargs="+", type=Path, metavar="DIR", help="artifact directories written by qkv-export"
+    )
+    p.add_argument(
+        "--providers",
+        default="auto",
+        help="comma-separated runtimes: "
+        + ", ".join(f"{k} ({v.label})" for k, v in RUNTIMES.items())
+        + "; or auto: every one that works here, skipping with a note a runtime that lacks an "
+        "artifact's ops or dtype (reference: com.microsoft ops; cpu: bfloat16) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--matrix",
+        action="store_true",
+        help="print only the compatibility matrix (--report and --json still get everything)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write every check as JSON")
-    p.add_argument("--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)")
-    p.add_argument("--no-torch", action="store_true", help="skip the live PyTorch comparison even if torch is installed")
-    p.add_argument("--text", action="append", metavar="SENTENCE",
-                   help="also run these sentences (repeatable), tokenized with the artifact's own tokenizer "
-                   "files and padded to one batch; for artifacts exported from a checkpoint")
+    p.add_argument(
+        "--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-torch", action="store_true", help="skip the live PyTorch comparison even if torch is installed"
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        metavar="SENTENCE",
+        help="also run these sentences (repeatable), tokenized with the artifact's own tokenizer "
+        "files and padded to one batch; for artifacts exported from a checkpoint",
+    )
     p.add_argument("--text-file", type=Path, metavar="FILE", help="sentences, one per line, as with --text")
     return p.parse_args(argv)
 
 
-def fail(message: str) -> int:
-    print(f"qkv-validate: error: {message}", file=sys.stderr)
-    return EXIT_INVALID
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
+def run(args) -> int:
+    with stage(STAGE_PROBE):
         providers, notes, auto = parse_providers(args.providers)
-    except ProviderError as e:
-        return fail(str(e))
     sentences = []
     if args.text or args.text_file:
-        from .text import TextError, read_sentences
+        from ..text import read_sentences
 
-        try:
-            sentences = read_sentences(args.text, args.text_file)
-        except TextError as e:
-            return fail(str(e))
+        sentences = read_sentences(args.text, args.text_file)
     reports, invalid = [], {}
     for directory in args.artifacts:
         try:
-            reports.append(validate_artifact(load_artifact(directory), providers, args.seed, not args.no_torch,
-                                             auto, sentences))
+            artifact = load_artifact(directory)
+            reports.append(
+                validate_artifact(artifact, providers, args.seed, not args.no_torch, auto, sentences)
+            )
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
-            print(f"qkv-validate: error: {e}", file=sys.stderr)
+            report_error(PROG, first_line(e))
     compare_backends(reports)
     for r in reports:
         for e in r.errors:
-            print(f"qkv-validate: error: {e}", file=sys.stderr)
-    code = EXIT_INVALID if invalid or any(r.errors for r in reports) else (EXIT_PASS if all(r.passed for r in reports) else EXIT_PARITY)
-    text = markdown(reports, invalid, notes)
+            report_error(PROG, e)
+    if invalid or any(r.errors for r in reports):
+        code = ArtifactError.exit_code
+    else:
+        code = EXIT_OK if all(r.passed for r in reports) else ParityFailure.exit_code
+    with stage(STAGE_REPORT):
+        text = markdown(reports, invalid, notes)
     try:
         if args.report:
             args.report.write_text(text)
@@ -97,8 +126,13 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(to_json(reports, invalid, code, notes))
     except OSError as e:
-        return fail(f"cannot write report: {e}")
+        raise UsageError(f"cannot write report: {e}") from None
     return code
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

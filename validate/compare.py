@@ -1,6 +1,6 @@
-"""Comparison metrics and the tolerance policy.
+"""Comparison metrics and the tolerance policy (docs/tolerance.md explains it for users).
 
-Tolerance policy (README "Tolerance policy" explains it for users). An output passes when
+An output passes when
     max |actual - reference| <= atol,   atol = tol(dtype) * max |reference|
 i.e. the error is judged relative to the output's scale (encoder outputs are LayerNorm-ed,
 O(1); an elementwise rtol would fail near zeros for no reason). With u the dtype's unit
@@ -19,9 +19,12 @@ The provider enters only through the accumulation precision, float32 on every ru
 Against PyTorch (golden data or a live run) or a sibling backend, which have their own
 rounding, the tolerance is doubled. NaN or Inf in either side never passes.
 """
+
 import math
 
 import numpy as np
+
+from .results import Comparison, Metrics
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 FP16_ROUNDINGS_PER_STAGE = 8
@@ -31,11 +34,13 @@ def tolerance(dtype: str, accumulation_length: int, stages: int) -> float:
     """Allowed max abs error relative to the reference's max abs value."""
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError(f"no tolerance policy for dtype {dtype!r}")
-    per_stage = math.sqrt(accumulation_length) if dtype in ("float32", "float64") else FP16_ROUNDINGS_PER_STAGE
+    per_stage = (
+        math.sqrt(accumulation_length) if dtype in ("float32", "float64") else FP16_ROUNDINGS_PER_STAGE
+    )
     return UNIT_ROUNDOFF[dtype] * per_stage * stages
 
 
-def model_error_terms(manifest: dict, key_length: int) -> tuple:
+def model_error_terms(manifest: dict, key_length: int) -> tuple[int, int]:
     """(K, S) of the tolerance policy for the model an artifact holds."""
     architecture, cfg = manifest["model"]["architecture"], manifest["model"]["config"]
     widest = cfg["hidden_size"] if architecture == "attention" else max(cfg["hidden_size"], cfg["ffn_size"])
@@ -48,31 +53,29 @@ def first_nonfinite(a: np.ndarray) -> str:
     return f"{a[idx]} at index {idx} ({int((~np.isfinite(a)).sum())} non-finite values)"
 
 
-def compare_outputs(actual, reference, tol: float) -> dict:
+def compare_outputs(actual, reference, tol: float) -> Comparison:
     """Metrics of `actual` against `reference` and the verdict under `tol` (see module docstring)."""
     actual, reference = np.asarray(actual), np.asarray(reference)
-    result = {"passed": False, "tol": tol}
     if actual.shape != reference.shape:
-        return {**result, "error": f"shape {list(actual.shape)}, expected {list(reference.shape)}"}
+        return Comparison(tol, error=f"shape {list(actual.shape)}, expected {list(reference.shape)}")
     if not np.isfinite(actual).all():
-        return {**result, "error": "non-finite output: " + first_nonfinite(actual)}
+        return Comparison(tol, error="non-finite output: " + first_nonfinite(actual))
     if not np.isfinite(reference).all():
-        return {**result, "error": "non-finite reference: " + first_nonfinite(reference)}
+        return Comparison(tol, error="non-finite reference: " + first_nonfinite(reference))
     a, r = actual.astype(np.float64), reference.astype(np.float64)
+    if not r.size:
+        return Comparison(tol, Metrics(0.0, 0.0, 0.0, 1.0, 0.0, 0.0))
     diff = np.abs(a - r)
-    scale = float(np.abs(r).max()) if r.size else 0.0
+    scale = float(np.abs(r).max())
     floor = max(scale * 1e-6, np.finfo(np.float64).tiny)
     norms = np.linalg.norm(a) * np.linalg.norm(r)
-    atol = tol * scale
-    max_abs = float(diff.max()) if r.size else 0.0
-    return {
-        **result,
-        "passed": max_abs <= atol,
-        "max_abs": max_abs,
-        "max_rel": float((diff / np.maximum(np.abs(r), floor)).max()) if r.size else 0.0,
-        "mean_abs": float(diff.mean()) if r.size else 0.0,
-        "cosine": float((a.ravel() @ r.ravel()) / norms) if norms > 0 else float(np.array_equal(a, r)),
-        "atol": atol,
-        "atol_needed": max_abs,
-        "scale": scale,
-    }
+    cosine = float((a.ravel() @ r.ravel()) / norms) if norms > 0 else float(np.array_equal(a, r))
+    metrics = Metrics(
+        max_abs=float(diff.max()),
+        max_rel=float((diff / np.maximum(np.abs(r), floor)).max()),
+        mean_abs=float(diff.mean()),
+        cosine=cosine,
+        scale=scale,
+        atol=tol * scale,
+    )
+    return Comparison(tol, metrics)

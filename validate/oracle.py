@@ -3,6 +3,7 @@
 Imports numpy and math only: never torch or onnxruntime. Weights are a dict of arrays keyed
 by the reference module's parameter names; every function computes in float64.
 """
+
 import math
 
 import numpy as np
@@ -61,8 +62,9 @@ def gelu(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
-def multi_head_attention(x, w, prefix, num_heads, num_kv_heads, context=None, key_padding_mask=None,
-                         is_causal=False, scale=None):
+def multi_head_attention(
+    x, w, prefix, num_heads, num_kv_heads, context=None, key_padding_mask=None, is_causal=False, scale=None
+):
     """Projections, attention per head, output projection. key_padding_mask (B, Lk): True/1 = attend."""
     context = x if context is None else context
     b, lq, width = x.shape
@@ -74,7 +76,9 @@ def multi_head_attention(x, w, prefix, num_heads, num_kv_heads, context=None, ke
     q = heads(linear(x, w, prefix + ".q_proj"), num_heads)
     k = heads(linear(context, w, prefix + ".k_proj"), num_kv_heads)
     v = heads(linear(context, w, prefix + ".v_proj"), num_kv_heads)
-    mask = None if key_padding_mask is None else np.asarray(key_padding_mask).astype(bool).reshape(b, 1, 1, lk)
+    mask = (
+        None if key_padding_mask is None else np.asarray(key_padding_mask).astype(bool).reshape(b, 1, 1, lk)
+    )
     y = attention(q, k, v, mask, is_causal, scale)  # (B, H, Lq, d)
     return linear(y.transpose(0, 2, 1, 3).reshape(b, lq, width), w, prefix + ".out_proj")
 
@@ -85,7 +89,9 @@ def encoder_block(x, w, prefix, cfg, key_padding_mask=None):
     kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
 
     def attn(t):
-        return multi_head_attention(t, w, prefix + ".attn", cfg["num_heads"], kv_heads, key_padding_mask=key_padding_mask)
+        return multi_head_attention(
+            t, w, prefix + ".attn", cfg["num_heads"], kv_heads, key_padding_mask=key_padding_mask
+        )
 
     def ffn(t):
         return linear(gelu(linear(t, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
@@ -100,8 +106,11 @@ def encoder_block(x, w, prefix, cfg, key_padding_mask=None):
 def bert(w, cfg, input_ids, token_type_ids, attention_mask):
     """Embeddings, blocks, optional final LayerNorm and tanh pooler. Returns a tuple of outputs."""
     eps, length = cfg["layer_norm_eps"], input_ids.shape[1]
-    x = (w["embeddings.word.weight"][input_ids] + w["embeddings.position.weight"][:length]
-         + w["embeddings.token_type.weight"][token_type_ids]).astype(np.float64)
+    x = (
+        w["embeddings.word.weight"][input_ids]
+        + w["embeddings.position.weight"][:length]
+        + w["embeddings.token_type.weight"][token_type_ids]
+    ).astype(np.float64)
     x = layer_norm(x, w, "embeddings.norm", eps)
     for i in range(cfg["num_layers"]):
         x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask)
@@ -128,7 +137,16 @@ def forward(architecture, cfg, options, weights, inputs):
     if architecture == "attention":
         x, *context, mask = inputs
         kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
-        return (multi_head_attention(np.asarray(x, np.float64), w, "attn", cfg["num_heads"], kv_heads,
-                                     context=np.asarray(context[0], np.float64) if context else None,
-                                     key_padding_mask=mask, is_causal=options.get("causal", False)),)
+        return (
+            multi_head_attention(
+                np.asarray(x, np.float64),
+                w,
+                "attn",
+                cfg["num_heads"],
+                kv_heads,
+                context=np.asarray(context[0], np.float64) if context else None,
+                key_padding_mask=mask,
+                is_causal=options.get("causal", False),
+            ),
+        )
     raise ValueError(f"the oracle does not know architecture {architecture!r}")

@@ -2,6 +2,7 @@
 ONNX Runtime per execution provider (ort.py), onnx's ReferenceEvaluator (reference.py) and
 OpenVINO's CPU plugin (openvino.py). Adding a runtime is one adapter and one entry in RUNTIMES;
 the comparison and report code take whatever is registered."""
+
 from .base import ProviderError, Runtime
 from .openvino import OpenVino, OpenVinoDefault
 from .ort import (
@@ -19,9 +20,22 @@ from .reference import Reference
 
 RUNTIMES = {cls.name: cls for cls in (OrtCpu, OrtCuda, Reference, OpenVino, OpenVinoDefault)}
 
-__all__ = ["RUNTIMES", "OrtSession", "ProviderError", "Reference", "Runtime", "capability_gap",
-           "cost_model_nodes", "cpu_placement", "cuda_problem", "open_runtime", "parse_placements",
-           "parse_providers", "placement_log", "single_node_model"]
+__all__ = [
+    "RUNTIMES",
+    "OrtSession",
+    "ProviderError",
+    "Reference",
+    "Runtime",
+    "capability_gap",
+    "cost_model_nodes",
+    "cpu_placement",
+    "cuda_problem",
+    "open_runtime",
+    "parse_placements",
+    "parse_providers",
+    "placement_log",
+    "single_node_model",
+]
 
 
 def capability_gap(name: str, artifact) -> str | None:
@@ -47,11 +61,14 @@ def parse_providers(text: str) -> tuple:
             if problem:
                 missing.setdefault(problem, []).append(name)
         note = f"--providers auto found: {', '.join(found)}" + "".join(
-            f" (no {', '.join(who)}: {problem})" for problem, who in missing.items())
+            f" (no {', '.join(who)}: {problem})" for problem, who in missing.items()
+        )
         return found, [note], True
     unknown = [p for p in names if p not in RUNTIMES]
     if unknown or not names:
-        raise ProviderError(f"unknown provider(s) {unknown or text!r}; available: {', '.join(RUNTIMES)}, or auto")
+        raise ProviderError(
+            f"unknown provider(s) {unknown or text!r}; available: {', '.join(RUNTIMES)}, or auto"
+        )
     for name in dict.fromkeys(names):
         problem = RUNTIMES[name].problem()
         if problem:

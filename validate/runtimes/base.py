@@ -1,9 +1,10 @@
 """What every runtime adapter provides (see validate/runtimes/__init__.py)."""
+
 from pathlib import Path
 
+from ...errors import ProviderError
 
-class ProviderError(Exception):
-    """The requested runtime cannot run here, or cannot run this artifact (exit code 2)."""
+__all__ = ["ProviderError", "Runtime"]
 
 
 class Runtime:

@@ -6,12 +6,13 @@ default INFERENCE_PRECISION_HINT is bf16, so a float32 artifact runs its matmuls
 plugin's defaults, as a deployment that sets nothing would, judged at the tolerance of the precision
 it really computes in and reported without deciding pass/fail.
 """
+
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from ..artifact import first_line
+from ...errors import first_line
 from .base import ProviderError, Runtime
 
 INSTALL_HINT = "pip install 'qkv-onnx[openvino]'"
@@ -20,8 +21,11 @@ PRECISIONS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 def _reason(error: Exception) -> str:
     """OpenVINO's message on one line, without its source-location lines."""
-    lines = [line.strip() for line in str(error).splitlines()
-             if line.strip() and not line.startswith(("Exception from src/", "Check '"))]
+    lines = [
+        line.strip()
+        for line in str(error).splitlines()
+        if line.strip() and not line.startswith(("Exception from src/", "Check '"))
+    ]
     return " ".join(lines) or first_line(error)
 
 
@@ -41,8 +45,10 @@ class OpenVino(Runtime):
         self.hint = hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.compute_dtype = PRECISIONS.get(hint)
         if self.compute_dtype is None:
-            raise ProviderError(f"{model_path}: OpenVINO CPU chose inference precision {hint}, which has no "
-                                "tolerance policy here")
+            raise ProviderError(
+                f"{model_path}: OpenVINO CPU chose inference precision {hint}, which has no "
+                "tolerance policy here"
+            )
         self.providers = [f"OpenVINO {ov.__version__.split('-')[0]} CPU, inference precision {hint}"]
         self.request = self.compiled.create_infer_request()
         self._ov = ov
@@ -81,7 +87,15 @@ class OpenVinoDefault(OpenVino):
     def __init__(self, model_path: Path):
         super().__init__(model_path)
         capabilities = ", ".join(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        self.notes.append(f"the CPU plugin's default INFERENCE_PRECISION_HINT here is {self.hint} (this CPU's "
-                          f"OPTIMIZATION_CAPABILITIES: {capabilities})" + ("" if self.hint == "f32" else (
-                              "; a deployment that wants float32 results sets INFERENCE_PRECISION_HINT=f32, as "
-                              "runtime `openvino` does")))
+        self.notes.append(
+            f"the CPU plugin's default INFERENCE_PRECISION_HINT here is {self.hint} (this CPU's "
+            f"OPTIMIZATION_CAPABILITIES: {capabilities})"
+            + (
+                ""
+                if self.hint == "f32"
+                else (
+                    "; a deployment that wants float32 results sets INFERENCE_PRECISION_HINT=f32, as "
+                    "runtime `openvino` does"
+                )
+            )
+        )

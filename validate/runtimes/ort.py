@@ -8,12 +8,13 @@ them, which a strict session refuses. Only when every node ORT puts on the CPU i
 cost-model placement is the session made with fallback allowed, and those nodes are reported;
 a node the provider has no kernel for is always an error that names it.
 """
+
 import ctypes
 import os
 import tempfile
 from pathlib import Path
 
-from ..artifact import first_line
+from ...errors import first_line
 from .base import ProviderError, Runtime
 
 ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider", {}), "cuda": ("CUDAExecutionProvider", {"use_tf32": "0"})}
@@ -55,13 +56,16 @@ COST_MODEL = "Force fallback to CPU execution for node: "
 
 def cost_model_nodes(log: str) -> set:
     """Names of the nodes ORT's log says it moved to the CPU by cost, though the provider could run them."""
-    return {line.split(COST_MODEL, 1)[1].split(" because ", 1)[0].strip()
-            for line in log.splitlines() if COST_MODEL in line}
+    return {
+        line.split(COST_MODEL, 1)[1].split(" because ", 1)[0].strip()
+        for line in log.splitlines()
+        if COST_MODEL in line
+    }
 
 
 def _node_name(entry: str) -> str:
     """'Gather (node_Gather_4)' -> 'node_Gather_4'."""
-    return entry[entry.find("(") + 1:entry.rfind(")")] if entry.endswith(")") else entry
+    return entry[entry.find("(") + 1 : entry.rfind(")")] if entry.endswith(")") else entry
 
 
 def cpu_placement(log: str) -> tuple:
@@ -110,18 +114,27 @@ class OrtSession(Runtime):
                 raise ProviderError(f"{model_path}: ONNX Runtime {ep} cannot run it: {reason}") from None
             on_cpu, unexplained = cpu_placement(placement_log(model_path, ep))
             if not on_cpu or unexplained:
-                detail = f"all {unexplained} nodes" if isinstance(unexplained, int) else \
-                    _listing(unexplained) if unexplained else reason
-                raise ProviderError(f"{model_path}: ONNX Runtime {ep} has no kernel for node(s) that CPU fallback "
-                                    f"would take, and fallback is disabled: {detail}") from None
+                detail = (
+                    f"all {unexplained} nodes"
+                    if isinstance(unexplained, int)
+                    else _listing(unexplained)
+                    if unexplained
+                    else reason
+                )
+                raise ProviderError(
+                    f"{model_path}: ONNX Runtime {ep} has no kernel for node(s) that CPU fallback "
+                    f"would take, and fallback is disabled: {detail}"
+                ) from None
             self.session = self._create(model_path, ep, options, strict=False)
             self.cpu_nodes = on_cpu
         if self.session.get_providers()[0] != ep:
             raise ProviderError(f"{model_path}: session runs on {self.session.get_providers()}, not {ep}")
         self.providers = self.session.get_providers()
         if self.cpu_nodes:
-            self.notes.append(f"{len(self.cpu_nodes)} shape node(s) left on the CPU by ORT's cost model (the "
-                              f"provider has kernels for them): {', '.join(self.cpu_nodes)}")
+            self.notes.append(
+                f"{len(self.cpu_nodes)} shape node(s) left on the CPU by ORT's cost model (the "
+                f"provider has kernels for them): {', '.join(self.cpu_nodes)}"
+            )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     @staticmethod
@@ -148,8 +161,10 @@ class OrtCpu(OrtSession):
     @classmethod
     def gap(cls, artifact) -> str | None:
         if artifact.manifest["dtype"] == "bfloat16":
-            return ("ONNX Runtime's CPU provider has no bfloat16 kernels; validate bfloat16 artifacts with "
-                    "--providers cuda on a GPU machine, or openvino")
+            return (
+                "ONNX Runtime's CPU provider has no bfloat16 kernels; validate bfloat16 artifacts with "
+                "--providers cuda on a GPU machine, or openvino"
+            )
         return None
 
 
@@ -169,8 +184,12 @@ def single_node_model(path: Path, node, elem_type: int, shape: list) -> Path:
     import onnx
     from onnx import helper
 
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", elem_type, shape)],
-                              [helper.make_tensor_value_info("y", elem_type, shape)])
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("x", elem_type, shape)],
+        [helper.make_tensor_value_info("y", elem_type, shape)],
+    )
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(node.domain, 1)] if node.domain else [])
     onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
     return path
@@ -182,7 +201,9 @@ def cuda_problem() -> str | None:
     from onnx import TensorProto, helper
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} is built without CUDAExecutionProvider (install onnxruntime-gpu)"
+        return (
+            f"onnxruntime {ort.__version__} is built without CUDAExecutionProvider (install onnxruntime-gpu)"
+        )
     library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if library.exists():
         try:
@@ -190,8 +211,9 @@ def cuda_problem() -> str | None:
         except OSError as e:
             return f"the CUDA provider library does not load: {e}"
     with tempfile.TemporaryDirectory() as d:
-        path = single_node_model(Path(d) / "probe.onnx", helper.make_node("Add", ["x", "x"], ["y"]),
-                                 TensorProto.FLOAT, [1])
+        path = single_node_model(
+            Path(d) / "probe.onnx", helper.make_node("Add", ["x", "x"], ["y"]), TensorProto.FLOAT, [1]
+        )
         try:
             OrtSession(path, "cuda")
         except ProviderError as e:

@@ -1,9 +1,10 @@
 """onnx's ReferenceEvaluator: the ai.onnx domain only, in NumPy."""
+
 from pathlib import Path
 
 import numpy as np
 
-from ..artifact import first_line
+from ...errors import first_line
 from .base import ProviderError, Runtime
 
 
@@ -24,8 +25,10 @@ class Reference(Runtime):
     @classmethod
     def gap(cls, artifact) -> str | None:
         if artifact.foreign_ops:
-            return (f"ReferenceEvaluator has no kernels for {', '.join(artifact.foreign_ops)} "
-                    "(it implements the ai.onnx domain only)")
+            return (
+                f"ReferenceEvaluator has no kernels for {', '.join(artifact.foreign_ops)} "
+                "(it implements the ai.onnx domain only)"
+            )
         return None
 
     def run(self, inputs: list) -> list:

@@ -2,10 +2,13 @@
 
 Imports numpy and (lazily) tokenizers only: never torch, so validation runs without torch.
 """
+
 import json
 from pathlib import Path
 
 import numpy as np
+
+from .errors import UsageError
 
 # Files that carry a BERT checkpoint's tokenizer: tokenizer.json is used when present, else vocab.txt
 # with tokenizer_config.json's casing options. Export copies whichever exist into the artifact.
@@ -23,7 +26,7 @@ SAMPLE_SENTENCES = (
 )
 
 
-class TextError(Exception):
+class TextError(UsageError):
     """Sentences that cannot be tokenized: no tokenizers library, no tokenizer files, no sentences."""
 
 
@@ -31,8 +34,10 @@ def _load_tokenizer(tokenizer_dir: Path):
     try:
         import tokenizers
     except ImportError:
-        raise TextError("tokenizing text needs the tokenizers library: pip install tokenizers "
-                        "(or the package's 'text' extra)") from None
+        raise TextError(
+            "tokenizing text needs the tokenizers library: pip install tokenizers "
+            "(or the package's 'text' extra)"
+        ) from None
     if (tokenizer_dir / "tokenizer.json").is_file():
         try:
             return tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -46,8 +51,11 @@ def _load_tokenizer(tokenizer_dir: Path):
             except ValueError as e:
                 raise TextError(f"{tokenizer_dir / 'tokenizer_config.json'}: not JSON ({e})") from None
         wordpiece = tokenizers.BertWordPieceTokenizer(
-            str(tokenizer_dir / "vocab.txt"), lowercase=conf.get("do_lower_case", True),
-            strip_accents=conf.get("strip_accents"), handle_chinese_chars=conf.get("tokenize_chinese_chars", True))
+            str(tokenizer_dir / "vocab.txt"),
+            lowercase=conf.get("do_lower_case", True),
+            strip_accents=conf.get("strip_accents"),
+            handle_chinese_chars=conf.get("tokenize_chinese_chars", True),
+        )
         return wordpiece._tokenizer  # the underlying tokenizers.Tokenizer (same API as from_file)
     raise TextError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json or vocab.txt)")
 
@@ -74,7 +82,9 @@ def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
     pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
     if pad_id is None:
         raise TextError(f"{tokenizer_dir}: the tokenizer has no pad token {pad_token!r}")
-    tok.enable_padding(direction="right", pad_id=pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=pad_token)
+    tok.enable_padding(
+        direction="right", pad_id=pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=pad_token
+    )
     if max_length is None:
         tok.no_truncation()
     else:

@@ -3,6 +3,7 @@
 Everything is built in a sibling temporary directory and swapped into place at the end, so an
 interrupted export leaves no half artifact and never touches an older one.
 """
+
 import ctypes
 import io
 import os
@@ -14,13 +15,7 @@ from pathlib import Path
 import numpy as np
 from onnx import numpy_helper
 
-from validate.artifact import (  # one format, defined by its reader
-    DIGEST_KEY,
-    FORMAT,
-    canonical_json,
-    manifest_digest,
-    sha256_file,
-)
+from ..artifact_format import FORMAT, MANIFEST, golden_file, sha256_file, signed
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -37,23 +32,28 @@ def save_weights_npz(path: Path, arrays: dict) -> None:
             zf.writestr(info, buf.getvalue())
 
 
-def save_test_data_set(directory: Path, input_names, inputs, output_names, outputs) -> None:
-    """ONNX's standard layout: input_K.pb / output_K.pb TensorProtos named after the graph's inputs/outputs."""
-    directory.mkdir()
+def save_test_data_set(directory: Path, n: int, input_names, inputs, output_names, outputs) -> None:
+    """Golden set `n` in ONNX's standard layout: input_K.pb / output_K.pb TensorProtos named after the
+    graph's inputs and outputs."""
+    (directory / golden_file(n, "input", 0)).parent.mkdir()
     for kind, names, arrays in (("input", input_names, inputs), ("output", output_names, outputs)):
-        for k, (name, array) in enumerate(zip(names, arrays)):
-            (directory / f"{kind}_{k}.pb").write_bytes(numpy_helper.from_array(array, name).SerializeToString())
+        for k, (name, array) in enumerate(zip(names, arrays, strict=True)):
+            tensor = numpy_helper.from_array(np.asarray(array), name)
+            (directory / golden_file(n, kind, k)).write_bytes(tensor.SerializeToString())
 
 
 def file_table(directory: Path) -> dict:
-    return {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return {
+        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:
     """Add the format tag and the sha256 of every file, write manifest.json, return the whole manifest."""
     manifest = {**manifest, "format": FORMAT, "files": file_table(directory)}
-    (directory / "manifest.json").write_text(canonical_json({**manifest, DIGEST_KEY: manifest_digest(manifest)}))
+    (directory / MANIFEST).write_text(signed(manifest))
     return manifest
 
 

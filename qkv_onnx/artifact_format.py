@@ -1,0 +1,363 @@
+"""The artifact format: the contract between export/ (which writes it) and validate/ (which judges it).
+
+Torch-free: numpy, onnx and the standard library only. What lives here: the format version, the file
+names and their roles, canonical JSON and digests, the manifest schema, the backend table with the op
+domains each backend emits, and the graph walks both halves need.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+
+FORMAT = "qkv-onnx-artifact/1"
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+WEIGHTS = "weights.npz"
+TOKENIZER_DIR = "tokenizer"  # a checkpoint's tokenizer files, for qkv-validate --text
+DIGEST_KEY = "manifest_sha256"
+MAX_MANIFEST_BYTES = 1 << 24
+
+DTYPES = ("float32", "float16", "bfloat16")
+INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask")
+ARCHITECTURES = ("attention", "encoder-block", "bert")
+DIMS = ("batch", "seq", "kv_seq")  # the symbolic dims validation knows how to size
+STANDARD_DOMAINS = ("", "ai.onnx")
+REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
+_GOLDEN = re.compile(r"test_data_set_(\d+)/(input|output)_(\d+)\.pb")
+
+
+# --- the backend table -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to write attention into the graph, and what the graph then promises."""
+
+    name: str
+    min_opset: int
+    max_opset: int | None
+    default_opset: int
+    attention_ops: tuple[tuple[str, str], ...]  # fused attention ops (domain, op_type); empty: MatMul/Softmax
+    ort_fusions: bool = False  # onnxscript's optimize_for_ort runs after the export
+    zero_empty_rows: bool = False  # the graph writes "a query with no key outputs 0" itself
+    summary: str = ""
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Op domains beyond standard ONNX that this backend's graphs may use."""
+        return tuple(sorted({d for d, _ in self.attention_ops if d not in STANDARD_DOMAINS}))
+
+    def opset_problem(self, opset: int) -> str | None:
+        if opset < self.min_opset or (self.max_opset is not None and opset > self.max_opset):
+            if self.max_opset is None:
+                span = f">= {self.min_opset}"
+            elif self.min_opset == self.max_opset:
+                span = f"{self.min_opset}"
+            else:
+                span = f"{self.min_opset}..{self.max_opset}"
+            return f"backend {self.name} needs opset {span}, got {opset}"
+        return None
+
+
+BACKENDS = {
+    b.name: b
+    for b in [
+        Backend(
+            "onnx-attention",
+            23,
+            None,
+            23,
+            (("", "Attention"),),
+            summary="ONNX Attention op (opset >= 23): portable runtimes",
+        ),
+        Backend(
+            "ort-contrib",
+            18,
+            18,
+            18,
+            (("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")),
+            ort_fusions=True,
+            zero_empty_rows=True,
+            summary="ONNX Runtime com.microsoft Attention/MultiHeadAttention, SkipLayerNormalization, "
+            "BiasGelu",
+        ),
+        Backend(
+            "decomposed",
+            17,
+            18,
+            18,
+            (),
+            zero_empty_rows=True,
+            summary="MatMul/Softmax at opset 17/18: runtimes without a fused attention op",
+        ),
+    ]
+}
+
+
+# --- files, digests, canonical JSON --------------------------------------------------------------
+
+
+def golden_file(n: int, kind: str, k: int) -> str:
+    """Relative path of golden tensor K of set N; kind 'input' or 'output' (ONNX's test-data layout)."""
+    return f"test_data_set_{n}/{kind}_{k}.pb"
+
+
+def file_role(rel: str) -> str:
+    """What a listed file is for: model, external-data, weights, golden, tokenizer (or unknown)."""
+    if rel == MODEL:
+        return "model"
+    if rel == WEIGHTS:
+        return "weights"
+    if _GOLDEN.fullmatch(rel):
+        return "golden"
+    if rel.startswith(TOKENIZER_DIR + "/"):
+        return "tokenizer"
+    if rel.startswith(MODEL) and "/" not in rel:
+        return "external-data"
+    return "unknown"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: the manifest protects itself."""
+    return sha256_bytes(canonical_json(manifest).encode())
+
+
+def signed(manifest: dict) -> str:
+    """The bytes of manifest.json: canonical JSON with its own digest added."""
+    return canonical_json({**manifest, DIGEST_KEY: manifest_digest(manifest)})
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype by name; bfloat16 is ml_dtypes' (what onnx's numpy_helper uses)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def stored_weight_dtype(dtype: str) -> str:
+    """weights.npz keeps bfloat16 as float32 (.npy has no bfloat16; float32 holds it exactly)."""
+    return "float32" if dtype == "bfloat16" else dtype
+
+
+# --- the manifest schema -------------------------------------------------------------------------
+
+
+def _positive_int(v) -> bool:
+    return type(v) is int and v > 0
+
+
+CONFIG_FIELDS = {  # what the oracle, the tolerance policy and the PyTorch rebuild read
+    "num_layers": _positive_int,
+    "hidden_size": _positive_int,
+    "num_heads": _positive_int,
+    "num_kv_heads": lambda v: v is None or _positive_int(v),
+    "ffn_size": _positive_int,
+    "vocab_size": _positive_int,
+    "max_positions": _positive_int,
+    "type_vocab_size": _positive_int,
+    "layer_norm_eps": lambda v: type(v) is float and 0 < v < 1,
+    "pre_layer_norm": lambda v: type(v) is bool,
+    "with_pooler": lambda v: type(v) is bool,
+}
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What is structurally wrong with a manifest (its digest already checked), or None."""
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        return f"missing keys {missing}"
+    if m["format"] != FORMAT:
+        return f"format {m['format']!r}, expected {FORMAT!r}"
+    model = m["model"]
+    if (
+        not isinstance(model, dict)
+        or not all(isinstance(model.get(k), dict) for k in ("config", "options"))
+        or not all(isinstance(model.get(k), str) for k in ("name", "architecture"))
+    ):
+        return "'model' must hold 'name', 'architecture', 'config' and 'options'"
+    if model["architecture"] not in ARCHITECTURES:
+        return f"unknown architecture {model['architecture']!r}; known: {', '.join(ARCHITECTURES)}"
+    bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(model["config"].get(k))]
+    if bad:
+        return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
+    cfg = model["config"]
+    kv = cfg["num_kv_heads"] or cfg["num_heads"]
+    if cfg["hidden_size"] % cfg["num_heads"] or cfg["num_heads"] % kv:
+        return f"model config has an impossible head layout: {cfg['hidden_size']}/{cfg['num_heads']}/{kv}"
+    if not isinstance(m["backend"], str) or m["backend"] not in BACKENDS:
+        return f"unknown backend {m['backend']!r}; known: {', '.join(BACKENDS)}"
+    if m["dtype"] not in DTYPES:
+        return f"unsupported dtype {m['dtype']!r}"
+    for key in ("inputs", "outputs"):
+        if (
+            not isinstance(m[key], list)
+            or not m[key]
+            or not all(
+                isinstance(v, dict)
+                and isinstance(v.get("name"), str)
+                and isinstance(v.get("dtype"), str)
+                and isinstance(v.get("shape"), list)
+                for v in m[key]
+            )
+        ):
+            return f"'{key}' must be a non-empty list of {{name, dtype, shape}}"
+    if not all(v.get("role") in INPUT_ROLES for v in m["inputs"]):
+        return f"every input needs a 'role' among {INPUT_ROLES}"
+    problem = _io_problem(m)
+    if problem:
+        return problem
+    files = m["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int
+        for e in files.values()
+    ):
+        return "'files' must map each file to {sha256, bytes}"
+    missing = [f for f in (MODEL, WEIGHTS) if f not in files]
+    if missing:
+        return f"the file list does not name {missing[0]}"
+    if type(m["golden_sets"]) is not int or not 0 <= m["golden_sets"] <= 64:
+        return f"bad golden_sets {m['golden_sets']!r}"
+    listed = sorted({rel.split("/")[0] for rel in files if rel.startswith("test_data_set_")})
+    if listed != sorted(f"test_data_set_{n}" for n in range(m["golden_sets"])):
+        return f"golden_sets is {m['golden_sets']} but the file list holds {listed}"
+    return None
+
+
+def _io_problem(m: dict) -> str | None:
+    """Inputs and outputs the validator can feed and judge: float tensors in the artifact's dtype, int64 ids
+    and masks, shapes (batch, ...) of positive ints and known symbolic dims, a 2-D padding mask."""
+    for v in m["inputs"] + m["outputs"]:
+        shape, role = v["shape"], v.get("role", "output")
+        want = m["dtype"] if role in ("hidden", "output") else "int64"
+        if v["dtype"] != want:
+            return f"{v['name']!r} is {v['dtype']}, expected {want}"
+        if (
+            not shape
+            or shape[0] != "batch"
+            or not all(d in DIMS or _positive_int(d) for d in shape)
+            or (role == "padding_mask" and len(shape) != 2)
+        ):
+            return (
+                f"{v['name']!r} has shape {shape}: expected ['batch', ...] of positive ints and {list(DIMS)}"
+            )
+    return None
+
+
+# --- graph walks ---------------------------------------------------------------------------------
+
+
+def _subgraphs(nodes):
+    for node in nodes:
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield g
+                yield from _subgraphs(g.node)
+
+
+def bodies(model: onnx.ModelProto) -> list:
+    """The main graph, the model-local functions and every subgraph inside them."""
+    tops = [model.graph, *model.functions]
+    return tops + [g for top in tops for g in _subgraphs(top.node)]
+
+
+def all_nodes(model: onnx.ModelProto):
+    """Every node: main graph, model-local functions, and the subgraphs inside them."""
+    for body in bodies(model):
+        yield from body.node
+
+
+def op_key(domain: str, op: str) -> str:
+    """'domain::Op', or 'Op' for standard ONNX: how op counts are keyed in the manifest."""
+    return f"{domain}::{op}" if domain not in STANDARD_DOMAINS else op
+
+
+def graph_io(values) -> list[dict]:
+    """Name, element type and (symbolic) shape of graph inputs or outputs, as the manifest lists them."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        except (KeyError, ValueError, TypeError):
+            dtype = f"elem_type {t.elem_type}"
+        out.append(
+            {"name": v.name, "dtype": dtype, "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+        )
+    return out
+
+
+# --- the weights a config implies ----------------------------------------------------------------
+
+
+def _linear(prefix: str, out_features: int, in_features: int) -> dict:
+    return {f"{prefix}.weight": (out_features, in_features), f"{prefix}.bias": (out_features,)}
+
+
+def _norm(prefix: str, width: int) -> dict:
+    return {f"{prefix}.weight": (width,), f"{prefix}.bias": (width,)}
+
+
+def _attention_weights(prefix: str, cfg: dict) -> dict:
+    h = cfg["hidden_size"]
+    kv_width = h // cfg["num_heads"] * (cfg["num_kv_heads"] or cfg["num_heads"])
+    return {
+        **_linear(f"{prefix}.q_proj", h, h),
+        **_linear(f"{prefix}.k_proj", kv_width, h),
+        **_linear(f"{prefix}.v_proj", kv_width, h),
+        **_linear(f"{prefix}.out_proj", h, h),
+    }
+
+
+def _block_weights(prefix: str, cfg: dict) -> dict:
+    h, f = cfg["hidden_size"], cfg["ffn_size"]
+    return {
+        **_attention_weights(f"{prefix}.attn", cfg),
+        **_norm(f"{prefix}.attn_norm", h),
+        **_linear(f"{prefix}.ffn.fc1", f, h),
+        **_linear(f"{prefix}.ffn.fc2", h, f),
+        **_norm(f"{prefix}.ffn_norm", h),
+    }
+
+
+def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter name and shape the reference module of `architecture` has under `cfg`: the exact
+    content of weights.npz (the state_dict of model_defs' module, checked against it in the tests)."""
+    if architecture == "attention":
+        return _attention_weights("attn", cfg)
+    if architecture == "encoder-block":
+        return _block_weights("block", cfg)
+    h = cfg["hidden_size"]
+    out = {
+        "embeddings.word.weight": (cfg["vocab_size"], h),
+        "embeddings.position.weight": (cfg["max_positions"], h),
+        "embeddings.token_type.weight": (cfg["type_vocab_size"], h),
+        **_norm("embeddings.norm", h),
+    }
+    for i in range(cfg["num_layers"]):
+        out.update(_block_weights(f"blocks.{i}", cfg))
+    if cfg["pre_layer_norm"]:
+        out.update(_norm("final_norm", h))
+    if cfg["with_pooler"]:
+        out.update(_linear("pooler", h, h))
+    return out

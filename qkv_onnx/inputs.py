@@ -1,0 +1,49 @@
+"""Model inputs generated from their roles: one generator for export's golden sets, validation's fresh
+cases and the benchmarks. NumPy only (validation runs without torch)."""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .artifact_format import np_dtype
+
+KV_EXTRA = 3  # cross-attention: the context (keys) is this much longer than the queries
+
+
+def make_inputs(
+    inputs: Sequence[dict],
+    config: dict,
+    batch: int,
+    seq: int,
+    lengths: Sequence[int],
+    rng: np.random.Generator,
+    kv_seq: int | None = None,
+) -> list[np.ndarray]:
+    """Seeded inputs in graph order for `inputs` (manifest records: name, role, dtype, shape with symbolic
+    'batch', 'seq', 'kv_seq'). `lengths[b]` real tokens in row b of the padding mask, 0 = a row that is all
+    padding; cross-attention keys are `kv_seq` long (default seq + KV_EXTRA). Hidden states are standard
+    normal in the input's dtype; token and segment ids uniform over the config's vocabularies."""
+    if len(lengths) != batch:
+        raise ValueError(f"{len(lengths)} row lengths for batch {batch}")
+    dims = {"batch": batch, "seq": seq, "kv_seq": seq + KV_EXTRA if kv_seq is None else kv_seq}
+    out = []
+    for spec in inputs:
+        shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
+        role = spec["role"]
+        if role == "hidden":
+            x = rng.standard_normal(shape).astype(np_dtype(spec["dtype"]))
+        elif role == "token_ids":
+            x = rng.integers(0, config["vocab_size"], shape, dtype=np.int64)
+        elif role == "segment_ids":
+            x = rng.integers(0, config["type_vocab_size"], shape, dtype=np.int64)
+        elif role == "padding_mask":
+            x = (np.arange(shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+        else:
+            raise ValueError(f"input {spec['name']!r}: unknown role {role!r}")
+        out.append(x)
+    return out
+
+
+def full_rows(batch: int, seq: int) -> list[int]:
+    """Row lengths of a batch without padding."""
+    return [seq] * batch

@@ -1,0 +1,132 @@
+"""Helpers shared by the test modules (import them from here; no test module imports another)."""
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import onnx
+
+from qkv_onnx.artifact_format import DIGEST_KEY, canonical_json, manifest_digest, sha256_file
+from qkv_onnx.validate.cli import main as validate_main
+from qkv_onnx.validate.runtimes import RUNTIMES, parse_providers
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTO = parse_providers("auto")[0]
+GATING = [r for r in AUTO if RUNTIMES[r].gating]
+OPENVINO = RUNTIMES["openvino"].problem() is None
+# Every model of the registry small enough to export in seconds
+SMALL_MODELS = [
+    *("mha", "mha-causal", "mha-cross", "mha-gqa"),
+    *("encoder-block", "encoder-block-prenorm", "bert-tiny"),
+]
+# Cases with a row that is all padding (golden set 1, two fresh shapes): where kernels disagree about a query
+# that has no key to attend to.
+EMPTY_ROW_CASES = {"golden_1", "b2xs1", "b3xs7"}
+NO_TORCH = (
+    "import sys; sys.modules['torch'] = None; "
+    "from qkv_onnx.validate.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+NO_OPENVINO = NO_TORCH.replace("'torch'", "'openvino'")  # as if OpenVINO were not installed: its import fails
+
+
+def snapshot(directory: Path) -> dict:
+    """Every entry under `directory`, symlinks and special files included: what 'nothing changed' means.
+    Regular files by sha256, symlinks by target, others by file type."""
+    state = {}
+    for parent, dirs, names in os.walk(directory):
+        for name in dirs + names:
+            path = Path(parent, name)
+            mode = path.lstat().st_mode
+            rel = path.relative_to(directory).as_posix()
+            if stat.S_ISLNK(mode):
+                state[rel] = ("symlink", os.readlink(path))
+            elif stat.S_ISREG(mode):
+                state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                state[rel] = stat.S_IFMT(mode)
+    return state
+
+
+def tree_bytes(directory: Path) -> dict:
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def edit_manifest(directory: Path, edit, sign: bool = True) -> None:
+    """Apply `edit` to the manifest and, when `sign`, re-sign it as qkv-export would (a consistent tamper)."""
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop(DIGEST_KEY)
+    edit(manifest)
+    path.write_text(canonical_json({**manifest, DIGEST_KEY: manifest_digest(manifest)} if sign else manifest))
+
+
+def rehash(directory: Path, rel: str) -> None:
+    """Make the manifest agree with the current bytes of `rel`."""
+    entry = {"sha256": sha256_file(directory / rel), "bytes": (directory / rel).stat().st_size}
+    edit_manifest(directory, lambda m: m["files"].__setitem__(rel, entry))
+
+
+def rewrite(d: Path, rel: str, data: bytes) -> None:
+    """Replace a file and re-sign the manifest for it: a tamper the digests cannot see."""
+    (d / rel).write_bytes(data)
+    rehash(d, rel)
+
+
+def edit_model(d: Path, edit) -> None:
+    model = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    edit(model)
+    rewrite(d, "model.onnx", model.SerializeToString())
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def run_cli(capsys, *args):
+    """qkv-validate's main(args) in-process -> (exit code, stdout, stderr, JSON document or None)."""
+    argv = [str(a) for a in args]
+    code = validate_main(argv)
+    out, err = capsys.readouterr()
+    doc = json.loads(Path(argv[argv.index("--json") + 1]).read_text()) if "--json" in argv else None
+    return code, out, err, doc
+
+
+def decides(check: dict) -> bool:
+    """A JSON check that counts for the verdict: a non-gating runtime's numbers do not, its errors do."""
+    return check["gating"] or check["verdict"] == "error"
+
+
+def failing(doc: dict) -> set:
+    """(runtime, reference, case) of the failed checks that decide the verdict."""
+    return {
+        (c["runtime"], c["reference"], c["case"])
+        for a in doc["artifacts"]
+        for c in a["checks"]
+        if not c["passed"] and decides(c)
+    }
+
+
+def single_error_line(err: str, prog: str = "qkv-validate") -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def openvino_native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin has native bfloat16 here (AVX512_BF16/AMX: 'BF16' in its capabilities).
+    Without it, OpenVINO 2026.4's bfloat16 ONNX `Attention` gives a query whose keys are all masked a
+    non-zero output (the average of V) where the op's spec says 0: a runtime defect the validator reports."""
+    if not OPENVINO:
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
