@@ -25,6 +25,7 @@ from ..model_defs.registry import (
 from ..stages import stage
 from .backends import export_onnx
 from .fusion import check_fusion
+from .taps import find_taps
 from .writer import publish, save_test_data_set, save_weights_npz, temporary_dir_for, write_manifest
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -172,6 +173,7 @@ def export_artifact(
         n_attention = count_attention_modules(module)
         with stage(STAGE_FUSION_CHECK):
             op_counts = check_fusion(graph, backend, n_attention)
+            taps = find_taps(graph, spec.architecture, spec.config.to_dict(), list(spec.outputs))
         with stage(STAGE_WEIGHTS):
             save_weights_npz(tmp / WEIGHTS, weights)
         with stage(STAGE_GOLDEN):
@@ -193,6 +195,7 @@ def export_artifact(
             "inputs": [{**v, "role": roles[v["name"]]} for v in graph_io(graph.graph.input)],
             "outputs": graph_io(graph.graph.output),
             "op_counts": op_counts,
+            "taps": taps,
             "fused_attention_ops": n_attention if BACKENDS[backend].attention_ops else 0,
             "ort_fusions": fusions,
             "golden_sets": golden_sets,

@@ -224,7 +224,7 @@ def manifest_problem(m: dict) -> str | None:
             return f"'{key}' must be a non-empty list of {{name, dtype, shape}}"
     if not all(v.get("role") in INPUT_ROLES for v in m["inputs"]):
         return f"every input needs a 'role' among {INPUT_ROLES}"
-    problem = _io_problem(m)
+    problem = _io_problem(m) or (_taps_problem(m) if "taps" in m else None)
     if problem:
         return problem
     files = m["files"]
@@ -241,6 +241,29 @@ def manifest_problem(m: dict) -> str | None:
     listed = sorted({rel.split("/")[0] for rel in files if rel.startswith("test_data_set_")})
     if listed != sorted(f"test_data_set_{n}" for n in range(m["golden_sets"])):
         return f"golden_sets is {m['golden_sets']} but the file list holds {listed}"
+    return None
+
+
+def _taps_problem(m: dict) -> str | None:
+    """Taps (optional: 0.1 artifacts have none): a list of {tap, layer, value, add} in computation order."""
+    taps, cfg, arch = m["taps"], m["model"]["config"], m["model"]["architecture"]
+    if not isinstance(taps, list) or not taps:
+        return "'taps' must be a non-empty list"
+    layers = cfg["num_layers"] if arch == "bert" else 1
+    for t in taps:
+        if not isinstance(t, dict) or set(t) != {"tap", "layer", "value", "add"}:
+            return "every tap must be {tap, layer, value, add}"
+        if (
+            t["tap"] not in TAPS
+            or not isinstance(t["value"], str)
+            or not isinstance(t["add"], (str, type(None)))
+        ):
+            return f"tap {t['tap']!r} is not one of {TAPS} with a value name"
+        layered = t["tap"] in LAYER_TAPS
+        if (t["layer"] is None) == layered or (
+            layered and not (type(t["layer"]) is int and 0 <= t["layer"] < layers)
+        ):
+            return f"tap {t['tap']!r} has layer {t['layer']!r}, outside the model's {layers} layer(s)"
     return None
 
 
@@ -262,6 +285,35 @@ def _io_problem(m: dict) -> str | None:
                 f"{v['name']!r} has shape {shape}: expected ['batch', ...] of positive ints and {list(DIMS)}"
             )
     return None
+
+
+# --- taps: values at the sublayer boundaries, for locating where a model diverges --------------------
+
+TAPS = ("embeddings", "attention", "attention_block", "block", "final_norm", "pooler")
+LAYER_TAPS = ("attention", "attention_block", "block")
+
+
+def tap_label(tap: str, layer: int | None) -> str:
+    """'layer 5 attention', 'embeddings': how a report names a tap."""
+    return tap if layer is None else f"layer {layer} {tap}"
+
+
+def tap_stages(architecture: str, cfg: dict, tap: str, layer: int | None) -> int:
+    """S of the tolerance policy up to a tap: the sequential sublayers computed before and in it
+    (embeddings 1, each block 2 (attention, feed-forward), pooler 1), as for the model's outputs."""
+    if architecture == "attention":
+        return 2
+    if architecture == "encoder-block":
+        return 2 if tap == "block" else 1
+    before = 1 + 2 * (layer or 0)
+    return {
+        "embeddings": 1,
+        "attention": before + 1,
+        "attention_block": before + 1,
+        "block": before + 2,
+        "final_norm": 2 * cfg["num_layers"] + 1,
+        "pooler": 2 * cfg["num_layers"] + 2,
+    }[tap]
 
 
 # --- graph walks ---------------------------------------------------------------------------------

@@ -97,6 +97,12 @@ def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
     }
 
 
+def token_strings(tokenizer_dir, ids) -> list[str]:
+    """The token strings of a sequence of ids ([CLS], word pieces, ...), for labelling plots."""
+    tok = _load_tokenizer(Path(tokenizer_dir))
+    return [tok.id_to_token(int(i)) or f"<{int(i)}>" for i in ids]
+
+
 def mean_pool(last_hidden_state, attention_mask) -> np.ndarray:
     """Sentence embeddings as sentence-transformers computes them: the mean of the hidden states over real
     tokens (attention_mask 1), L2-normalised. (batch, seq, hidden), (batch, seq) -> (batch, hidden) float64.

@@ -5,11 +5,14 @@ here, so `pytest -m "not slow"` is the fast inner loop.
 """
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-EXPORTING_FIXTURES = {"exported", "artifact_copy", "exported_external"}
+EXPORTING_FIXTURES = {"exported", "artifact_copy", "exported_external", "exported_minilm", "faults_site"}
+FAULTS = Path(__file__).parent / "plugins" / "qkv-onnx-faults"
 
 
 def pytest_collection_modifyitems(items):
@@ -59,3 +62,28 @@ def exported_external(tmp_path_factory):
     path = tmp_path_factory.mktemp("artifacts") / "mha-external"
     export_artifact("mha", path, external_data=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_minilm(tmp_path_factory):
+    """A pristine all-MiniLM-L6-v2 artifact (real weights and tokenizer; skipped where not installed)."""
+    from qkv_onnx.export.pipeline import export_artifact
+    from qkv_onnx.model_defs.checkpoint import CheckpointError, minilm_dir
+
+    try:
+        minilm_dir()
+    except CheckpointError as e:
+        pytest.skip(f"all-MiniLM-L6-v2 files not installed ({e})")
+    path = tmp_path_factory.mktemp("artifacts") / "minilm-l6"
+    export_artifact("minilm-l6", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def faults_site(tmp_path_factory):
+    """tests/plugins/qkv-onnx-faults (runtimes that compute one layer wrong), installed with its entry points
+    into a private directory only: put it on PYTHONPATH to see them."""
+    site = tmp_path_factory.mktemp("faults-site")
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target"]
+    subprocess.run([*pip, str(site), str(FAULTS)], check=True, capture_output=True, timeout=300)
+    return site

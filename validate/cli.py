@@ -16,7 +16,8 @@ from ..errors import (
 )
 from ..stages import stage
 from .artifact import load_artifact
-from .parity import compare_backends, validate_artifact
+from .attention_maps import write_maps
+from .parity import compare_backends, localize, validate_artifact
 from .report import markdown, matrix_markdown, to_json
 from .runtimes import RUNTIMES, parse_providers
 
@@ -85,6 +86,26 @@ def parse_args(argv) -> argparse.Namespace:
         "files and padded to one batch; for artifacts exported from a checkpoint",
     )
     p.add_argument("--text-file", type=Path, metavar="FILE", help="sentences, one per line, as with --text")
+    p.add_argument(
+        "--locate",
+        action="store_true",
+        help="run every runtime with the artifact's taps (the values at each sublayer boundary) exposed and "
+        "compare each with the oracle: a per-layer table and the first divergence. Done anyway, for the "
+        "failing runtimes and cases, when a parity check fails",
+    )
+    p.add_argument(
+        "--plots", type=Path, metavar="DIR", help="write a plot of error against depth per located artifact"
+    )
+    p.add_argument(
+        "--attention-maps",
+        type=Path,
+        metavar="DIR",
+        help="take the attention probabilities from the artifact's own attention op on the first gating "
+        "runtime (on the --text sentences, else golden set 0), check them against the oracle (rows sum to 1, "
+        "padded keys are 0) and write DIR/ARTIFACT/layer_K.png heatmaps and attention.json (entropy, mean "
+        "distance, local mass per head). onnx-attention and decomposed artifacts; ort-contrib's ops expose "
+        "none (exit 2)",
+    )
     return p.parse_args(argv)
 
 
@@ -100,9 +121,16 @@ def run(args) -> int:
     for directory in args.artifacts:
         try:
             artifact = load_artifact(directory)
-            reports.append(
-                validate_artifact(artifact, providers, args.seed, not args.no_torch, auto, sentences)
-            )
+            report = validate_artifact(artifact, providers, args.seed, not args.no_torch, auto, sentences)
+            if args.locate and "taps" not in artifact.manifest:
+                report.errors.append(
+                    f"{directory}: --locate: the artifact has no taps (exported by qkv-onnx 0.1)"
+                )
+            elif args.locate or not report.passed:
+                localize(report, artifact, everything=args.locate)
+            if args.attention_maps:
+                write_maps(report, artifact, args.attention_maps, sentences)
+            reports.append(report)
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
             report_error(PROG, first_line(e))
@@ -125,6 +153,11 @@ def run(args) -> int:
             print(text)
         if args.json:
             args.json.write_text(to_json(reports, invalid, code, notes))
+        if args.plots:
+            from .plots import error_by_depth
+
+            for note in error_by_depth(reports, args.plots):
+                print(f"- {note}", file=sys.stderr)
     except OSError as e:
         raise UsageError(f"cannot write report: {e}") from None
     return code

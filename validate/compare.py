@@ -48,6 +48,14 @@ def model_error_terms(manifest: dict, key_length: int) -> tuple[int, int]:
     return max(widest, key_length), stages
 
 
+def key_length(inputs: list, manifest: dict) -> int:
+    """Longest key sequence of a case: the padding mask is (batch, keys)."""
+    for x, spec in zip(inputs, manifest["inputs"]):
+        if spec["role"] == "padding_mask":
+            return x.shape[1]
+    return 1
+
+
 def first_nonfinite(a: np.ndarray) -> str:
     idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
     return f"{a[idx]} at index {idx} ({int((~np.isfinite(a)).sum())} non-finite values)"

@@ -21,12 +21,13 @@ def softmax(x, axis=-1):
     return e / np.where(empty, 1.0, total)
 
 
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None):
     """ONNX Attention on 4-D inputs: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> (B, Hq, Lq, dv).
 
     attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
     is_causal: query i sees keys j <= i (top-left aligned). Grouped-query attention when
-    Hkv < Hq: q head h uses kv head h // (Hq / Hkv).
+    Hkv < Hq: q head h uses kv head h // (Hq / Hkv). `probs`: a list that receives the
+    attention probabilities (B, Hq, Lq, Lk).
     """
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
@@ -45,7 +46,10 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
             allowed &= attn_mask
         else:
             scores = scores + attn_mask.astype(np.float64)
-    return softmax(np.where(allowed, scores, -np.inf)) @ v
+    p = softmax(np.where(allowed, scores, -np.inf))
+    if probs is not None:
+        probs.append(p)
+    return p @ v
 
 
 def linear(x, w, prefix):
@@ -62,10 +66,33 @@ def gelu(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
+class Trace:
+    """What a forward pass records when asked: the taps (values at sublayer boundaries, keyed by (tap,
+    layer) as in the manifest) and each attention's probabilities (B, H, Lq, Lk), keyed by layer."""
+
+    def __init__(self, probs: bool = False):
+        self.taps: dict[tuple[str, int | None], np.ndarray] = {}
+        self.probs: dict[int, np.ndarray] | None = {} if probs else None
+
+    def keep(self, tap: str, layer: int | None, value: np.ndarray) -> np.ndarray:
+        self.taps[tap, layer] = value
+        return value
+
+
 def multi_head_attention(
-    x, w, prefix, num_heads, num_kv_heads, context=None, key_padding_mask=None, is_causal=False, scale=None
+    x,
+    w,
+    prefix,
+    num_heads,
+    num_kv_heads,
+    context=None,
+    key_padding_mask=None,
+    is_causal=False,
+    scale=None,
+    probs=None,
 ):
-    """Projections, attention per head, output projection. key_padding_mask (B, Lk): True/1 = attend."""
+    """Projections, attention per head, output projection. key_padding_mask (B, Lk): True/1 = attend.
+    `probs`: a list that receives the attention probabilities."""
     context = x if context is None else context
     b, lq, width = x.shape
     lk, d = context.shape[1], width // num_heads
@@ -79,46 +106,52 @@ def multi_head_attention(
     mask = (
         None if key_padding_mask is None else np.asarray(key_padding_mask).astype(bool).reshape(b, 1, 1, lk)
     )
-    y = attention(q, k, v, mask, is_causal, scale)  # (B, H, Lq, d)
+    y = attention(q, k, v, mask, is_causal, scale, probs)  # (B, H, Lq, d)
     return linear(y.transpose(0, 2, 1, 3).reshape(b, lq, width), w, prefix + ".out_proj")
 
 
-def encoder_block(x, w, prefix, cfg, key_padding_mask=None):
-    """BERT post-LN block, or pre-LN when cfg['pre_layer_norm']."""
+def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0):
+    """BERT post-LN block, or pre-LN when cfg['pre_layer_norm']. `trace` records its taps as `layer`."""
     eps = cfg["layer_norm_eps"]
     kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
+    trace = trace or Trace()
+    probs = None if trace.probs is None else []
 
     def attn(t):
-        return multi_head_attention(
-            t, w, prefix + ".attn", cfg["num_heads"], kv_heads, key_padding_mask=key_padding_mask
+        y = multi_head_attention(
+            t, w, prefix + ".attn", cfg["num_heads"], kv_heads, key_padding_mask=key_padding_mask, probs=probs
         )
+        if probs:
+            trace.probs[layer] = probs[0]
+        return trace.keep("attention", layer, y)
 
     def ffn(t):
         return linear(gelu(linear(t, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
 
     if cfg["pre_layer_norm"]:
-        x = x + attn(layer_norm(x, w, prefix + ".attn_norm", eps))
-        return x + ffn(layer_norm(x, w, prefix + ".ffn_norm", eps))
-    x = layer_norm(x + attn(x), w, prefix + ".attn_norm", eps)
-    return layer_norm(x + ffn(x), w, prefix + ".ffn_norm", eps)
+        x = trace.keep("attention_block", layer, x + attn(layer_norm(x, w, prefix + ".attn_norm", eps)))
+        return trace.keep("block", layer, x + ffn(layer_norm(x, w, prefix + ".ffn_norm", eps)))
+    x = trace.keep("attention_block", layer, layer_norm(x + attn(x), w, prefix + ".attn_norm", eps))
+    return trace.keep("block", layer, layer_norm(x + ffn(x), w, prefix + ".ffn_norm", eps))
 
 
-def bert(w, cfg, input_ids, token_type_ids, attention_mask):
+def bert(w, cfg, input_ids, token_type_ids, attention_mask, trace=None):
     """Embeddings, blocks, optional final LayerNorm and tanh pooler. Returns a tuple of outputs."""
+    trace = trace or Trace()
     eps, length = cfg["layer_norm_eps"], input_ids.shape[1]
     x = (
         w["embeddings.word.weight"][input_ids]
         + w["embeddings.position.weight"][:length]
         + w["embeddings.token_type.weight"][token_type_ids]
     ).astype(np.float64)
-    x = layer_norm(x, w, "embeddings.norm", eps)
+    x = trace.keep("embeddings", None, layer_norm(x, w, "embeddings.norm", eps))
     for i in range(cfg["num_layers"]):
-        x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask)
+        x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask, trace, i)
     if cfg["pre_layer_norm"]:
-        x = layer_norm(x, w, "final_norm", eps)
+        x = trace.keep("final_norm", None, layer_norm(x, w, "final_norm", eps))
     if not cfg["with_pooler"]:
         return (x,)
-    return x, np.tanh(linear(x[:, 0], w, "pooler"))
+    return x, trace.keep("pooler", None, np.tanh(linear(x[:, 0], w, "pooler")))
 
 
 def as_float64(weights):
@@ -126,27 +159,32 @@ def as_float64(weights):
     return {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
 
 
-def forward(architecture, cfg, options, weights, inputs):
-    """Run the model an artifact's manifest describes; inputs and outputs in graph order."""
+def forward(architecture, cfg, options, weights, inputs, trace=None):
+    """Run the model an artifact's manifest describes; inputs and outputs in graph order. A `Trace` records
+    the taps (and, when it asks for them, the attention probabilities) on the way."""
     w = as_float64(weights)
+    trace = trace or Trace()
     if architecture == "bert":
-        return bert(w, cfg, *inputs)
+        return bert(w, cfg, *inputs, trace=trace)
     if architecture == "encoder-block":
         x, mask = inputs
-        return (encoder_block(np.asarray(x, np.float64), w, "block", cfg, mask),)
+        return (encoder_block(np.asarray(x, np.float64), w, "block", cfg, mask, trace),)
     if architecture == "attention":
         x, *context, mask = inputs
         kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
-        return (
-            multi_head_attention(
-                np.asarray(x, np.float64),
-                w,
-                "attn",
-                cfg["num_heads"],
-                kv_heads,
-                context=np.asarray(context[0], np.float64) if context else None,
-                key_padding_mask=mask,
-                is_causal=options.get("causal", False),
-            ),
+        probs = None if trace.probs is None else []
+        y = multi_head_attention(
+            np.asarray(x, np.float64),
+            w,
+            "attn",
+            cfg["num_heads"],
+            kv_heads,
+            context=np.asarray(context[0], np.float64) if context else None,
+            key_padding_mask=mask,
+            is_causal=options.get("causal", False),
+            probs=probs,
         )
+        if probs:
+            trace.probs[0] = probs[0]
+        return (trace.keep("attention", 0, y),)
     raise ValueError(f"the oracle does not know architecture {architecture!r}")

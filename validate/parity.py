@@ -11,9 +11,10 @@ from ..inputs import make_inputs
 from ..stages import stage
 from . import oracle
 from .artifact import Artifact
-from .compare import UNIT_ROUNDOFF, compare_outputs, model_error_terms, tolerance
+from .compare import UNIT_ROUNDOFF, compare_outputs, key_length, model_error_terms, tolerance
+from .locate import Localization, locate
 from .results import Check, RuntimeStatus, failed_check
-from .runtimes import RUNTIMES, Runtime
+from .runtimes import RUNTIMES, Runtime, open_runtime
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
@@ -24,7 +25,7 @@ STAGE_ORACLE, STAGE_COMPARE, STAGE_SESSIONS, STAGE_PEER = (
     "open sessions (every runtime)",
     "build PyTorch peer",
 )
-STAGE_PEER_RUNS = "PyTorch peer runs"
+STAGE_PEER_RUNS, STAGE_LOCATE = "PyTorch peer runs", "locate (taps exposed)"
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Report:
         default_factory=dict
     )  # the compatibility matrix's raw material
     runs: dict[str, CaseRun] = field(default_factory=dict)  # case name -> outputs per runtime
+    localization: Localization | None = None  # where it diverges (--locate, or a failed parity check)
+    attention_maps: object | None = None  # AttentionMaps (--attention-maps)
 
     @property
     def passed(self) -> bool:
@@ -111,14 +114,6 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
     return cases
 
 
-def _key_length(inputs: list[np.ndarray], manifest: dict) -> int:
-    """Longest key sequence of a case: the padding mask is (batch, keys)."""
-    for x, spec in zip(inputs, manifest["inputs"]):
-        if spec["role"] == "padding_mask":
-            return x.shape[1]
-    return 1
-
-
 def open_sessions(
     artifact: Artifact, providers: list[str], skip_unsupported: bool, report: Report
 ) -> list[Runtime]:
@@ -138,7 +133,7 @@ def open_sessions(
                 report.errors.append(f"{artifact.model_path}: {gap}")
             continue
         try:
-            session = runtime(artifact.model_path)
+            session = open_runtime(name, artifact.model_path)
         except ProviderError as e:
             status.loads, status.reason = False, str(e).removeprefix(f"{artifact.model_path}: ")
             report.errors.append(str(e))
@@ -204,7 +199,7 @@ def validate_artifact(
     for s in sessions:
         report.runtimes[s.name].runs = True
     for case in cases:
-        k, stages = model_error_terms(m, _key_length(case.inputs, m))
+        k, stages = model_error_terms(m, key_length(case.inputs, m))
         with stage(STAGE_ORACLE):
             expected = oracle.forward(
                 m["model"]["architecture"],
@@ -298,3 +293,25 @@ def _compare(
                     )
                 )
     return checks
+
+
+def localize(report: Report, artifact: Artifact, everything: bool = False) -> None:
+    """Locate where the artifact diverges: each runtime with a failed check runs its failing cases again with
+    the taps exposed; with `everything` (--locate) every runtime that ran does, on every case. An artifact
+    without taps (qkv-onnx 0.1) gets a note instead."""
+    if "taps" not in report.manifest:
+        report.notes.append("localization: unavailable, the artifact has no taps (exported by qkv-onnx 0.1)")
+        return
+    ran = {name for name, status in report.runtimes.items() if status.loads}
+    failed: dict[str, set[str]] = {}
+    for c in report.checks:
+        if c.runtime in ran and (everything or (c.decides and not c.passed)):
+            failed.setdefault(c.runtime, set()).add(c.case)
+    if not failed:
+        return
+    found = report.localization = Localization()
+    judged = {name: report.runtimes[name].judged_dtype for name in failed}
+    with stage(STAGE_LOCATE):
+        for name, cases in failed.items():
+            chosen = [run.case for case, run in report.runs.items() if case in cases]
+            locate(artifact, [name], chosen, judged, found)

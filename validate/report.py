@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from ..artifact_format import DTYPES
 from .parity import Report
 from .results import Check, MatrixCell, SummaryRow, worst
@@ -125,6 +127,63 @@ def matrix_markdown(reports: list[Report]) -> list[str]:
     return lines
 
 
+def locate_markdown(r: Report) -> list[str]:
+    """The per-layer table of each located runtime and the first divergence line."""
+    found = r.localization
+    if found is None:
+        return []
+    lines = [f"### Where it diverges: {r.artifact}", ""] + [f"- {n}" for n in found.notes]
+    first = found.first_divergence()
+    lines += [f"- {first_divergence_line(first)}" if first else "- no tap diverges from the oracle", ""]
+    for runtime in dict.fromkeys(c.runtime for c in found.checks):
+        cases = sorted({c.case for c in found.checks if c.runtime == runtime})
+        lines += [
+            f"{label(runtime)}, cases {', '.join(cases)}:",
+            "",
+            "| tap | max abs | atol | pass |",
+            "|---|---:|---:|---|",
+        ]
+        lines += [
+            f"| {tap} | {_fmt(err)} | {_fmt(atol)} | {'pass' if ok else 'FAIL'} |"
+            for tap, err, atol, ok in found.table(runtime)
+        ]
+        lines.append("")
+    return lines
+
+
+def maps_markdown(r: Report) -> list[str]:
+    maps = r.attention_maps
+    if maps is None:
+        return []
+    heads = sum(len(layer.local) for layer in maps.layers)
+    local = sum(sum(layer.local) for layer in maps.layers)
+    lines = [
+        f"### Attention maps: {r.artifact}",
+        "",
+        f"- from {label(maps.runtime)} on case {maps.case}: {local} of {heads} heads local (mass within "
+        "±2 tokens ≥ 0.5 and ≥ twice a uniform head's); checked: the oracle's probabilities, rows sum to 1, "
+        "padded keys 0",
+        *[f"- {n}" for n in maps.notes],
+        "",
+        "| layer | local heads | mean entropy | mean distance | mean local mass | uniform local mass |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for layer in maps.layers:
+        lines.append(
+            f"| {layer.layer} | {sum(layer.local)}/{len(layer.local)} | {np.mean(layer.entropy):.2f} "
+            f"| {np.mean(layer.distance):.2f} | {np.mean(layer.local_mass):.2f} | {layer.uniform_local:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def first_divergence_line(c) -> str:
+    where = f"on {RUNTIMES[c.runtime].label if c.runtime in RUNTIMES else c.runtime}, case {c.case}"
+    m = c.comparison.metrics
+    if m is None:
+        return f"first divergence: {c.label} ({c.comparison.error}) {where}"
+    return f"first divergence: {c.label} (max abs {m.max_abs:.1e} > atol {m.atol:.1e}) {where}"
+
+
 def _result(row: SummaryRow) -> str:
     if row.gating:
         return "pass" if row.passed else "FAIL"
@@ -156,11 +215,27 @@ def markdown(reports: list[Report], failures: dict[str, str], notes: list[str] =
             )
             lines += [f"|  | ↳ {e} |  |  |  |  |  |  |  |  |  |" for e in row.errors[:3]]
         lines.append("")
+        lines += locate_markdown(r) + maps_markdown(r)
     for path, reason in failures.items():
         lines += [f"## {path}: INVALID", "", f"- {reason}", ""]
     passed = sum(r.passed for r in reports)
     lines.append(f"Artifacts: {passed} pass, {len(reports) - passed} fail, {len(failures)} invalid.")
     return "\n".join(lines) + "\n"
+
+
+def _localization_json(r: Report) -> dict:
+    found = r.localization
+    if found is None:
+        return {"first_divergence": None}
+    first = found.first_divergence()
+    return {
+        "first_divergence": first and {**first.to_json(), "line": first_divergence_line(first)},
+        "localization": {
+            "notes": found.notes,
+            "taps": found.order,
+            "checks": [c.to_json() for c in found.checks],
+        },
+    }
 
 
 def to_json(reports: list[Report], failures: dict[str, str], exit_code: int, notes: list[str] = ()) -> str:
@@ -179,6 +254,8 @@ def to_json(reports: list[Report], failures: dict[str, str], exit_code: int, not
                 "runtimes": {name: s.to_json() for name, s in r.runtimes.items()},
                 "summary": [row.to_json() for row in summarize(r.checks)],
                 "checks": [c.to_json() for c in r.checks],
+                **_localization_json(r),
+                **({"attention_maps": r.attention_maps.to_json()} if r.attention_maps else {}),
             }
             for r in reports
         ],

@@ -1,8 +1,12 @@
 """Runtimes that execute an artifact, one adapter each (a `Runtime` subclass, see base.py):
 ONNX Runtime per execution provider (ort.py), onnx's ReferenceEvaluator (reference.py) and
-OpenVINO's CPU plugin (openvino.py). Adding a runtime is one adapter and one entry in RUNTIMES;
-the comparison and report code take whatever is registered."""
+OpenVINO's CPU plugin (openvino.py), plus any adapter another distribution registers in the
+entry-point group `qkv_onnx.runtimes` (docs/runtimes.md). The comparison and report code take
+whatever is registered."""
 
+from importlib.metadata import entry_points
+
+from ...errors import first_line
 from .base import ProviderError, Runtime
 from .openvino import OpenVino, OpenVinoDefault
 from .ort import (
@@ -18,9 +22,46 @@ from .ort import (
 )
 from .reference import Reference
 
-RUNTIMES = {cls.name: cls for cls in (OrtCpu, OrtCuda, Reference, OpenVino, OpenVinoDefault)}
+ENTRY_POINT_GROUP = "qkv_onnx.runtimes"
+BUILT_IN = {cls.name: cls for cls in (OrtCpu, OrtCuda, Reference, OpenVino, OpenVinoDefault)}
+
+
+def _plugin_problem(name: str, cls, registry: dict) -> str | None:
+    if not (isinstance(cls, type) and issubclass(cls, Runtime)):
+        return "it is not a qkv_onnx.validate.runtimes.Runtime subclass"
+    if cls.name != name:
+        return f"its class says name {cls.name!r}, the entry point {name!r}"
+    if name in registry:
+        return "a runtime of that name is already registered"
+    if not cls.label or not cls.short:
+        return "it sets no label or short name"
+    return None
+
+
+def load_plugins(registry: dict) -> list[str]:
+    """Add the adapters registered by installed distributions under ENTRY_POINT_GROUP to `registry`;
+    returns a note for each one that is refused (it never stops the built-in runtimes)."""
+    notes = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a third party's import error: reported, never ours to crash on
+            notes.append(f"runtime plugin {ep.name!r} ({ep.value}) does not load: {first_line(e)}")
+            continue
+        problem = _plugin_problem(ep.name, cls, registry)
+        if problem:
+            notes.append(f"runtime plugin {ep.name!r} ({ep.value}) refused: {problem}")
+            continue
+        registry[ep.name] = cls
+    return notes
+
+
+RUNTIMES = dict(BUILT_IN)
+PLUGIN_NOTES = load_plugins(RUNTIMES)
 
 __all__ = [
+    "BUILT_IN",
+    "ENTRY_POINT_GROUP",
     "RUNTIMES",
     "OrtSession",
     "ProviderError",
@@ -44,7 +85,20 @@ def capability_gap(name: str, artifact) -> str | None:
 
 
 def open_runtime(name: str, model_path) -> Runtime:
-    return RUNTIMES[name](model_path)
+    """A session of runtime `name` on `model_path`. ProviderError when it cannot load the model; a plugin's
+    own exception counts as that too (it is the third party's failure, reported as a finding), while a
+    built-in adapter's unexpected exception is a bug of ours and propagates."""
+    cls = RUNTIMES[name]
+    try:
+        return cls(model_path)
+    except ProviderError:
+        raise
+    except Exception as e:
+        if name in BUILT_IN:
+            raise
+        raise ProviderError(
+            f"{model_path}: runtime plugin {name!r} failed to open it: {type(e).__name__}: {first_line(e)}"
+        ) from None
 
 
 def parse_providers(text: str) -> tuple:
@@ -63,7 +117,7 @@ def parse_providers(text: str) -> tuple:
         note = f"--providers auto found: {', '.join(found)}" + "".join(
             f" (no {', '.join(who)}: {problem})" for problem, who in missing.items()
         )
-        return found, [note], True
+        return found, [note, *PLUGIN_NOTES], True
     unknown = [p for p in names if p not in RUNTIMES]
     if unknown or not names:
         raise ProviderError(
@@ -73,4 +127,4 @@ def parse_providers(text: str) -> tuple:
         problem = RUNTIMES[name].problem()
         if problem:
             raise ProviderError(f"--providers {name}: {RUNTIMES[name].label} cannot run here: {problem}")
-    return list(dict.fromkeys(names)), [], False
+    return list(dict.fromkeys(names)), list(PLUGIN_NOTES), False
