@@ -115,7 +115,8 @@ def test_head_statistics_by_hand():
     uniform[:, :real] = 1.0 / real
     probs = np.stack([previous, uniform])[None]  # (1, 2 heads, 6, 6)
     mask = np.array([[1, 1, 1, 1, 1, 0]])
-    entropy, distance, local, chance = head_statistics(probs, mask)
+    entropy, distance, local, chance, first = head_statistics(probs, mask)
+    assert first == [pytest.approx(2 / 5), pytest.approx(1 / 5)]  # queries 0 and 1 of the previous-token head
     assert entropy[0] == 0.0 and entropy[1] == pytest.approx(np.log(5))
     assert distance[0] == pytest.approx(4 / 5)  # query 0 attends to itself, queries 1..4 one token back
     assert local[0] == 1.0 and local[1] == pytest.approx(chance)

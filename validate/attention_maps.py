@@ -45,19 +45,27 @@ class LayerMaps:
     distance: list[float]
     local_mass: list[float]
     uniform_local: float  # the local mass of a uniform head on the same sequences
+    first_mass: list[float]  # mass on the first token ([CLS] for BERT): the "sink" many heads use
 
     @property
     def local(self) -> list[bool]:
         return [m >= max(LOCAL_HEAD, 2 * self.uniform_local) for m in self.local_mass]
 
     def to_json(self) -> dict:
-        heads = zip(self.entropy, self.distance, self.local_mass, self.local)
+        heads = zip(self.entropy, self.distance, self.local_mass, self.local, self.first_mass)
         return {
             "layer": self.layer,
             "uniform_local_mass": self.uniform_local,
             "heads": [
-                {"head": h, "entropy": e, "mean_distance": d, "local_mass": m, "local": local}
-                for h, (e, d, m, local) in enumerate(heads)
+                {
+                    "head": h,
+                    "entropy": e,
+                    "mean_distance": d,
+                    "local_mass": m,
+                    "local": local,
+                    "first_token_mass": f,
+                }
+                for h, (e, d, m, local, f) in enumerate(heads)
             ],
         }
 
@@ -144,7 +152,8 @@ def head_statistics(
 
     keys = mask.astype(np.float64)  # a uniform head: 1/n on each of the n real keys
     uniform = (keys[:, None, :] * (distance <= LOCAL_WINDOW)).sum(-1) / keys.sum(-1, keepdims=True)  # (B, Lq)
-    return per_head(entropy), per_head(mean_distance), per_head(local), float(uniform[real[:, 0]].mean())
+    chance = float(uniform[real[:, 0]].mean())
+    return per_head(entropy), per_head(mean_distance), per_head(local), chance, per_head(p[..., 0])
 
 
 def attention_maps(artifact: Artifact, runtime: str, case, judged_dtype: str) -> AttentionMaps:

@@ -22,7 +22,7 @@ from .report import markdown, matrix_markdown, to_json
 from .runtimes import RUNTIMES, parse_providers
 
 PROG = "qkv-validate"
-STAGE_PROBE, STAGE_REPORT = "probe runtimes (CUDA, ...)", "report"
+STAGE_PROBE, STAGE_REPORT, STAGE_MAPS = "probe runtimes (CUDA, ...)", "report", "attention maps"
 EPILOG = """exit codes:
   0  every check passed
   1  a parity check failed (numbers out of tolerance, NaN/Inf, a run that errored)
@@ -128,8 +128,10 @@ def run(args) -> int:
                 )
             elif args.locate or not report.passed:
                 localize(report, artifact, everything=args.locate)
+            report.forget_traces()
             if args.attention_maps:
-                write_maps(report, artifact, args.attention_maps, sentences)
+                with stage(STAGE_MAPS):
+                    write_maps(report, artifact, args.attention_maps, sentences)
             reports.append(report)
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)

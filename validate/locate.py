@@ -160,15 +160,11 @@ def locate(
                 found.notes.append(f"{name}: cannot run the graph with its taps exposed: {first_line(e)}")
                 continue
             for case in cases:
-                trace = oracle.Trace()
-                oracle.forward(
-                    model["architecture"],
-                    model["config"],
-                    model["options"],
-                    artifact.weights,
-                    case.inputs,
-                    trace,
-                )
+                trace = getattr(case, "trace", None)
+                if trace is None:
+                    trace = oracle.Trace()
+                    args = (model["architecture"], model["config"], model["options"], artifact.weights)
+                    oracle.forward(*args, case.inputs, trace)
                 try:
                     got = dict(zip(names, session.run(case.inputs)))
                 except Exception as e:  # the runtime's failure on the tapped graph: reported, not our bug

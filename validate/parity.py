@@ -33,6 +33,7 @@ class Case:
     name: str
     inputs: list[np.ndarray]
     golden: list[np.ndarray] | None = None  # PyTorch outputs written at export time
+    trace: oracle.Trace | None = None  # the oracle's taps on this case, kept until localization is done
 
 
 @dataclass
@@ -65,6 +66,11 @@ class Report:
     runs: dict[str, CaseRun] = field(default_factory=dict)  # case name -> outputs per runtime
     localization: Localization | None = None  # where it diverges (--locate, or a failed parity check)
     attention_maps: object | None = None  # AttentionMaps (--attention-maps)
+
+    def forget_traces(self) -> None:
+        """Drop the oracle's intermediates (bert-large: hundreds of MB) once localization is done."""
+        for run in self.runs.values():
+            run.case.trace = None
 
     @property
     def passed(self) -> bool:
@@ -201,12 +207,10 @@ def validate_artifact(
     for case in cases:
         k, stages = model_error_terms(m, key_length(case.inputs, m))
         with stage(STAGE_ORACLE):
+            case.trace = oracle.Trace()
+            model = m["model"]
             expected = oracle.forward(
-                m["model"]["architecture"],
-                m["model"]["config"],
-                m["model"]["options"],
-                weights64,
-                case.inputs,
+                model["architecture"], model["config"], model["options"], weights64, case.inputs, case.trace
             )
         tol = tolerance(m["dtype"], k, stages)
         if case.golden is not None:

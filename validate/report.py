@@ -165,13 +165,15 @@ def maps_markdown(r: Report) -> list[str]:
         "padded keys 0",
         *[f"- {n}" for n in maps.notes],
         "",
-        "| layer | local heads | mean entropy | mean distance | mean local mass | uniform local mass |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| layer | local heads | mean entropy | mean distance | mean local mass | uniform local mass "
+        "| mean first-token mass |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for layer in maps.layers:
         lines.append(
             f"| {layer.layer} | {sum(layer.local)}/{len(layer.local)} | {np.mean(layer.entropy):.2f} "
-            f"| {np.mean(layer.distance):.2f} | {np.mean(layer.local_mass):.2f} | {layer.uniform_local:.2f} |"
+            f"| {np.mean(layer.distance):.2f} | {np.mean(layer.local_mass):.2f} | {layer.uniform_local:.2f} "
+            f"| {np.mean(layer.first_mass):.2f} |"
         )
     return [*lines, ""]
 
