@@ -70,7 +70,11 @@ def parse_args(argv):
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="bert-base", help="a BERT preset (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="bert-base",
+        help="a BERT preset or a checkpoint model (minilm-l6) (default: %(default)s)",
+    )
     p.add_argument("--points", help=f"BATCHxSEQ points, comma-separated (default: {DEFAULT_POINTS})")
     p.add_argument(
         "--backends",
@@ -99,6 +103,21 @@ def parse_args(argv):
         "--memory-seqs", help=f"sequence lengths of the memory runs, or none (default: {DEFAULT_MEMORY_SEQS})"
     )
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument(
+        "--int8",
+        help="backends whose int8 artifact is a contender too, comma-separated, or none (default: the first "
+        "of --backends); with the peer, its int8 recipe (Optimum's avx512_vnni dynamic settings) joins",
+    )
+    p.add_argument(
+        "--openvino",
+        help="OpenVINO CPU precision hints to time on the first backend's float32 artifact, or none "
+        "(default: f32,bf16; none with --quick; skipped with a note where OpenVINO is not installed)",
+    )
+    p.add_argument(
+        "--no-accuracy",
+        action="store_true",
+        help="skip judging every contender against the float64 oracle by the accuracy contract",
+    )
     p.add_argument("--no-pipeline", action="store_true", help="skip the export + validation cost")
     p.add_argument(
         "--profile",
@@ -129,6 +148,7 @@ def check(args) -> str | None:
     """The first problem with the arguments or the installed packages, or None; fills in defaults."""
     from ..artifact_format import BACKENDS
     from ..model_defs.config import PRESETS
+    from ..model_defs.registry import CHECKPOINT_MODELS
 
     q = QUICK if args.quick else {}
     try:
@@ -142,16 +162,32 @@ def check(args) -> str | None:
     args.rounds = args.rounds if args.rounds is not None else q.get("rounds", 15)
     args.gemm = q.get("gemm", GEMM_SHAPES)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if args.model not in PRESETS:
-        return f"unknown model {args.model!r}; known: {', '.join(PRESETS)}"
+    models = {**PRESETS, **{name: None for name in CHECKPOINT_MODELS}}
+    if args.model not in models:
+        return f"unknown model {args.model!r}; known: {', '.join(models)}"
     bad = [b for b in args.backends if b not in BACKENDS]
     if bad or not args.backends:
         return f"unknown backend {bad[0] if bad else ''!r}; known: {', '.join(BACKENDS)}"
+    args.int8 = _names(args.int8 if args.int8 is not None else ("none" if args.quick else args.backends[0]))
+    if any(b not in args.backends for b in args.int8):
+        return f"--int8 {','.join(args.int8)}: every int8 backend must be one of --backends"
+    args.openvino = _names(
+        args.openvino if args.openvino is not None else ("none" if args.quick else "f32,bf16")
+    )
+    if any(h not in ("f32", "bf16", "f16") for h in args.openvino):
+        return f"--openvino {','.join(args.openvino)}: hints are f32, bf16, f16 or none"
+    if args.openvino:
+        try:
+            __import__("openvino")
+        except ImportError:
+            args.openvino = []  # noted in the report: the run goes on without it
+    args.accuracy = not args.no_accuracy
     if args.warmup < 0 or args.rounds < 1 or args.threads < 1 or args.settle < 0:
         return "--warmup and --settle must be >= 0, --rounds and --threads >= 1"
     longest = max(s for _, s in args.points)
-    if longest > PRESETS[args.model].max_positions:
-        return f"sequence {longest} exceeds {args.model}'s {PRESETS[args.model].max_positions} positions"
+    positions = PRESETS[args.model].max_positions if args.model in PRESETS else 512
+    if longest > positions:
+        return f"sequence {longest} exceeds {args.model}'s {positions} positions"
     args.twin = args.twin or ("ort-contrib" if "ort-contrib" in args.backends else args.backends[0])
     if args.twin not in args.backends:
         return f"--twin {args.twin!r} is not one of --backends"
@@ -163,6 +199,10 @@ def check(args) -> str | None:
             extra = "--no-peer, or " if module == "transformers" else ""
             return f"{module} is not installed ({extra}pip install '.[bench]')"
     return None
+
+
+def _names(text: str) -> list[str]:
+    return [] if text.strip() in ("", "none") else [x.strip() for x in text.split(",") if x.strip()]
 
 
 def machine() -> dict:

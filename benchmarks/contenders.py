@@ -143,5 +143,46 @@ def export_peer(module, path: Path, opset: int = 17) -> dict:
             str(raw), model_type="bert", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, opt_level=0
         )
     optimized.save_model_to_file(str(path))
-    raw.unlink()
     return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+
+
+PEER_INT8 = "peer int8 (Optimum avx512_vnni)"
+PEER_INT8_HOW = (
+    "the peer's TorchScript export (before ORT's transformers optimizer, as Optimum quantizes it) through "
+    "onnxruntime.quantization.quantize_dynamic(per_channel=False, reduce_range=False, weight_type=QInt8, "
+    "every op type it supports): what `optimum-cli onnxruntime quantize --avx512_vnni` writes for dynamic "
+    "quantization; ORT optimizes the graph at session creation as for every contender"
+)
+
+
+def quantize_peer(peer: Path, out: Path) -> None:
+    """The peer recipe for int8: per-tensor dynamic quantization of the peer's float32 TorchScript export
+    (`export_peer` leaves it beside the optimized graph as <name>-torchscript.onnx)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    raw = peer.with_name(peer.stem + "-torchscript.onnx")
+    quantize_dynamic(str(raw), str(out), per_channel=False, reduce_range=False, weight_type=QuantType.QInt8)
+
+
+class OpenVinoModel:
+    """An OpenVINO CPU compiled model behind the two ORT session methods the runners use."""
+
+    class _Input:
+        def __init__(self, name: str):
+            self.name = name
+
+    def __init__(self, path: Path, hint: str, threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.request = self.compiled.create_infer_request()
+
+    def get_inputs(self) -> list:
+        return [self._Input(i.get_any_name()) for i in self.compiled.inputs]
+
+    def run(self, _names, feeds: dict) -> list:
+        self.request.infer(feeds)
+        return [self.request.get_output_tensor(i).data.copy() for i in range(len(self.compiled.outputs))]

@@ -46,6 +46,44 @@ def latency_table(point: dict) -> list:
     return lines
 
 
+ACCURACY_COLUMNS = [
+    ("relative_error", "rel. error", "{:.3g}"),
+    ("token_cosine_min", "token cos min", "{:.4f}"),
+    ("sentence_cosine_min", "sentence cos min", "{:.4f}"),
+    ("similarity_deviation_max", "similarity dev", "{:.3f}"),
+    ("rank_agreement", "rank agreement", "{:.3f}"),
+]
+
+
+def speed_accuracy_table(r: dict) -> list:
+    """Each contender's median time at the first point next to its accuracy against the float64 oracle."""
+    acc = r["accuracy"]
+    point = r["latency"][0] if r["latency"] else {"contenders": {}, "batch": "?", "seq": "?"}
+    columns = [c for c in ACCURACY_COLUMNS if any(c[0] in v for v in acc["contenders"].values())]
+    lines = [
+        "## Speed and accuracy",
+        "",
+        f"Time at batch {point['batch']}, sequence {point['seq']}; accuracy against the float64 oracle on "
+        f"{acc['inputs']}, worst over them, by the accuracy contract (docs/accuracy-contract.md).",
+        "",
+        "| contender | median ms | speed-up vs eager | "
+        + " | ".join(c[1] for c in columns)
+        + " | contract |",
+        "|---|---:|---:|" + "---:|" * len(columns) + "---|",
+    ]
+    for name, a in acc["contenders"].items():
+        timed = point["contenders"].get(name)
+        ms = f"{timed['summary']['median_ms']:.1f}" if timed else "—"
+        speed = f"{timed['speedup_vs_eager']:.2f}×" if timed else "—"
+        cells = [fmt.format(a[key]) if key in a else "—" for key, _, fmt in columns]
+        lines.append(
+            f"| {name} | {ms} | {speed} | "
+            + " | ".join(cells)
+            + f" | {'holds' if a['contract'] else 'misses'} |"
+        )
+    return lines + [""]
+
+
 def memory_table(memory: dict) -> list:
     runners = list(memory["runners"])
     lines = [
@@ -117,6 +155,8 @@ def markdown(results: dict) -> str:
         lines += [f"Peer: {r['peer']['how']}; fused ops {r['peer']['fused_ops']}.", ""]
     for point in r["latency"]:
         lines += latency_table(point)
+    if r.get("accuracy"):
+        lines += speed_accuracy_table(r)
     if r.get("targets"):
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [
@@ -224,7 +264,34 @@ def plots(results: dict, out: Path) -> list:
             title="one encoder layer (hidden 768, 12 heads), batch 1",
         )
         written.append(_save(plt, fig, ax, seqs, out / "memory.png"))
+    if results.get("accuracy") and results["latency"]:
+        written.append(_accuracy_plot(plt, results, out / "accuracy.png"))
     return written
+
+
+def _accuracy_plot(plt, results: dict, path) -> str:
+    """One point per contender: median time at the first point against its relative error to the oracle."""
+    point = results["latency"][0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, a) in enumerate(results["accuracy"]["contenders"].items()):
+        timed = point["contenders"].get(name)
+        if timed is None:
+            continue
+        ms, err = timed["summary"]["median_ms"], max(a["relative_error"], 1e-9)
+        ax.scatter(ms, err, color=f"C{i % 10}", marker="o" if a["contract"] else "x", s=50)
+        ax.annotate(name, (ms, err), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0.2, color="red", linestyle="--", linewidth=1, label="contract: relative error 0.2")
+    ax.set(
+        yscale="log",
+        xlabel=f"median ms at {point['batch']}x{point['seq']}",
+        ylabel="relative error vs float64 oracle (worst)",
+        title="speed and accuracy (x: misses the contract)",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def _save(plt, fig, ax, seqs: list, path) -> str:

@@ -7,7 +7,19 @@ from pathlib import Path
 import numpy as np
 
 from . import memory, pipeline_cost
-from .contenders import EAGER, PEER, bert_inputs, export_peer, ort_runner, ort_session, torch_runner
+from .contenders import (
+    EAGER,
+    PEER,
+    PEER_INT8,
+    PEER_INT8_HOW,
+    OpenVinoModel,
+    bert_inputs,
+    export_peer,
+    ort_runner,
+    ort_session,
+    quantize_peer,
+    torch_runner,
+)
 from .flops import bert_flops
 from .gemm import gemm_contenders, gemm_rates
 from .timing import MachineLoad, Progress, interleaved, summarize
@@ -26,21 +38,32 @@ def build_contenders(args, work: Path, results: dict, progress: Progress) -> tup
     from ..export.pipeline import export_artifact, source_model
 
     torch.set_num_threads(args.threads)
-    _, module, _ = source_model(args.model, None, args.seed)
+    _, module, checkpoint = source_model(args.model, None, args.seed)
     module = module.eval()
+    results["tokenizer"] = str(checkpoint["directory"]) if checkpoint else None
     models, failures, export_s = {}, [], {}
-    for backend in args.backends:
-        progress.step(f"export {backend}", 0)
+    artifacts = [(b, "float32", b) for b in args.backends] + [(b, "int8", f"{b} int8") for b in args.int8]
+    for backend, dtype, name in artifacts:
+        progress.step(f"export {name}", 0)
         t0 = time.perf_counter()
         try:
-            path = work / f"{args.model}-{backend}-float32"
-            export_artifact(args.model, path, backend, seed=args.seed)
-            models[backend] = ort_session(path / "model.onnx", args.threads, args.spinning)
-            results["artifacts"][backend] = str(path / "model.onnx")
+            path = work / f"{args.model}-{backend}-{dtype}"
+            export_artifact(args.model, path, backend, dtype=dtype, seed=args.seed)
+            models[name] = ort_session(path / "model.onnx", args.threads, args.spinning)
+            results["artifacts"][name] = str(path / "model.onnx")
         except Exception as e:
-            failures.append(f"{backend}: {_first_line(e)}")
-        export_s[backend] = time.perf_counter() - t0
-        progress.step(f"exported {backend}")
+            failures.append(f"{name}: {_first_line(e)}")
+        export_s[name] = time.perf_counter() - t0
+        progress.step(f"exported {name}")
+    for hint in args.openvino:
+        name = f"openvino {hint} ({args.backends[0]})"
+        try:
+            models[name] = OpenVinoModel(Path(results["artifacts"][args.backends[0]]), hint, args.threads)
+            results["openvino"] = results.get("openvino", {}) | {
+                name: f"requested {hint}, got {models[name].hint}"
+            }
+        except Exception as e:
+            failures.append(f"{name}: {_first_line(e)}")
     if not args.no_peer:
         t0 = time.perf_counter()
         try:
@@ -57,6 +80,16 @@ def build_contenders(args, work: Path, results: dict, progress: Progress) -> tup
         except Exception as e:
             failures.append(f"{PEER}: {_first_line(e)}")
         export_s[PEER] = time.perf_counter() - t0
+        if args.int8 and PEER in models:
+            t0 = time.perf_counter()
+            try:
+                quantize_peer(work / "peer.onnx", work / "peer-int8.onnx")
+                models[PEER_INT8] = ort_session(work / "peer-int8.onnx", args.threads, args.spinning)
+                results["artifacts"][PEER_INT8] = str(work / "peer-int8.onnx")
+                results["peer"]["int8"] = PEER_INT8_HOW
+            except Exception as e:
+                failures.append(f"{PEER_INT8}: {_first_line(e)}")
+            export_s[PEER_INT8] = time.perf_counter() - t0
         progress.step("exported peer")
     if args.twin in models:
         models[f"{args.twin} (again)"] = ort_session(
@@ -147,6 +180,7 @@ def targets(results: dict, backends: list) -> list:
                     "met": bool(c["of_ceiling"] >= 0.9),
                 }
             )
+    out += int8_targets(results, backends, noise)
     pc = results.get("pipeline") or {}
     if "process_s" in pc:
         out.append(
@@ -156,6 +190,52 @@ def targets(results: dict, backends: list) -> list:
                 "met": bool(pc["process_s"] < 60),
             }
         )
+    return out
+
+
+def int8_targets(results: dict, backends: list, noise: float) -> list:
+    """Issue 16's targets at (1,128): the best int8 artifact >= 2x eager and >= 1.8x the best float32 one;
+    no slower than the peer's int8 recipe, at the contract's accuracy where the peer misses it."""
+    out = []
+    accuracy = (results.get("accuracy") or {}).get("contenders", {})
+    for p in results["latency"]:
+        if (p["batch"], p["seq"]) != (1, 128):
+            continue
+        c = p["contenders"]
+        int8 = {n: v for n, v in c.items() if n.endswith(" int8") and n.split()[0] in backends}
+        floats = {n: v for n, v in c.items() if n in backends}
+        if not int8:
+            continue
+        best = min(int8, key=lambda n: int8[n]["summary"]["median_ms"])
+        ms = int8[best]["summary"]["median_ms"]
+        out.append(
+            {
+                "target": "best int8 artifact at (1,128) >= 2.0x PyTorch eager",
+                "measured": f"{best}: {int8[best]['speedup_vs_eager']:.2f}x",
+                "met": bool(int8[best]["speedup_vs_eager"] >= 2.0),
+            }
+        )
+        if floats:
+            f32 = min(v["summary"]["median_ms"] for v in floats.values())
+            out.append(
+                {
+                    "target": "best int8 artifact at (1,128) >= 1.8x our best float32 artifact",
+                    "measured": f"{best}: {f32 / ms:.2f}x",
+                    "met": bool(f32 / ms >= 1.8),
+                }
+            )
+        if PEER_INT8 in c:
+            ratio = ms / c[PEER_INT8]["summary"]["median_ms"]
+            ours, peer = accuracy.get(best, {}), accuracy.get(PEER_INT8, {})
+            out.append(
+                {
+                    "target": "best int8 artifact at (1,128) no slower than the peer's int8 recipe, "
+                    "within the contract",
+                    "measured": f"{best}: time ratio {ratio:.2f} (noise {noise:.1%}); meets the contract: "
+                    f"ours {ours.get('contract')}, the peer's {peer.get('contract')}",
+                    "met": bool(ratio <= 1 + noise and ours.get("contract")),
+                }
+            )
     return out
 
 
@@ -187,6 +267,7 @@ def run(args, work: Path, out: Path) -> tuple:
 
     n_steps = (
         len(args.backends)
+        + len(args.int8)
         + (0 if args.no_peer else 1)
         + args.rounds * (1 + len(args.points))
         + len(args.memory_seqs) * (len(args.backends) + 1)
@@ -218,6 +299,16 @@ def run(args, work: Path, out: Path) -> tuple:
         },
     }
     models, module, failures = build_contenders(args, work, results, progress)
+    if args.accuracy:
+        from .accuracy import accuracy
+
+        batch, seq = args.points[0]
+        progress.step("accuracy against the oracle", 0)
+        tokenizer = Path(results["tokenizer"]) if results["tokenizer"] else None
+        try:
+            results["accuracy"] = accuracy(models, module, tokenizer, batch, seq, args.seed)
+        except Exception as e:
+            failures.append(f"accuracy: {_first_line(e)}")
     gemm_times = interleaved(
         gemm_contenders(work, args.gemm, args.threads), args.warmup, args.rounds, progress, args.settle
     )

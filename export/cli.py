@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..artifact_format import BACKENDS, DTYPES, MANIFEST
+from ..artifact_format import ARTIFACT_DTYPES, BACKENDS, MANIFEST
 from ..errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError, first_line, report_error, run_cli
 
 PROG = "qkv-export"
@@ -66,7 +66,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default="float32",
-        help="weights and activations, or 'all' (default: %(default)s): " + ", ".join(DTYPES),
+        help="weights and activations, or 'all' (default: %(default)s): " + ", ".join(ARTIFACT_DTYPES),
     )
     p.add_argument(
         "--seed",
@@ -114,12 +114,12 @@ def plan(args) -> dict[tuple[str, str], Path]:
     for what, value, known in (
         ("model", args.model, models),
         ("backend", args.backend, [*BACKENDS, "all"]),
-        ("dtype", args.dtype, [*DTYPES, "all"]),
+        ("dtype", args.dtype, [*ARTIFACT_DTYPES, "all"]),
     ):
         if value not in known:
             raise UsageError(f"unknown {what} {value!r}; known: {', '.join(known)}")
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
-    dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
+    dtypes = list(ARTIFACT_DTYPES) if args.dtype == "all" else [args.dtype]
     if args.opset is not None:
         if len(backends) > 1:
             raise UsageError("--opset applies to one backend; each backend of --backend all uses its default")

@@ -1,5 +1,6 @@
 """Module -> artifact: build, export, fusion check, golden data, manifest, atomic publish."""
 
+import os
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -9,7 +10,17 @@ import numpy as np
 import onnx
 import torch
 
-from ..artifact_format import BACKENDS, DTYPES, MODEL, TOKENIZER_DIR, WEIGHTS, graph_io, sha256_file
+from ..artifact_format import (
+    ARTIFACT_DTYPES,
+    BACKENDS,
+    MODEL,
+    QUANTIZED,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    graph_io,
+    io_dtype,
+    sha256_file,
+)
 from ..inputs import make_inputs
 from ..model_defs.config import param_count
 from ..model_defs.numpy_io import from_numpy, to_numpy, weights_to_numpy
@@ -32,6 +43,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 # (batch, seq, real tokens per row): padded rows, a row that is all padding, a single token.
 GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
+CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]  # int8 search: seeded, not validation's
 STAGE_SOURCE, STAGE_READ_BACK, STAGE_FUSION_CHECK = (
     "build module + weights",
     "onnx.load (read graph back)",
@@ -140,11 +152,12 @@ def export_artifact(
     with `weights_dir` (a Hugging Face BERT checkpoint) it is just the name the artifact gets."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if dtype not in ARTIFACT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(ARTIFACT_DTYPES)}")
     spec, module, checkpoint = source_model(model, weights_dir, seed)
     opset = BACKENDS[backend].default_opset if opset is None else opset
-    module = module.eval().to(getattr(torch, dtype))
+    float_dtype = io_dtype(dtype)  # int8 is quantized from the float32 export
+    module = module.eval().to(getattr(torch, float_dtype))
     weights = weights_to_numpy(module.state_dict())
     n_bytes = sum(a.nbytes for a in weights.values())
     if external_data is None:
@@ -152,10 +165,20 @@ def export_artifact(
 
     out = Path(out)
     tmp = temporary_dir_for(out)
+    float_dir = tmp
+    if dtype in QUANTIZED:  # the float32 export, beside the build (a killed export's is cleaned up like it)
+        float_dir = tmp.parent / f".{out.name}.tmp-float32-{os.getpid()}"
+        shutil.rmtree(float_dir, ignore_errors=True)
+        float_dir.mkdir()
     try:
         batch, seq, lengths = TRACE_CASE
         trace = make_inputs(
-            spec.input_records(dtype), spec.config.to_dict(), batch, seq, lengths, np.random.default_rng(seed)
+            spec.input_records(float_dtype),
+            spec.config.to_dict(),
+            batch,
+            seq,
+            lengths,
+            np.random.default_rng(seed),
         )
         fusions = export_onnx(
             module,
@@ -163,21 +186,26 @@ def export_artifact(
             [i.name for i in spec.inputs],
             spec.outputs,
             _dynamic_shapes(spec),
-            tmp / MODEL,
+            float_dir / MODEL,
             backend,
             opset,
             external_data,
         )
         with stage(STAGE_READ_BACK):
-            graph = onnx.load(str(tmp / MODEL), load_external_data=False)
+            graph = onnx.load(str(float_dir / MODEL), load_external_data=False)
         n_attention = count_attention_modules(module)
         with stage(STAGE_FUSION_CHECK):
             op_counts = check_fusion(graph, backend, n_attention)
             taps = find_taps(graph, spec.architecture, spec.config.to_dict(), list(spec.outputs))
+        quantization = None
+        if dtype in QUANTIZED:
+            quantization = _quantize(float_dir, tmp, spec, taps, seed, checkpoint)
+            graph = onnx.load(str(tmp / MODEL), load_external_data=False)
+            op_counts = check_fusion(graph, backend, n_attention)
         with stage(STAGE_WEIGHTS):
             save_weights_npz(tmp / WEIGHTS, weights)
         with stage(STAGE_GOLDEN):
-            golden_sets = _golden_sets(tmp, spec, module, dtype, seed, checkpoint)
+            golden_sets = _golden_sets(tmp, spec, module, float_dtype, seed, checkpoint)
         roles = {i.name: i.role for i in spec.inputs}
         manifest = {
             "model": {
@@ -205,6 +233,8 @@ def export_artifact(
             "reproduce": f"qkv-export --model {model} --backend {backend} --dtype {dtype} --seed {seed} "
             f"--opset {opset}" + (f" --weights {checkpoint['directory']}" if weights_dir is not None else ""),
         }
+        if quantization:
+            manifest["quantization"] = quantization
         if checkpoint:
             manifest["checkpoint"] = {
                 "origin": checkpoint["origin"],
@@ -218,4 +248,28 @@ def export_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if float_dir != tmp:
+            shutil.rmtree(float_dir, ignore_errors=True)
     return manifest
+
+
+def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], seed: int, checkpoint) -> dict:
+    """tmp/model.onnx: the int8 graph of float_dir/model.onnx, found by the sensitivity search on calibration
+    inputs (seeded tokens; the bundled sentences too for a checkpoint with a tokenizer). Returns the
+    manifest's quantization record, with the sha256 of the float32 graph it came from."""
+    from ..text import CALIBRATION_SENTENCES, TOKENIZER_FILES, tokenize
+    from .quantize import search
+
+    records, cfg = spec.input_records("float32"), spec.config.to_dict()
+    mask_at = next(k for k, i in enumerate(spec.inputs) if i.role == "padding_mask")
+    cases = []
+    for n, (batch, seq, lengths) in enumerate(CALIBRATION_CASES):
+        inputs = make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, 1000 + n]))
+        cases.append({"inputs": inputs, "mask": inputs[mask_at], "sentences": False})
+    if checkpoint and any((checkpoint["directory"] / f).is_file() for f in TOKENIZER_FILES):
+        feeds = tokenize(checkpoint["directory"], CALIBRATION_SENTENCES, max_length=spec.config.max_positions)
+        inputs = [feeds[i.name] for i in spec.inputs]
+        cases.append({"inputs": inputs, "mask": inputs[mask_at], "sentences": True})
+    record = search(float_dir / MODEL, tmp / MODEL, spec.architecture, cfg, taps, cases)
+    return {**record, "float32_graph_sha256": sha256_file(float_dir / MODEL)}

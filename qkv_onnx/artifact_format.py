@@ -23,7 +23,10 @@ TOKENIZER_DIR = "tokenizer"  # a checkpoint's tokenizer files, for qkv-validate 
 DIGEST_KEY = "manifest_sha256"
 MAX_MANIFEST_BYTES = 1 << 24
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16")  # float artifacts: weights, activations and IO in this dtype
+QUANTIZED = ("int8",)  # quantized artifacts: int8 weights, activations quantized at run time, float32 IO
+ARTIFACT_DTYPES = DTYPES + QUANTIZED
+TEXT_GOLDEN_SET = 3  # golden set of real sentences (checkpoints with a tokenizer), after the seeded ones
 INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask")
 ARCHITECTURES = ("attention", "encoder-block", "bert")
 DIMS = ("batch", "seq", "kv_seq")  # the symbolic dims validation knows how to size
@@ -155,9 +158,20 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def io_dtype(dtype: str) -> str:
+    """The dtype of an artifact's float inputs and outputs: its own, float32 for a quantized artifact."""
+    return "float32" if dtype in QUANTIZED else dtype
+
+
 def stored_weight_dtype(dtype: str) -> str:
-    """weights.npz keeps bfloat16 as float32 (.npy has no bfloat16; float32 holds it exactly)."""
-    return "float32" if dtype == "bfloat16" else dtype
+    """weights.npz keeps bfloat16 as float32 (.npy has no bfloat16; float32 holds it exactly), and a quantized
+    artifact's float32 source weights (what the oracle computes with)."""
+    return "float32" if dtype == "bfloat16" or dtype in QUANTIZED else dtype
+
+
+def side_files(manifest: dict) -> list[str]:
+    """The listed external-data files of the model (model.onnx.data), named relative to it."""
+    return [rel for rel in manifest["files"] if file_role(rel) == "external-data"]
 
 
 # --- the manifest schema -------------------------------------------------------------------------
@@ -207,7 +221,7 @@ def manifest_problem(m: dict) -> str | None:
         return f"model config has an impossible head layout: {cfg['hidden_size']}/{cfg['num_heads']}/{kv}"
     if not isinstance(m["backend"], str) or m["backend"] not in BACKENDS:
         return f"unknown backend {m['backend']!r}; known: {', '.join(BACKENDS)}"
-    if m["dtype"] not in DTYPES:
+    if m["dtype"] not in ARTIFACT_DTYPES:
         return f"unsupported dtype {m['dtype']!r}"
     for key in ("inputs", "outputs"):
         if (
@@ -224,6 +238,9 @@ def manifest_problem(m: dict) -> str | None:
             return f"'{key}' must be a non-empty list of {{name, dtype, shape}}"
     if not all(v.get("role") in INPUT_ROLES for v in m["inputs"]):
         return f"every input needs a 'role' among {INPUT_ROLES}"
+    quantized = m["dtype"] in QUANTIZED
+    if quantized != isinstance(m.get("quantization"), dict):
+        return "a quantized artifact needs its 'quantization' record, and only it has one"
     problem = _io_problem(m) or (_taps_problem(m) if "taps" in m else None)
     if problem:
         return problem
@@ -272,7 +289,7 @@ def _io_problem(m: dict) -> str | None:
     and masks, shapes (batch, ...) of positive ints and known symbolic dims, a 2-D padding mask."""
     for v in m["inputs"] + m["outputs"]:
         shape, role = v["shape"], v.get("role", "output")
-        want = m["dtype"] if role in ("hidden", "output") else "int64"
+        want = io_dtype(m["dtype"]) if role in ("hidden", "output") else "int64"
         if v["dtype"] != want:
             return f"{v['name']!r} is {v['dtype']}, expected {want}"
         if (

@@ -29,6 +29,10 @@ def bench_run(tmp_path_factory):
             "--memory-seqs",
             "64",
             "--profile",
+            "--int8",
+            "onnx-attention",
+            "--openvino",
+            "f32",
             "--no-progress",
             "--out",
             str(out),
@@ -45,13 +49,18 @@ def test_end_to_end_writes_json_markdown_and_plots(bench_run):
     assert results["failures"] == []
     (point,) = results["latency"]
     assert (point["batch"], point["seq"]) == (1, 16)
-    names = {"onnx-attention", "ort-contrib", "ort-contrib (again)", "peer ort-transformers", "torch eager"}
-    assert set(point["contenders"]) == names
+    int8 = {"onnx-attention int8", "peer int8 (Optimum avx512_vnni)"}
+    floats = {"onnx-attention", "ort-contrib", "ort-contrib (again)", "peer ort-transformers", "torch eager"}
+    assert set(point["contenders"]) == floats | int8 | {"openvino f32 (onnx-attention)"}
     for name, c in point["contenders"].items():
         assert c["summary"]["n"] == 3 and len(c["samples_ms"]) == 3
         assert c["summary"]["p10_ms"] <= c["summary"]["median_ms"] <= c["summary"]["p90_ms"]
-        if name != "torch eager":
+        if name != "torch eager" and name not in int8:
             assert c["max_abs_vs_eager"] < 1e-4  # the race is the same function
+    accuracy = results["accuracy"]["contenders"]
+    assert set(accuracy) == set(point["contenders"]) - {"ort-contrib (again)"}
+    for name, a in accuracy.items():  # judged against the float64 oracle by the contract
+        assert a["contract"] is True and 0 <= a["relative_error"] < (0.2 if name in int8 else 1e-5), (name, a)
     assert point["noise"]["of"] == "ort-contrib" and point["noise"]["ratio"] > 0
     assert results["gemm"]["ceiling_gflops"] > 0 and point["gemm"]["ceiling_gflops"] > 0
     assert set(point["gemm"]["shapes"]) == {
@@ -75,9 +84,8 @@ def test_end_to_end_writes_json_markdown_and_plots(bench_run):
         "NumPy float64 oracle",
         "ORT CPU runs",
     }
-    assert set(results["profiles"]) == {
-        f"{n} 1x16" for n in ("onnx-attention", "ort-contrib", "peer ort-transformers")
-    }
+    profiled = ("onnx-attention", "ort-contrib", "peer ort-transformers", *sorted(int8))
+    assert set(results["profiles"]) == {f"{n} 1x16" for n in profiled}
     assert abs(sum(results["profiles"]["ort-contrib 1x16"].values()) - 1) < 1e-6
     assert [t["met"] for t in results["targets"]] in (
         [True],
@@ -91,10 +99,11 @@ def test_end_to_end_writes_json_markdown_and_plots(bench_run):
         "## Peak memory",
         "## Pipeline cost",
         "## Targets",
+        "## Speed and accuracy",
         "| torch eager |",
     ):
         assert heading in md
-    for png in ("latency.png", "memory.png"):
+    for png in ("latency.png", "memory.png", "accuracy.png"):
         head = (out / png).read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         assert struct.unpack(">II", head[16:24])[0] > 100  # width

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from ..contract import judge
 from .results import Comparison, Metrics
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -84,6 +85,15 @@ def compare_outputs(actual, reference, tol: float) -> Comparison:
         mean_abs=float(diff.mean()),
         cosine=cosine,
         scale=scale,
-        atol=tol * scale,
+        atol=tol * scale if math.isfinite(tol) else math.inf,
     )
     return Comparison(tol, metrics)
+
+
+def compare_contract(actual, reference, mask, sentences: bool) -> Comparison:
+    """A quantized artifact's output against a float reference: the accuracy contract decides (metrics kept
+    for the report, atol infinite); shape and NaN/Inf failures as in compare_outputs."""
+    c = compare_outputs(actual, reference, math.inf)
+    if c.error is not None:
+        return c
+    return Comparison(c.tol, c.metrics, contract=judge(actual, reference, mask, sentences))

@@ -6,8 +6,6 @@ with the sublayers computed up to it (`tap_stages`); the first tap that fails, i
 computes them, is where it diverges.
 """
 
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +14,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..artifact_format import MODEL, tap_label, tap_stages
+from ..artifact_format import QUANTIZED, io_dtype, side_files, tap_label, tap_stages
+from ..contract import RELATIVE_ERROR_MAX
 from ..errors import ProviderError, first_line
+from ..graph_edit import expose, save_beside
 from . import oracle
 from .artifact import Artifact
-from .compare import compare_outputs, key_length, model_error_terms, tolerance
+from .compare import compare_contract, compare_outputs, key_length, model_error_terms, tolerance
 from .results import Comparison
 from .runtimes import open_runtime
-
-ELEM_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
-ELEM_TYPES["bfloat16"] = onnx.TensorProto.BFLOAT16
 
 
 @dataclass(frozen=True)
@@ -85,14 +82,24 @@ class Localization:
         at = [c for c in failing if self.order.index(c.label) == depth]
         return max(at, key=lambda c: c.comparison.metrics.ratio if c.comparison.metrics else float("inf"))
 
+    @property
+    def by_contract(self) -> bool:
+        """Whether the taps were judged by the accuracy contract (a quantized artifact)."""
+        return any(c.comparison.contract is not None for c in self.checks)
+
     def table(self, runtime: str) -> list[tuple[str, float | None, float | None, bool]]:
-        """(tap, worst max abs, its atol, pass) per tap in computation order, over the located cases."""
+        """(tap, worst error, its bound, pass) per tap in computation order, over the located cases: max abs
+        and atol, or under the contract the relative error and its limit."""
         rows = []
         for label in self.order:
             cs = [c for c in self.checks if c.runtime == runtime and c.label == label]
             if not cs:
                 continue
             numbers = [c for c in cs if c.comparison.metrics is not None]
+            if self.by_contract:
+                err = max((c.comparison.contract.values["relative_error"] for c in numbers), default=None)
+                rows.append((label, err, RELATIVE_ERROR_MAX, all(c.passed for c in cs)))
+                continue
             worst = max(numbers, key=lambda c: c.comparison.metrics.ratio, default=None)
             m = worst.comparison.metrics if worst else None
             rows.append((label, m and m.max_abs, m and m.atol, all(c.passed for c in cs)))
@@ -100,28 +107,13 @@ class Localization:
 
 
 def tap_model(artifact: Artifact, directory: Path) -> tuple[Path, list[str]]:
-    """A copy of the artifact's graph in `directory` with every tap value as an extra graph output (external
-    data files linked beside it); returns its path and the names of its outputs in order."""
+    """A copy of the artifact's graph in `directory` with every tap value as an extra graph output; returns
+    its path and the names of its outputs in order."""
     model = onnx.load(str(artifact.model_path), load_external_data=False)
-    outputs = [o.name for o in model.graph.output]
-    elem = ELEM_TYPES[artifact.manifest["dtype"]]
-    for tap in artifact.manifest["taps"]:
-        if tap["value"] not in outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(tap["value"], elem, None))
-            outputs.append(tap["value"])
-    for rel in artifact.manifest["files"]:
-        if rel.startswith(MODEL) and rel != MODEL:  # external data, named from the model's own directory
-            _link(artifact.path / rel, directory / rel)
-    path = directory / MODEL
-    onnx.save(model, str(path))
-    return path, outputs
-
-
-def _link(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
+    names = expose(
+        model, [t["value"] for t in artifact.manifest["taps"]], io_dtype(artifact.manifest["dtype"])
+    )
+    return save_beside(model, artifact.path, side_files(artifact.manifest), directory), names
 
 
 def _initializers(artifact: Artifact, names: set[str]) -> dict[str, np.ndarray]:
@@ -171,15 +163,17 @@ def locate(
                     found.notes.append(f"{name}: the tapped graph failed on {case.name}: {first_line(e)}")
                     continue
                 k, _ = model_error_terms(m, key_length(case.inputs, m))
+                mask = next(
+                    (x for x, i in zip(case.inputs, m["inputs"]) if i["role"] == "padding_mask"), None
+                )
                 for tap in m["taps"]:
                     stages = tap_stages(model["architecture"], model["config"], tap["tap"], tap["layer"])
                     value = got[tap["value"]].astype(np.float64)
                     if tap["add"]:
                         value = value + adds[tap["add"]]
                     expected = trace.taps[tap["tap"], tap["layer"]]
-                    tol = tolerance(judged[name], k, stages)
-                    found.checks.append(
-                        TapCheck(
-                            name, case.name, tap["tap"], tap["layer"], compare_outputs(value, expected, tol)
-                        )
-                    )
+                    if m["dtype"] in QUANTIZED:  # int8: the contract's token metrics at every depth
+                        comparison = compare_contract(value, expected, mask, False)
+                    else:
+                        comparison = compare_outputs(value, expected, tolerance(judged[name], k, stages))
+                    found.checks.append(TapCheck(name, case.name, tap["tap"], tap["layer"], comparison))

@@ -2,16 +2,25 @@
 PyTorch."""
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..artifact_format import QUANTIZED, TEXT_GOLDEN_SET, io_dtype
 from ..errors import ArtifactError, ProviderError, first_line
 from ..inputs import make_inputs
 from ..stages import stage
 from . import oracle
 from .artifact import Artifact
-from .compare import UNIT_ROUNDOFF, compare_outputs, key_length, model_error_terms, tolerance
+from .compare import (
+    UNIT_ROUNDOFF,
+    compare_contract,
+    compare_outputs,
+    key_length,
+    model_error_terms,
+    tolerance,
+)
 from .locate import Localization, locate
 from .results import Check, RuntimeStatus, failed_check
 from .runtimes import RUNTIMES, Runtime, open_runtime
@@ -36,13 +45,32 @@ class Case:
     trace: oracle.Trace | None = None  # the oracle's taps on this case, kept until localization is done
 
 
+@dataclass(frozen=True)
+class Contract:
+    """Judge by the accuracy contract (quantized artifacts) instead of a rounding tolerance: the case's
+    padding mask, and whether its sequences are real sentences (the sentence-embedding metrics apply)."""
+
+    mask: np.ndarray | None
+    sentences: bool
+
+
 @dataclass
 class RuntimeRun:
     """One runtime's outputs on one case, kept for the sibling-backend comparison."""
 
     outputs: list[np.ndarray]
-    tol: float
+    tol: float | Contract
     gating: bool
+
+
+def is_text(case: Case, manifest: dict) -> bool:
+    """Whether a case's sequences are real sentences: --text, or the golden set of a tokenizer's sentences."""
+    tokenizer = (manifest.get("checkpoint") or {}).get("tokenizer")
+    return case.name.startswith("text_") or (bool(tokenizer) and case.name == f"golden_{TEXT_GOLDEN_SET}")
+
+
+def _mask(case: Case, manifest: dict) -> np.ndarray | None:
+    return next((x for x, s in zip(case.inputs, manifest["inputs"]) if s["role"] == "padding_mask"), None)
 
 
 @dataclass
@@ -170,7 +198,10 @@ def open_sessions(
 
 def _judged_dtype(dtype: str, session: Runtime) -> str:
     """The dtype whose tolerance judges a session: the artifact's, or for a non-gating runtime the
-    coarser precision it computes in."""
+    coarser precision it computes in. A quantized artifact is judged by the accuracy contract on every
+    runtime, whatever it computes in."""
+    if dtype in QUANTIZED:
+        return dtype
     own = session.compute_dtype
     coarser = own is not None and UNIT_ROUNDOFF[own] > UNIT_ROUNDOFF[dtype]
     return own if coarser and not session.gating else dtype
@@ -204,6 +235,7 @@ def validate_artifact(
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
     for s in sessions:
         report.runtimes[s.name].runs = True
+    quantized = m["dtype"] in QUANTIZED
     for case in cases:
         k, stages = model_error_terms(m, key_length(case.inputs, m))
         with stage(STAGE_ORACLE):
@@ -212,7 +244,7 @@ def validate_artifact(
             expected = oracle.forward(
                 model["architecture"], model["config"], model["options"], weights64, case.inputs, case.trace
             )
-        tol = tolerance(m["dtype"], k, stages)
+        tol = tolerance(io_dtype(m["dtype"]), k, stages)  # PyTorch's (float32 for a quantized artifact)
         if case.golden is not None:
             report.checks += _compare(
                 "pytorch-golden", case, out_names, case.golden, {"oracle": (expected, tol)}
@@ -224,12 +256,16 @@ def validate_artifact(
             report.checks += _compare("pytorch", case, out_names, live, {"oracle": (expected, tol)})
         report.runs[case.name] = CaseRun(case)
         for session in sessions:
-            t = tolerance(report.runtimes[session.name].judged_dtype, k, stages)
+            if quantized:  # the accuracy contract, against every reference alike
+                t = t2 = Contract(_mask(case, m), is_text(case, m))
+            else:
+                t = tolerance(report.runtimes[session.name].judged_dtype, k, stages)
+                t2 = 2 * t
             refs = {"oracle": (expected, t)}
             if case.golden is not None:
-                refs["golden"] = (case.golden, 2 * t)
+                refs["golden"] = (case.golden, t2)
             if live is not None:
-                refs["pytorch"] = (live, 2 * t)
+                refs["pytorch"] = (live, t2)
             try:
                 with stage(f"{session.short} runs"):
                     got = session.run(case.inputs)
@@ -239,8 +275,11 @@ def validate_artifact(
                     False,
                     f"{case.name}: {error}",
                 )
+                tol_of = math.inf if quantized else t
                 report.checks += [
-                    failed_check(session.name, case.name, o, r, error, t) for r in refs for o in out_names
+                    failed_check(session.name, case.name, o, r, error, tol_of)
+                    for r in refs
+                    for o in out_names
                 ]
                 continue
             report.checks += _compare(session.name, case, out_names, got, refs, session.gating)
@@ -269,7 +308,8 @@ def compare_backends(reports: list[Report]) -> None:
                 ):
                     continue
                 for runtime in sorted(run_a.runs.keys() & run_b.runs.keys()):
-                    tol = 2 * run_a.runs[runtime].tol
+                    tol = run_a.runs[runtime].tol
+                    tol = tol if isinstance(tol, Contract) else 2 * tol
                     for report, mine, theirs, sibling in ((a, run_a, run_b, b), (b, run_b, run_a, a)):
                         got = mine.runs[runtime]
                         ref = {f"backend {sibling.manifest['backend']}": (theirs.runs[runtime].outputs, tol)}
@@ -284,18 +324,14 @@ def _compare(
         for ref_name, (ref_outputs, tol) in refs.items():
             for i, name in enumerate(out_names):
                 if i >= len(got):
-                    checks.append(failed_check(runtime, case.name, name, ref_name, "output missing", tol))
+                    bound = math.inf if isinstance(tol, Contract) else tol
+                    checks.append(failed_check(runtime, case.name, name, ref_name, "output missing", bound))
                     continue
-                checks.append(
-                    Check(
-                        runtime,
-                        case.name,
-                        name,
-                        ref_name,
-                        compare_outputs(got[i], ref_outputs[i], tol),
-                        gating,
-                    )
-                )
+                if isinstance(tol, Contract):
+                    comparison = compare_contract(got[i], ref_outputs[i], tol.mask, tol.sentences)
+                else:
+                    comparison = compare_outputs(got[i], ref_outputs[i], tol)
+                checks.append(Check(runtime, case.name, name, ref_name, comparison, gating))
     return checks
 
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from ..artifact_format import DTYPES
+from ..artifact_format import ARTIFACT_DTYPES
 from .parity import Report
 from .results import Check, MatrixCell, SummaryRow, worst
 from .runtimes import RUNTIMES
@@ -41,9 +41,12 @@ def summarize(checks: list[Check]) -> list[SummaryRow]:
                 max_rel=max((n.max_rel for n in numbers), default=None),
                 mean_abs=max((n.mean_abs for n in numbers), default=None),
                 cosine_min=min((n.cosine for n in numbers), default=None),
-                atol_needed=w.metrics.atol_needed if w else None,
-                atol=w.metrics.atol if w else None,
+                atol_needed=w.metrics.atol_needed if w and not w.comparison.contract else None,
+                atol=w.metrics.atol if w and not w.comparison.contract else None,
                 errors=tuple(sorted({f"{c.case}: {c.error}" for c in cs if c.error is not None})),
+                contract=f"{w.case}: {w.comparison.contract.describe()}"
+                if w and w.comparison.contract
+                else None,
             )
         )
     return rows
@@ -71,9 +74,10 @@ def matrix(reports: list[Report]) -> list[MatrixCell]:
                     parity=parity,
                     gating=status.gating,
                     max_abs=w.metrics.max_abs if w else None,
-                    atol=w.metrics.atol if w else None,
+                    atol=w.metrics.atol if w and not w.comparison.contract else None,
                     judged_dtype=status.judged_dtype,
                     reason=status.reason,
+                    contract=w.comparison.contract.describe() if w and w.comparison.contract else None,
                 )
             )
     return cells
@@ -90,7 +94,10 @@ def _cell(cell: MatrixCell, footnotes: list[str]) -> str:
     if not cell.loads:
         return "does not load" + note(cell.reason)
     text = "loads, " + ("runs" if cell.runs else "run fails" + note(cell.reason))
-    if cell.max_abs is not None:
+    if cell.contract is not None:
+        verdict = ("pass" if cell.parity == "pass" else "FAIL") if cell.gating else "info"
+        text += f", {verdict} (contract: {cell.contract})"
+    elif cell.max_abs is not None:
         verdict = ("pass" if cell.parity == "pass" else "FAIL") if cell.gating else "info"
         text += f", {verdict} {cell.max_abs:.1e} {'≤' if cell.max_abs <= cell.atol else '>'} {cell.atol:.1e}"
         text += f" ({cell.judged_dtype} tolerance)" if cell.judged_dtype != cell.dtype else ""
@@ -114,7 +121,9 @@ def matrix_markdown(reports: list[Report]) -> list[str]:
             "| backend | dtype | " + " | ".join(label(rt) for rt in runtimes) + " |",
             "|---|---|" + "---|" * len(runtimes),
         ]
-        artifacts = {c.artifact: (c.backend, DTYPES.index(c.dtype)) for c in cells if c.model == model}
+        artifacts = {
+            c.artifact: (c.backend, ARTIFACT_DTYPES.index(c.dtype)) for c in cells if c.model == model
+        }
         for artifact in sorted(artifacts, key=artifacts.get):
             row = {c.runtime: c for c in cells if c.artifact == artifact}
             first = next(iter(row.values()))
@@ -137,12 +146,12 @@ def locate_markdown(r: Report) -> list[str]:
     lines += [f"- {first_divergence_line(first)}" if first else "- no tap diverges from the oracle", ""]
     for runtime in dict.fromkeys(c.runtime for c in found.checks):
         cases = sorted({c.case for c in found.checks if c.runtime == runtime})
-        lines += [
-            f"{label(runtime)}, cases {', '.join(cases)}:",
-            "",
-            "| tap | max abs | atol | pass |",
-            "|---|---:|---:|---|",
-        ]
+        header = (
+            "| tap | relative error | limit | pass |"
+            if found.by_contract
+            else "| tap | max abs | atol | pass |"
+        )
+        lines += [f"{label(runtime)}, cases {', '.join(cases)}:", "", header, "|---|---:|---:|---|"]
         lines += [
             f"| {tap} | {_fmt(err)} | {_fmt(atol)} | {'pass' if ok else 'FAIL'} |"
             for tap, err, atol, ok in found.table(runtime)
@@ -183,13 +192,17 @@ def first_divergence_line(c) -> str:
     m = c.comparison.metrics
     if m is None:
         return f"first divergence: {c.label} ({c.comparison.error}) {where}"
+    if c.comparison.contract is not None:
+        return f"first divergence: {c.label} ({c.comparison.contract.describe()}) {where}"
     return f"first divergence: {c.label} (max abs {m.max_abs:.1e} > atol {m.atol:.1e}) {where}"
 
 
 def _result(row: SummaryRow) -> str:
     if row.gating:
-        return "pass" if row.passed else "FAIL"
-    return "info: within" if row.passed else "info: over"
+        verdict = "pass" if row.passed else "FAIL"
+    else:
+        verdict = "info: within" if row.passed else "info: over"
+    return f"{verdict} (contract: {row.contract})" if row.contract else verdict
 
 
 def markdown(reports: list[Report], failures: dict[str, str], notes: list[str] = ()) -> str:

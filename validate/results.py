@@ -5,6 +5,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from ..contract import ContractResult
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -32,15 +34,22 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Comparison:
-    """compare_outputs' result: metrics, or the error that makes numbers meaningless (shape, NaN/Inf)."""
+    """compare_outputs' result: metrics, or the error that makes numbers meaningless (shape, NaN/Inf). A
+    quantized artifact is judged by the accuracy contract instead of the rounding tolerance (`contract`;
+    its metrics are then informative and its atol infinite)."""
 
     tol: float
     metrics: Metrics | None = None
     error: str | None = None
+    contract: ContractResult | None = None
 
     @property
     def passed(self) -> bool:
-        return self.error is None and self.metrics is not None and self.metrics.max_abs <= self.metrics.atol
+        if self.error is not None or self.metrics is None:
+            return False
+        if self.contract is not None:
+            return self.contract.passed
+        return self.metrics.max_abs <= self.metrics.atol
 
     def __bool__(self) -> bool:
         return self.passed
@@ -92,14 +101,17 @@ class Check:
             "output": self.output,
             "reference": self.reference,
             "passed": self.passed,
-            "tol": self.comparison.tol,
+            "tol": self.comparison.tol if math.isfinite(self.comparison.tol) else None,
             "gating": self.gating,
             "verdict": self.verdict,
         }
         if self.error is not None:
             return {**doc, "error": self.error}
         m = self.metrics
-        return {**doc, **asdict(m), "atol_needed": m.atol_needed}
+        doc = {**doc, **asdict(m), "atol_needed": m.atol_needed}
+        if self.comparison.contract is not None:  # no rounding tolerance: JSON has no infinity
+            doc.update(tol=None, atol=None, contract=self.comparison.contract.to_json())
+        return doc
 
 
 def failed_check(runtime: str, case: str, output: str, reference: str, error: str, tol: float) -> Check:
@@ -107,8 +119,17 @@ def failed_check(runtime: str, case: str, output: str, reference: str, error: st
 
 
 def worst(checks: Iterable[Check]) -> Check | None:
-    """The check with numbers closest to (or furthest past) its atol, or None when no check has numbers."""
-    return max((c for c in checks if c.metrics is not None), key=lambda c: c.metrics.ratio, default=None)
+    """The check with numbers closest to (or furthest past) its limit, or None when no check has numbers:
+    by max abs / atol, or, under the accuracy contract, a failed contract first, then the largest relative
+    error."""
+    return max((c for c in checks if c.metrics is not None), key=_severity, default=None)
+
+
+def _severity(c: Check) -> tuple:
+    contract = c.comparison.contract
+    if contract is not None:
+        return (not contract.passed, contract.values.get("relative_error", 0.0))
+    return (c.metrics.max_abs > c.metrics.atol, c.metrics.ratio)
 
 
 @dataclass
@@ -143,6 +164,7 @@ class SummaryRow:
     atol_needed: float | None
     atol: float | None
     errors: tuple[str, ...]
+    contract: str | None = None  # quantized artifacts: the worst case's contract metrics (misses first)
 
     def to_json(self) -> dict:
         return {**asdict(self), "errors": list(self.errors)}
@@ -165,6 +187,7 @@ class MatrixCell:
     atol: float | None
     judged_dtype: str | None
     reason: str | None
+    contract: str | None = None  # quantized artifacts: the worst check against the oracle, by the contract
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -4,6 +4,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..artifact_format import io_dtype
+
 
 def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | None:
     """A callable inputs -> outputs running the source module in the artifact's dtype, or None without
@@ -19,7 +21,7 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
     model = manifest["model"]
     module = build_module(model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"])
     module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True)
-    module = module.eval().to(getattr(torch, manifest["dtype"]))
+    module = module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 
     @torch.no_grad()
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -1,0 +1,193 @@
+"""int8 artifacts: weights in int8, activations quantized at run time, from the float32 export of the same
+model, with the fewest matrix products kept in float32 that make the accuracy contract hold.
+
+The method is ONNX Runtime's dynamic quantization with per-channel int8 weights, restricted to MatMul and
+Gemm: given an ONNX `Attention` node, `quantize_dynamic` writes com.microsoft `QAttention` and copies
+`is_causal`, which QAttention rejects (the written model does not load), so the fused attention op stays
+float32 in every backend (and the decomposed backend's QKᵀ and PV products, which have no weight).
+
+The sensitivity search quantizes every product, runs the quantized and the float32 graph with their taps
+exposed on calibration inputs (bundled sentences for checkpoints, seeded tokens otherwise), and attributes
+the error each sublayer adds to that sublayer's products: the growth of the relative error from the tap
+before it to the tap after it. While the contract fails, the group that adds the most goes back to float32.
+"""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..contract import judge, worst_values
+from ..errors import ExportError
+from ..graph_edit import expose
+from ..stages import stage
+from .taps import SCOPES_KEY, _Scopes
+
+SETTINGS = {
+    "method": "onnxruntime.quantization.quantize_dynamic",
+    "weight_type": "QInt8",
+    "activation_type": "QUInt8, per tensor, quantized at run time (dynamic)",
+    "per_channel": True,
+    "reduce_range": False,
+    "op_types_to_quantize": ["MatMul", "Gemm"],
+}
+ATTENTION_STAYS_FLOAT = (
+    "fused attention op: quantize_dynamic would rewrite ONNX Attention into com.microsoft QAttention and "
+    "copy is_causal, which QAttention rejects; only MatMul and Gemm are quantized"
+)
+NO_WEIGHT = "QKᵀ / PV product of two run-time tensors: no weight to quantize"
+KEPT = "kept in float32 by the sensitivity search: quantizing it broke the accuracy contract on calibration"
+STAGE_SEARCH = "int8 sensitivity search"
+
+
+def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -> dict[str, list[str]]:
+    """The weight-carrying MatMul / Gemm nodes by sublayer, in depth order: 'layer k attention' (Q, K, V and
+    output projections), 'layer k feed-forward', 'pooler'."""
+    g = _Scopes(model)
+    weights = {i.name for i in model.graph.initializer}
+    prefixes = ["attn", "block"] if architecture != "bert" else [f"blocks.{k}" for k in range(num_layers)]
+    groups: dict[str, list[str]] = {}
+    for node, paths in zip(g.nodes, g.paths):
+        if node.op_type not in ("MatMul", "Gemm") or not any(i in weights for i in node.input[1:]):
+            continue
+        group = _group(paths, architecture, prefixes)
+        if group is None:
+            raise ExportError(
+                f"int8: {node.op_type} {node.name!r} belongs to no sublayer ({SCOPES_KEY} missing?)"
+            )
+        groups.setdefault(group, []).append(node.name)
+    order = [f"layer {k} {part}" for k in range(num_layers) for part in ("attention", "feed-forward")] + [
+        "pooler"
+    ]
+    return {name: groups[name] for name in order if name in groups}
+
+
+def _group(paths: set[str], architecture: str, prefixes: list[str]) -> str | None:
+    if "pooler" in paths:
+        return "pooler"
+    if architecture == "attention":
+        return "layer 0 attention" if "attn" in paths else None
+    for k, prefix in enumerate(prefixes if architecture == "bert" else ["block"]):
+        if f"{prefix}.attn" in paths:
+            return f"layer {k} attention"
+        if f"{prefix}.ffn" in paths:
+            return f"layer {k} feed-forward"
+    return None
+
+
+def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(float_path),
+        str(out_path),
+        op_types_to_quantize=SETTINGS["op_types_to_quantize"],
+        per_channel=SETTINGS["per_channel"],
+        reduce_range=SETTINGS["reduce_range"],
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=keep_float,
+    )
+
+
+def _run_with_taps(path: Path, taps: list[dict], cases: list) -> tuple[list[list[np.ndarray]], list[dict]]:
+    """(outputs per case, {tap value: array} per case) of the graph at `path` on ORT CPU."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    n_out = len(model.graph.output)
+    names = expose(model, [t["value"] for t in taps], "float32")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    outputs, values = [], []
+    for case in cases:
+        got = session.run(None, dict(zip(inputs, case["inputs"])))
+        outputs.append(got[:n_out])
+        values.append(dict(zip(names, got)))
+    return outputs, values
+
+
+def _relative(a: np.ndarray, r: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - r) / max(np.linalg.norm(r), 1e-30))
+
+
+def _growth(taps: list[dict], groups: list[str], values, reference) -> dict[str, float]:
+    """Per group, the largest growth over the cases of the taps' relative error across its sublayer."""
+    index = {(t["tap"], t["layer"]): t["value"] for t in taps}
+    errors = [
+        {key: _relative(v[name], r[name]) for key, name in index.items()} for v, r in zip(values, reference)
+    ]
+    stream = [key for key in index if key[0] in ("embeddings", "attention_block", "block", "final_norm")]
+    out = {}
+    for group in groups:
+        if group == "pooler":
+            before, after = stream[-1] if stream else None, ("pooler", None)
+        else:
+            k, part = int(group.split()[1]), group.split(" ", 2)[2]
+            after = ("attention_block", k) if part == "attention" else ("block", k)
+            if after not in index:  # attention-only model: its one tap is the attention output
+                after = ("attention", k)
+            position = stream.index(after) if after in stream else 0
+            before = stream[position - 1] if position > 0 else None
+        out[group] = max(e[after] - (e[before] if before else 0.0) for e in errors)
+    return out
+
+
+def search(
+    float_path: Path, out_path: Path, architecture: str, cfg: dict, taps: list[dict], cases: list
+) -> dict:
+    """Quantize `float_path` to `out_path`, keeping the fewest sublayers' products in float32 that make the
+    contract hold on `cases` ([{inputs, mask, sentences}]) against the float32 graph. Returns the manifest's
+    quantization record; ExportError with the best result when no setting meets the contract."""
+    model = onnx.load(str(float_path), load_external_data=False)
+    groups = product_groups(model, architecture, cfg["num_layers"] if architecture == "bert" else 1)
+    reference_out, reference_taps = _run_with_taps(float_path, taps, cases)
+    reference_taps = [{k: v.astype(np.float64) for k, v in r.items()} for r in reference_taps]
+    kept: list[str] = []
+    steps = []
+    with stage(STAGE_SEARCH), tempfile.TemporaryDirectory(prefix="qkv-int8-") as tmp:
+        while True:
+            trial = Path(tmp) / f"step{len(steps)}.onnx"
+            quantize(float_path, trial, [n for g in kept for n in groups[g]])
+            outputs, values = _run_with_taps(trial, taps, cases)
+            results = [
+                judge(got, ref, case["mask"], case["sentences"] and i == 0)
+                for case, outs, refs in zip(cases, outputs, reference_out)
+                for i, (got, ref) in enumerate(zip(outs, refs))
+            ]
+            worst = {k: round(v, 6) for k, v in worst_values(results).items()}
+            steps.append(
+                {"float32_groups": list(kept), "contract": worst, "passed": all(r.passed for r in results)}
+            )
+            if steps[-1]["passed"]:
+                trial.replace(out_path)
+                break
+            candidates = [g for g in groups if g not in kept]
+            if not candidates:
+                raise ExportError(
+                    f"int8: no setting meets the accuracy contract; with every product in float32 "
+                    f"it got {', '.join(f'{k} {v:.4f}' for k, v in worst.items())}"
+                )
+            growth = _growth(taps, candidates, values, reference_taps)
+            kept.append(max(candidates, key=growth.get))
+    float_nodes = [{"node": n, "why": KEPT, "group": g} for g in kept for n in groups[g]]
+    return {
+        **SETTINGS,
+        "onnxruntime": _ort_version(),
+        "quantized_products": sum(len(v) for g, v in groups.items() if g not in kept),
+        "float_nodes": float_nodes,
+        "float_ops": {"attention": ATTENTION_STAYS_FLOAT, "activation products": NO_WEIGHT},
+        "search": {
+            "calibration_cases": len(cases),
+            "steps": steps,
+            "reference": "the float32 graph (ORT CPU)",
+        },
+    }
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,76 @@
+"""The accuracy contract's metrics, by hand (no model involved)."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkv_onnx.contract import LIMITS, ContractResult, cosines, judge, spearman
+from qkv_onnx.validate.compare import compare_contract
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_identical_outputs_meet_every_limit():
+    x = np.random.default_rng(0).standard_normal((3, 6, 8))
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    r = judge(x.copy(), x, mask, sentences=True)
+    assert r.passed and r.values["token_cosine_min"] == pytest.approx(1.0)
+    assert r.values["relative_error"] == 0.0 and r.values["similarity_deviation_max"] == pytest.approx(
+        0.0, abs=1e-12
+    )
+    assert r.values["rank_agreement"] == pytest.approx(1.0)
+
+
+def test_token_cosine_sees_one_rotated_token_and_ignores_padding():
+    """One real token turned by 30 degrees: its cosine is cos 30°; a padded position turned by 90° counts for
+    nothing."""
+    ref = np.zeros((1, 3, 2))
+    ref[0, :, 0] = 1.0
+    got = ref.copy()
+    got[0, 1] = [np.cos(np.pi / 6), np.sin(np.pi / 6)]
+    got[0, 2] = [0.0, 1.0]
+    r = judge(got, ref, np.array([[1, 1, 0]]), sentences=False)
+    assert r.values["token_cosine_min"] == pytest.approx(np.cos(np.pi / 6))
+    assert "token_cosine_min" in r.failed and "sentence_cosine_min" not in r.values
+
+
+def test_relative_error_is_the_frobenius_ratio():
+    ref = np.ones((2, 4))
+    got = ref * 1.1
+    assert judge(got, ref, None, False).values["relative_error"] == pytest.approx(0.1)
+
+
+def test_spearman_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)  # ties share their average rank
+
+
+def test_cosines_of_zero_rows():
+    a = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    b = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    assert cosines(a, b).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_non_finite_metric_never_passes_and_nan_outputs_are_errors():
+    assert not ContractResult({"relative_error": float("nan")}).passed
+    got = np.ones((1, 2, 2))
+    got[0, 0, 0] = np.nan
+    c = compare_contract(got, np.ones((1, 2, 2)), None, False)
+    assert not c.passed and c.error.startswith("non-finite output")
+
+
+def test_the_docs_table_states_the_limits_in_code():
+    """docs/accuracy-contract.md justifies each limit: its table must say what the code enforces."""
+    table = (ROOT / "docs" / "accuracy-contract.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)`:.*?\| ([≥≤] [0-9.]+) \|", table, re.M))
+    assert {k: f"{'≥' if op == '>=' else '≤'} {v}" for k, (op, v) in LIMITS.items()} == rows
+
+
+def test_describe_puts_misses_first():
+    r = ContractResult({"token_cosine_min": 0.99, "relative_error": 0.3})
+    assert r.failed == ["relative_error"] and r.describe() == "relative_error 0.3000 > 0.2"
+    assert ContractResult({"relative_error": 0.1}).describe() == "relative_error 0.1000 ≤ 0.2"
