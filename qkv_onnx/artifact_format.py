@@ -212,7 +212,7 @@ def manifest_problem(m: dict) -> str | None:
         return "'model' must hold 'name', 'architecture', 'config' and 'options'"
     if model["architecture"] not in ARCHITECTURES:
         return f"unknown architecture {model['architecture']!r}; known: {', '.join(ARCHITECTURES)}"
-    bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(model["config"].get(k))]
+    bad = [k for k, ok in CONFIG_FIELDS.items() if k not in model["config"] or not ok(model["config"][k])]
     if bad:
         return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
     cfg = model["config"]
