@@ -268,7 +268,8 @@ def test_step_summary_appended_with_matrix_and_failing_rows(ci_run):
         if r["errors"] or (r["gating"] and not r["passed"])
     }
     assert {tuple(cell.strip() for cell in line.split("|")[1:5]) for line in failing} == expected
-    assert f"- {ci_run.flipped}: {ci_run.doc['invalid'][0]['reason']}" in text
+    reason = ci_run.doc["invalid"][0]["reason"]
+    assert f"\n- {reason}\n" in text and str(ci_run.flipped / "weights.npz") in reason
     assert "qkv-validate: warning" not in ci_run.stderr
 
 

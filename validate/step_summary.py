@@ -62,10 +62,10 @@ def summary_markdown(reports: list[Report], invalid: dict[str, str], exit_code: 
         ]
         if len(failing) > MAX_ROWS:
             lines += [f"… and {len(failing) - MAX_ROWS} more rows: see the --junit or --json report.", ""]
-    problems = [(r.artifact, e) for r in reports for e in r.errors] + list(invalid.items())
+    problems = [e for r in reports for e in r.errors] + list(invalid.values())  # each names its file
     if problems:
         lines += ["### Invalid artifacts and runtimes that cannot run them", ""]
-        lines += [f"- {_cell(path)}: {_cell(reason)}" for path, reason in problems] + [""]
+        lines += [f"- {_cell(reason)}" for reason in problems] + [""]
     return "\n".join(lines) + "\n"
 
 
