@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_step_summary():
+    """Tests never append to the job summary of the CI run that executes them: qkv-validate writes there
+    when GITHUB_STEP_SUMMARY is set (tests that check that set it themselves)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("GITHUB_STEP_SUMMARY", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """export(model, dtype='float32', backend='onnx-attention') -> path of a pristine artifact

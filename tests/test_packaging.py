@@ -10,8 +10,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 from setuptools import find_packages
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the test extra's tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

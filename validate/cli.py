@@ -1,7 +1,9 @@
 """qkv-validate: verify artifacts and judge their parity on each runtime."""
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import (
@@ -11,15 +13,18 @@ from ..errors import (
     ProviderError,
     UsageError,
     first_line,
+    one_line,
     report_error,
     run_cli,
 )
 from ..stages import stage
 from .artifact import load_artifact
 from .attention_maps import write_maps
+from .junit import junit_xml
 from .parity import compare_backends, localize, validate_artifact
 from .report import markdown, matrix_markdown, to_json
-from .runtimes import RUNTIMES, parse_providers
+from .runtimes import RUNTIMES, select_runtimes
+from .step_summary import append_step_summary, summary_markdown
 
 PROG = "qkv-validate"
 STAGE_PROBE, STAGE_REPORT, STAGE_MAPS = "probe runtimes (CUDA, ...)", "report", "attention maps"
@@ -45,7 +50,15 @@ The report opens with a compatibility matrix per model: artifact (backend, dtype
 OpenVINO (pip install 'qkv-onnx[openvino]'): `openvino` runs with INFERENCE_PRECISION_HINT=f32
 and is judged like ORT; `openvino-default` runs with the CPU plugin's defaults (bf16 on a CPU
 with bfloat16 instructions), judged at the tolerance of the precision it computes in and
-reported without deciding the exit code (its run errors and NaN/Inf still do)."""
+reported without deciding the exit code (its run errors and NaN/Inf still do).
+
+In CI: --junit FILE writes JUnit XML (one testsuite per artifact, one testcase per runtime x
+reference x output, worst case over all inputs: failure = out of tolerance, error = a run that
+failed or NaN/Inf, a runtime that cannot load it, an invalid artifact; skipped = a runtime not run,
+with the reason). Where GITHUB_STEP_SUMMARY is set (GitHub Actions), the verdict, the matrix and
+the failing rows are appended to that file, the job's summary page; if it cannot be written, a
+warning goes to stderr and the exit code is unchanged. --json, --report and --junit are checked
+before anything runs: a missing or unwritable directory, or a directory given as FILE, is exit 2."""
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -71,6 +84,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="FILE", help="write every check as JSON")
     p.add_argument(
         "--report", type=Path, metavar="FILE.md", help="write the Markdown table here instead of stdout"
+    )
+    p.add_argument(
+        "--junit",
+        type=Path,
+        metavar="FILE",
+        help="write JUnit XML for CI test reports (GitHub Actions, GitLab, Jenkins)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)"
@@ -109,16 +128,48 @@ def parse_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+OUTPUTS = ("json", "report", "junit")
+
+
+def check_outputs(args) -> None:
+    """Before anything runs: each output FILE can be written (its directory exists and is writable, it is
+    not a directory) and no two outputs share a file. Raises UsageError (exit 2)."""
+    seen = {}
+    for flag in OUTPUTS:
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        where = f"--{flag} {path}"
+        if path.is_dir():
+            raise UsageError(f"{where}: is a directory; give a file name")
+        parent = path.parent
+        if not parent.is_dir():
+            what = "is not a directory" if parent.exists() else "does not exist"
+            raise UsageError(f"{where}: directory {parent} {what}")
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise UsageError(f"{where}: the file is not writable")
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{where}: directory {parent} is not writable")
+        key = path.resolve()
+        if key in seen:
+            raise UsageError(f"{where}: the same file as --{seen[key]}")
+        seen[key] = flag
+
+
 def run(args) -> int:
+    check_outputs(args)
     with stage(STAGE_PROBE):
-        providers, notes, auto = parse_providers(args.providers)
+        selection = select_runtimes(args.providers)
+    providers, notes, auto = selection.names, selection.notes, selection.auto
     sentences = []
     if args.text or args.text_file:
         from ..text import read_sentences
 
         sentences = read_sentences(args.text, args.text_file)
-    reports, invalid = [], {}
+    reports, invalid, seconds = [], {}, []
     for directory in args.artifacts:
+        start = time.perf_counter()
         try:
             artifact = load_artifact(directory)
             report = validate_artifact(artifact, providers, args.seed, not args.no_torch, auto, sentences)
@@ -133,6 +184,7 @@ def run(args) -> int:
                 with stage(STAGE_MAPS):
                     write_maps(report, artifact, args.attention_maps, sentences)
             reports.append(report)
+            seconds.append(time.perf_counter() - start)
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
             report_error(PROG, first_line(e))
@@ -160,8 +212,13 @@ def run(args) -> int:
 
             for note in error_by_depth(reports, args.plots):
                 print(f"- {note}", file=sys.stderr)
+        if args.junit:
+            args.junit.write_bytes(junit_xml(reports, invalid, selection.unavailable, seconds))
     except OSError as e:
         raise UsageError(f"cannot write report: {e}") from None
+    warning = append_step_summary(summary_markdown(reports, invalid, code))
+    if warning:
+        print(f"{PROG}: warning: {one_line(warning)}", file=sys.stderr)
     return code
 
 

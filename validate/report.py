@@ -20,36 +20,39 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.2e}"
 
 
-def summarize(checks: list[Check]) -> list[SummaryRow]:
-    """One row per (runtime, reference, output): worst case over all inputs."""
+def group_checks(checks: list[Check]) -> dict[tuple[str, str, str], list[Check]]:
+    """The checks of each (runtime, reference, output), in first-seen order: a summary row's cases."""
     groups: dict[tuple[str, str, str], list[Check]] = {}
     for c in checks:
         groups.setdefault((c.runtime, c.reference, c.output), []).append(c)
-    rows = []
-    for (runtime, ref, output), cs in groups.items():
-        numbers = [c.metrics for c in cs if c.metrics is not None]
-        w = worst(cs)
-        rows.append(
-            SummaryRow(
-                runtime=runtime,
-                reference=ref,
-                output=output,
-                cases=len(cs),
-                passed=all(c.passed for c in cs),
-                gating=all(c.decides for c in cs),
-                max_abs=max((n.max_abs for n in numbers), default=None),
-                max_rel=max((n.max_rel for n in numbers), default=None),
-                mean_abs=max((n.mean_abs for n in numbers), default=None),
-                cosine_min=min((n.cosine for n in numbers), default=None),
-                atol_needed=w.metrics.atol_needed if w and not w.comparison.contract else None,
-                atol=w.metrics.atol if w and not w.comparison.contract else None,
-                errors=tuple(sorted({f"{c.case}: {c.error}" for c in cs if c.error is not None})),
-                contract=f"{w.case}: {w.comparison.contract.describe()}"
-                if w and w.comparison.contract
-                else None,
-            )
-        )
-    return rows
+    return groups
+
+
+def summary_row(runtime: str, ref: str, output: str, cs: list[Check]) -> SummaryRow:
+    """The worst case over `cs`, the checks of one (runtime, reference, output)."""
+    numbers = [c.metrics for c in cs if c.metrics is not None]
+    w = worst(cs)
+    return SummaryRow(
+        runtime=runtime,
+        reference=ref,
+        output=output,
+        cases=len(cs),
+        passed=all(c.passed for c in cs),
+        gating=all(c.decides for c in cs),
+        max_abs=max((n.max_abs for n in numbers), default=None),
+        max_rel=max((n.max_rel for n in numbers), default=None),
+        mean_abs=max((n.mean_abs for n in numbers), default=None),
+        cosine_min=min((n.cosine for n in numbers), default=None),
+        atol_needed=w.metrics.atol_needed if w and not w.comparison.contract else None,
+        atol=w.metrics.atol if w and not w.comparison.contract else None,
+        errors=tuple(sorted({f"{c.case}: {c.error}" for c in cs if c.error is not None})),
+        contract=f"{w.case}: {w.comparison.contract.describe()}" if w and w.comparison.contract else None,
+    )
+
+
+def summarize(checks: list[Check]) -> list[SummaryRow]:
+    """One row per (runtime, reference, output): worst case over all inputs."""
+    return [summary_row(*key, cs) for key, cs in group_checks(checks).items()]
 
 
 def matrix(reports: list[Report]) -> list[MatrixCell]:

@@ -4,6 +4,7 @@ OpenVINO's CPU plugin (openvino.py), plus any adapter another distribution regis
 entry-point group `qkv_onnx.runtimes` (docs/runtimes.md). The comparison and report code take
 whatever is registered."""
 
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 from ...errors import first_line
@@ -67,6 +68,7 @@ __all__ = [
     "ProviderError",
     "Reference",
     "Runtime",
+    "Selection",
     "capability_gap",
     "cost_model_nodes",
     "cpu_placement",
@@ -75,6 +77,7 @@ __all__ = [
     "parse_placements",
     "parse_providers",
     "placement_log",
+    "select_runtimes",
     "single_node_model",
 ]
 
@@ -101,23 +104,34 @@ def open_runtime(name: str, model_path) -> Runtime:
         ) from None
 
 
-def parse_providers(text: str) -> tuple:
-    """(runtime names, notes, auto) for --providers: a comma list, or 'auto' for every runtime that
-    works here. Under auto, a runtime known to lack what an artifact needs (capability_gap) is skipped
-    with a note; asked for by name, it is an error. Raises ProviderError for an unknown name or a
-    runtime that cannot run on this machine (with its install hint when it is an optional install)."""
+@dataclass(frozen=True)
+class Selection:
+    """What --providers resolved to: the runtimes to run, notes for the report, whether it was auto, and
+    (under auto) each runtime that cannot run on this machine with the reason."""
+
+    names: list[str]
+    notes: list[str]
+    auto: bool
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def select_runtimes(text: str) -> Selection:
+    """--providers: a comma list, or 'auto' for every runtime that works here. Under auto, a runtime
+    known to lack what an artifact needs (capability_gap) is skipped with a note; asked for by name, it is
+    an error. Raises ProviderError for an unknown name or a runtime that cannot run on this machine (with
+    its install hint when it is an optional install)."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     if names == ["auto"]:
         problems = {name: cls.problem() for name, cls in RUNTIMES.items()}
         found = [name for name, problem in problems.items() if problem is None]
+        unavailable = {name: problem for name, problem in problems.items() if problem}
         missing = {}
-        for name, problem in problems.items():
-            if problem:
-                missing.setdefault(problem, []).append(name)
+        for name, problem in unavailable.items():
+            missing.setdefault(problem, []).append(name)
         note = f"--providers auto found: {', '.join(found)}" + "".join(
             f" (no {', '.join(who)}: {problem})" for problem, who in missing.items()
         )
-        return found, [note, *PLUGIN_NOTES], True
+        return Selection(found, [note, *PLUGIN_NOTES], True, unavailable)
     unknown = [p for p in names if p not in RUNTIMES]
     if unknown or not names:
         raise ProviderError(
@@ -127,4 +141,10 @@ def parse_providers(text: str) -> tuple:
         problem = RUNTIMES[name].problem()
         if problem:
             raise ProviderError(f"--providers {name}: {RUNTIMES[name].label} cannot run here: {problem}")
-    return list(dict.fromkeys(names)), list(PLUGIN_NOTES), False
+    return Selection(list(dict.fromkeys(names)), list(PLUGIN_NOTES), False)
+
+
+def parse_providers(text: str) -> tuple:
+    """(runtime names, notes, auto) for --providers: select_runtimes() as a tuple."""
+    s = select_runtimes(text)
+    return s.names, s.notes, s.auto
