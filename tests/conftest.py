@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-EXPORTING_FIXTURES = {"exported", "artifact_copy", "exported_external", "exported_minilm", "faults_site"}
+EXPORTING_FIXTURES = {
+    *("exported", "artifact_copy", "exported_external", "exported_minilm", "faults_site"),
+    *("minilm_artifact", "onnx_session"),  # test_checkpoint.py: the real minilm-l6 export
+}
 FAULTS = Path(__file__).parent / "plugins" / "qkv-onnx-faults"
 
 
