@@ -12,6 +12,7 @@ the error each sublayer adds to that sublayer's products: the growth of the rela
 before it to the tap after it. While the contract fails, the group that adds the most goes back to float32.
 """
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -79,15 +80,21 @@ def _group(paths: set[str], architecture: str, prefixes: list[str]) -> str | Non
 def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(float_path),
-        str(out_path),
-        op_types_to_quantize=SETTINGS["op_types_to_quantize"],
-        per_channel=SETTINGS["per_channel"],
-        reduce_range=SETTINGS["reduce_range"],
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=keep_float,
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic advises "pre-processing" on the root logger every call
+    try:
+        quantize_dynamic(
+            str(float_path),
+            str(out_path),
+            op_types_to_quantize=SETTINGS["op_types_to_quantize"],
+            per_channel=SETTINGS["per_channel"],
+            reduce_range=SETTINGS["reduce_range"],
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep_float,
+        )
+    finally:
+        root.setLevel(level)
 
 
 def _run_with_taps(path: Path, taps: list[dict], cases: list) -> tuple[list[list[np.ndarray]], list[dict]]:
