@@ -212,3 +212,17 @@ def test_when_no_setting_meets_the_contract_the_export_fails_and_writes_nothing(
 def test_an_unknown_quantized_dtype_is_refused(tmp_path, capsys):
     assert export_main(["--model", "mha", "--dtype", "int4", "--out", str(tmp_path / "x")]) == 2
     assert "unknown dtype 'int4'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_int8_siblings_are_judged_each_against_the_oracle_not_each_other(int8_tiny, tmp_path, capsys):
+    """Two int8 artifacts of one model each hold the contract against the reference; the distance between
+    them is not bounded by it (it can be twice as large), so they are not compared with each other."""
+    dirs = [d for _, d in int8_tiny.values()]
+    code, _, _, doc = run_cli(
+        capsys, *dirs, "--no-torch", "--providers", "cpu", "--json", tmp_path / "r.json"
+    )
+    assert code == 0
+    for a in doc["artifacts"]:
+        assert not any(c["reference"].startswith("backend ") for c in a["checks"])
+        assert any(n.startswith("not compared with its sibling backends") for n in a["notes"])
