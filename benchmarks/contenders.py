@@ -160,8 +160,13 @@ def quantize_peer(peer: Path, out: Path) -> None:
     (`export_peer` leaves it beside the optimized graph as <name>-torchscript.onnx)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from ..export.quantize import quiet_quantizer
+
     raw = peer.with_name(peer.stem + "-torchscript.onnx")
-    quantize_dynamic(str(raw), str(out), per_channel=False, reduce_range=False, weight_type=QuantType.QInt8)
+    with quiet_quantizer():
+        quantize_dynamic(
+            str(raw), str(out), per_channel=False, reduce_range=False, weight_type=QuantType.QInt8
+        )
 
 
 class OpenVinoModel:

@@ -14,6 +14,7 @@ before it to the tap after it. While the contract fails, the group that adds the
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +78,22 @@ def _group(paths: set[str], architecture: str, prefixes: list[str]) -> str | Non
     return None
 
 
+@contextmanager
+def quiet_quantizer():
+    """quantize_dynamic advises "pre-processing" on the root logger at every call: silence it meanwhile."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic advises "pre-processing" on the root logger every call
-    try:
+    with quiet_quantizer():
         quantize_dynamic(
             str(float_path),
             str(out_path),
@@ -93,8 +103,6 @@ def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
             weight_type=QuantType.QInt8,
             nodes_to_exclude=keep_float,
         )
-    finally:
-        root.setLevel(level)
 
 
 def _run_with_taps(path: Path, taps: list[dict], cases: list) -> tuple[list[list[np.ndarray]], list[dict]]:
