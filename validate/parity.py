@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ArtifactError, ProviderError, first_line
+from ..artifact_format import MANIFEST, TOKENIZER_DIR
+from ..errors import ArtifactError, LimitExceeded, ProviderError, first_line, show
 from ..inputs import make_inputs
 from ..stages import stage
 from . import oracle
-from .artifact import Artifact
+from .artifact import Artifact, input_problem
 from .compare import UNIT_ROUNDOFF, compare_outputs, model_error_terms, tolerance
 from .results import Check, RuntimeStatus, failed_check
-from .runtimes import RUNTIMES, Runtime
+from .runtimes import RUNTIMES, open_runtime
+from .sandbox import SandboxedRuntime, tokenize_sandboxed
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
@@ -62,6 +64,7 @@ class Report:
         default_factory=dict
     )  # the compatibility matrix's raw material
     runs: dict[str, CaseRun] = field(default_factory=dict)  # case name -> outputs per runtime
+    graph_check: str = ""  # how the graph was judged (rebuild or structural contract)
 
     @property
     def passed(self) -> bool:
@@ -71,31 +74,32 @@ class Report:
 
 def text_case(artifact: Artifact, sentences: list[str]) -> Case:
     """The sentences, tokenized with the artifact's own tokenizer files and padded to one batch."""
-    from ..text import TextError, tokenize
-
     m = artifact.manifest
-    tokenizer = (m.get("checkpoint") or {}).get("tokenizer")
+    checkpoint = m.get("checkpoint")
+    tokenizer = checkpoint.get("tokenizer") if isinstance(checkpoint, dict) else None
     if not tokenizer:
         raise ArtifactError(
-            f"{artifact.path}: --text needs the tokenizer of the checkpoint the artifact was "
+            f"{show(artifact.path)}: --text needs the tokenizer of the checkpoint the artifact was "
             "exported from, and this artifact has none"
         )
-    if (
-        not isinstance(tokenizer, str)
-        or (artifact.path / tokenizer).resolve().parent != artifact.path.resolve()
-    ):
+    if tokenizer != TOKENIZER_DIR:
         raise ArtifactError(
-            f"{artifact.path / 'manifest.json'}: tokenizer {tokenizer!r} is not a directory of the artifact"
+            f"{show(artifact.path / MANIFEST)}: tokenizer {tokenizer!r} is not the artifact's "
+            f"{TOKENIZER_DIR}/"
         )
-    try:
-        feeds = tokenize(
-            artifact.path / tokenizer, sentences, max_length=m["model"]["config"]["max_positions"]
-        )
-    except TextError as e:
-        raise ArtifactError(str(e)) from None
-    return Case(
-        f"text_{len(sentences)}x{feeds['input_ids'].shape[1]}", [feeds[i["name"]] for i in m["inputs"]]
+    feeds = tokenize_sandboxed(  # the verified private copy; errors name the artifact's files
+        artifact.private / tokenizer,
+        artifact.path / tokenizer,
+        sentences,
+        m["model"]["config"]["max_positions"],
+        artifact.limits,
     )
+    inputs = [feeds[i["name"]] for i in m["inputs"]]
+    for x, spec in zip(inputs, m["inputs"]):
+        problem = input_problem(x, spec, m["model"]["config"])
+        if problem:
+            raise ArtifactError(f"{show(artifact.path / tokenizer)}: the tokenizer gives {problem}")
+    return Case(f"text_{len(sentences)}x{feeds['input_ids'].shape[1]}", inputs)
 
 
 def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> list[Case]:
@@ -121,12 +125,14 @@ def _key_length(inputs: list[np.ndarray], manifest: dict) -> int:
 
 def open_sessions(
     artifact: Artifact, providers: list[str], skip_unsupported: bool, report: Report
-) -> list[Runtime]:
-    """A session per runtime, before any case runs; each outcome goes to report.runtimes. A runtime
-    that cannot load the artifact is a finding there and a report error (exit 2), and the other
-    runtimes still run. With skip_unsupported (--providers auto), a runtime known to lack the
-    artifact's dtype or ops is skipped with a note instead of an error."""
-    sessions = []
+) -> list[SandboxedRuntime]:
+    """A sandboxed session per runtime, all opening at once, before any case runs; each outcome goes to
+    report.runtimes. A runtime that cannot load the artifact, or passes a sandbox limit doing so, is a
+    finding there and a report error (exit 2), and the other runtimes still run. With skip_unsupported
+    (--providers auto), a runtime known to lack the artifact's dtype or ops is skipped with a note
+    instead of an error."""
+    shown = artifact.shown_model_path
+    opening = []
     for name in providers:
         runtime = RUNTIMES[name]
         status = report.runtimes[name] = RuntimeStatus(runtime.label, runtime.gating)
@@ -135,12 +141,17 @@ def open_sessions(
             status.reason = f"not run: {gap}"
             report.notes.append(f"{runtime.label}: not run ({gap})")
             if not skip_unsupported:
-                report.errors.append(f"{artifact.model_path}: {gap}")
+                report.errors.append(f"{show(shown)}: {gap}")
             continue
+        opening.append(open_runtime(name, artifact.model_path, artifact.limits, shown))
+    sessions = []
+    for session in opening:
+        status = report.runtimes[session.name]
         try:
-            session = runtime(artifact.model_path)
-        except ProviderError as e:
-            status.loads, status.reason = False, str(e).removeprefix(f"{artifact.model_path}: ")
+            session.wait_open()
+        except (ProviderError, ArtifactError) as e:
+            status.loads = False
+            status.reason = str(e).removeprefix(f"{shown}: ").removeprefix(f"{show(shown)}: ")
             report.errors.append(str(e))
             continue
         status.loads, status.judged_dtype = True, _judged_dtype(artifact.manifest["dtype"], session)
@@ -151,7 +162,7 @@ def open_sessions(
                 f"judged at the {status.judged_dtype} tolerance and reported, not deciding pass/fail"
             )
         report.notes.append(
-            f"{runtime.label}: ran, session providers {session.providers}"
+            f"{session.label}: ran, session providers {session.providers}"
             + "".join(f"; {n}" for n in session.notes)
         )
         sessions.append(session)
@@ -161,13 +172,11 @@ def open_sessions(
             "rests on integrity, PyTorch against the oracle, and run errors or NaN/Inf"
         )
     if not sessions and not report.errors:
-        report.errors.append(
-            f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes)
-        )
+        report.errors.append(f"{show(shown)}: no runtime asked for can run it: " + "; ".join(report.notes))
     return sessions
 
 
-def _judged_dtype(dtype: str, session: Runtime) -> str:
+def _judged_dtype(dtype: str, session) -> str:
     """The dtype whose tolerance judges a session: the artifact's, or for a non-gating runtime the
     coarser precision it computes in."""
     own = session.compute_dtype
@@ -183,12 +192,31 @@ def validate_artifact(
     skip_unsupported: bool = False,
     sentences: list[str] = (),
 ) -> Report:
-    """Every comparison for one artifact against the oracle, golden data and PyTorch."""
+    """Every comparison for one artifact against the oracle, golden data and PyTorch. Each case goes to
+    every runtime's sandbox first, and the oracle and PyTorch compute while the runtimes do."""
     m = artifact.manifest
-    report = Report(artifact.name, m)
+    report = Report(artifact.name, m, graph_check=artifact.graph_check)
+    report.notes.append(artifact.graph_check)
+    if artifact.limits is not None:
+        report.notes.append(
+            "sandbox limits (each runtime, and onnx.checker in structural mode): "
+            + artifact.limits.describe()
+        )
     cases = build_cases(artifact, seed, sentences)
     with stage(STAGE_SESSIONS):
         sessions = open_sessions(artifact, providers, skip_unsupported, report)
+    try:
+        _run_cases(artifact, cases, sessions, use_torch, report)
+    finally:
+        for session in sessions:
+            session.close()
+    return report
+
+
+def _run_cases(
+    artifact: Artifact, cases: list[Case], sessions: list, use_torch: bool, report: Report
+) -> None:
+    m = artifact.manifest
     with stage(STAGE_PEER):
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
     report.notes.append(
@@ -204,7 +232,11 @@ def validate_artifact(
     for s in sessions:
         report.runtimes[s.name].runs = True
     for case in cases:
-        k, stages = model_error_terms(m, _key_length(case.inputs, m))
+        running = []
+        for session in sessions:
+            session.submit(case.inputs)
+            running.append(session)
+        k, stages = model_error_terms(m, _key_length(case.inputs, m), artifact.weights)
         with stage(STAGE_ORACLE):
             expected = oracle.forward(
                 m["model"]["architecture"],
@@ -224,8 +256,9 @@ def validate_artifact(
                 live = peer(case.inputs)
             report.checks += _compare("pytorch", case, out_names, live, {"oracle": (expected, tol)})
         report.runs[case.name] = CaseRun(case)
-        for session in sessions:
-            t = tolerance(report.runtimes[session.name].judged_dtype, k, stages)
+        for session in running:
+            status = report.runtimes[session.name]
+            t = tolerance(status.judged_dtype, k, stages)
             refs = {"oracle": (expected, t)}
             if case.golden is not None:
                 refs["golden"] = (case.golden, 2 * t)
@@ -233,20 +266,22 @@ def validate_artifact(
                 refs["pytorch"] = (live, 2 * t)
             try:
                 with stage(f"{session.short} runs"):
-                    got = session.run(case.inputs)
+                    got = session.result()
+            except LimitExceeded as e:  # the artifact made the runtime pass a limit: invalid, exit 2
+                report.errors.append(str(e))
+                status.runs, status.reason = False, f"{case.name}: {e}"
+                sessions.remove(session)
+                session.close()
+                continue
             except Exception as e:  # the runtime's own failure on this artifact: a finding, not our bug
                 error = f"run failed: {first_line(e)}"
-                report.runtimes[session.name].runs, report.runtimes[session.name].reason = (
-                    False,
-                    f"{case.name}: {error}",
-                )
+                status.runs, status.reason = False, f"{case.name}: {error}"
                 report.checks += [
                     failed_check(session.name, case.name, o, r, error, t) for r in refs for o in out_names
                 ]
                 continue
             report.checks += _compare(session.name, case, out_names, got, refs, session.gating)
             report.runs[case.name].runs[session.name] = RuntimeRun(got, t, session.gating)
-    return report
 
 
 def compare_backends(reports: list[Report]) -> None:

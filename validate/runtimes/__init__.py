@@ -3,6 +3,8 @@ ONNX Runtime per execution provider (ort.py), onnx's ReferenceEvaluator (referen
 OpenVINO's CPU plugin (openvino.py). Adding a runtime is one adapter and one entry in RUNTIMES;
 the comparison and report code take whatever is registered."""
 
+from pathlib import Path
+
 from .base import ProviderError, Runtime
 from .openvino import OpenVino, OpenVinoDefault
 from .ort import (
@@ -43,8 +45,18 @@ def capability_gap(name: str, artifact) -> str | None:
     return RUNTIMES[name].gap(artifact)
 
 
-def open_runtime(name: str, model_path) -> Runtime:
-    return RUNTIMES[name](model_path)
+def open_runtime(name: str, model_path, limits=None, shown=None):
+    """Runtime `name` on `model_path`, hosted in a sandbox (a child process under `limits`, by default
+    sized from the model file; see validate.sandbox) with the adapter's interface. `shown`: the path
+    messages name instead of `model_path` (the artifact's file when `model_path` is a private copy).
+    The session is opening when this returns; `wait_open()` (or the first run) waits for it."""
+    from ..sandbox import Limits, SandboxedRuntime
+
+    if limits is None:
+        path = Path(model_path)
+        side = path.with_name(path.name + ".data")
+        limits = Limits.for_model(path.stat().st_size + (side.stat().st_size if side.exists() else 0))
+    return SandboxedRuntime(RUNTIMES[name], model_path, limits, shown)
 
 
 def parse_providers(text: str) -> tuple:
