@@ -43,7 +43,7 @@ from ..stages import stage
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
 from .intake import check_tree, copy_verified
 from .npz import read_weights
-from .rebuild import check_rebuilt, rebuild_problem
+from .rebuild import PendingRebuild, rebuild_problem
 from .sandbox import Limits, check_model_sandboxed
 
 LINEAR_WEIGHTS = ("_proj.weight", ".fc1.weight", ".fc2.weight", "pooler.weight")
@@ -64,10 +64,20 @@ class Artifact:
     graph_check: str = ""  # how the graph was judged: a line for the report
     limits: Limits | None = None  # the sandbox limits of this artifact's checker and runtimes
     _scratch: object = field(default=None, repr=False)  # the TemporaryDirectory holding `private`
+    _pending: PendingRebuild | None = field(default=None, repr=False)  # a rebuild still running
+
+    def verify_graph(self) -> None:
+        """Wait for a rebuild started in the background (load_artifact(background=True)) and require the
+        graph to be its bytes; ArtifactError otherwise. Nothing may open the model before this returns."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            counts = pending.verify()
+            self.foreign_ops = tuple(sorted(k for k in counts if "::" in k))
 
     @property
     def model_path(self) -> Path:
-        """The model runtimes open: the verified private copy."""
+        """The model runtimes open: the verified private copy (waiting for a background rebuild first)."""
+        self.verify_graph()
         return (self.private or self.path) / MODEL
 
     @property
@@ -80,7 +90,10 @@ class Artifact:
         return self.path.name
 
     def close(self) -> None:
-        """Remove the private copy."""
+        """Stop a pending rebuild; remove the private copy."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
@@ -338,18 +351,25 @@ STAGES = {
 
 
 def load_artifact(
-    directory, rebuild: bool = True, memory: int | None = None, seconds: float | None = None
+    directory,
+    rebuild: bool = True,
+    memory: int | None = None,
+    seconds: float | None = None,
+    background: bool = False,
 ) -> Artifact:
     """Verify and load an artifact; raises ArtifactError naming the first problem. With `rebuild` (and
     torch and the manifest's exporter versions here) the graph must be the exporter's rebuild, byte for
     byte; otherwise, or with rebuild=False, the structural contract judges it. `memory` and `seconds`
-    override the sandbox limits sized from the model."""
+    override the sandbox limits sized from the model. With `background`, the rebuild runs in a child
+    process while the caller goes on (computing the oracle): Artifact.verify_graph() waits for it, and
+    model_path does too, so no runtime opens an unproven graph."""
     directory = Path(directory)
     with stage(STAGES["manifest"]):
         manifest = read_manifest(directory)
         check_listed_sizes(directory, manifest)
         check_tree(directory, manifest)
     scratch = tempfile.TemporaryDirectory(prefix="qkv-validate-")
+    pending = None
     try:
         private = Path(scratch.name) / "artifact"
         private.mkdir(mode=0o700)
@@ -357,14 +377,17 @@ def load_artifact(
             copy_verified(directory, manifest, private)
         model_bytes = sum(e["bytes"] for r, e in manifest["files"].items() if r.startswith(MODEL))
         limits = Limits.for_model(model_bytes, memory, seconds)
+        why = rebuild_problem(manifest) if rebuild else "disabled (--no-rebuild or --no-torch)"
+        if why is None:  # started first: the exporter runs in its child while the rest is read
+            pending = PendingRebuild(
+                directory, private, manifest, Path(scratch.name) / "rebuild", model_bytes
+            )
         with stage(STAGES["weights"]):
             weights = load_weights(private, directory, manifest)
         with stage(STAGES["golden"]):
             golden = load_golden(private, directory, manifest)
-        why = rebuild_problem(manifest) if rebuild else "disabled (--no-rebuild or --no-torch)"
-        if why is None:
-            counts = check_rebuilt(directory, private, manifest, weights, Path(scratch.name) / "rebuild")
-            foreign = tuple(sorted(k for k in counts if "::" in k))
+        if pending is not None:
+            foreign = ()
             graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
@@ -373,9 +396,20 @@ def load_artifact(
                 f"weights.npz) and onnx.checker; not rebuilt: {why}"
             )
     except BaseException:
+        if pending is not None:
+            pending.cancel()
         scratch.cleanup()
         raise
-    return Artifact(directory, manifest, weights, golden, foreign, private, graph_check, limits, scratch)
+    artifact = Artifact(
+        directory, manifest, weights, golden, foreign, private, graph_check, limits, scratch, pending
+    )
+    if not background:
+        try:
+            artifact.verify_graph()
+        except BaseException:
+            artifact.close()
+            raise
+    return artifact
 
 
 def check_structural(directory: Path, private: Path, manifest: dict, weights: dict, limits: Limits) -> tuple:

@@ -139,7 +139,7 @@ def run(args) -> int:
     for directory in args.artifacts:
         artifact = None
         try:  # the artifact's own problems are ArtifactError/ProviderError; anything else is our bug
-            artifact = load_artifact(directory, rebuild, memory, args.time_limit)
+            artifact = load_artifact(directory, rebuild, memory, args.time_limit, background=True)
             reports.append(
                 validate_artifact(artifact, providers, args.seed, not args.no_torch, auto, sentences)
             )

@@ -184,6 +184,16 @@ def _judged_dtype(dtype: str, session) -> str:
     return own if coarser and not session.gating else dtype
 
 
+@dataclass
+class Expected:
+    """What one case is judged against: the oracle's outputs, PyTorch's live ones, and the error terms."""
+
+    oracle: list
+    live: list | None
+    k: int
+    stages: int
+
+
 def validate_artifact(
     artifact: Artifact,
     providers: list[str],
@@ -192,8 +202,9 @@ def validate_artifact(
     skip_unsupported: bool = False,
     sentences: list[str] = (),
 ) -> Report:
-    """Every comparison for one artifact against the oracle, golden data and PyTorch. Each case goes to
-    every runtime's sandbox first, and the oracle and PyTorch compute while the runtimes do."""
+    """Every comparison for one artifact against the oracle, golden data and PyTorch. The references come
+    first (while a background rebuild of the graph runs); then the graph is verified, the runtimes'
+    sandboxes open the model at once, and each case runs on one runtime at a time."""
     m = artifact.manifest
     report = Report(artifact.name, m, graph_check=artifact.graph_check)
     report.notes.append(artifact.graph_check)
@@ -203,19 +214,20 @@ def validate_artifact(
             + artifact.limits.describe()
         )
     cases = build_cases(artifact, seed, sentences)
+    expected = _references(artifact, cases, use_torch, report)
+    artifact.verify_graph()
     with stage(STAGE_SESSIONS):
         sessions = open_sessions(artifact, providers, skip_unsupported, report)
     try:
-        _run_cases(artifact, cases, sessions, use_torch, report)
+        _run_cases(artifact, cases, expected, sessions, report)
     finally:
         for session in sessions:
             session.close()
     return report
 
 
-def _run_cases(
-    artifact: Artifact, cases: list[Case], sessions: list, use_torch: bool, report: Report
-) -> None:
+def _references(artifact: Artifact, cases: list[Case], use_torch: bool, report: Report) -> list[Expected]:
+    """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle."""
     m = artifact.manifest
     with stage(STAGE_PEER):
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
@@ -229,16 +241,11 @@ def _run_cases(
     )
     out_names = [o["name"] for o in m["outputs"]]
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
-    for s in sessions:
-        report.runtimes[s.name].runs = True
+    out = []
     for case in cases:
-        running = []
-        for session in sessions:
-            session.submit(case.inputs)
-            running.append(session)
         k, stages = model_error_terms(m, _key_length(case.inputs, m), artifact.weights)
         with stage(STAGE_ORACLE):
-            expected = oracle.forward(
+            outputs = oracle.forward(
                 m["model"]["architecture"],
                 m["model"]["config"],
                 m["model"]["options"],
@@ -248,25 +255,37 @@ def _run_cases(
         tol = tolerance(m["dtype"], k, stages)
         if case.golden is not None:
             report.checks += _compare(
-                "pytorch-golden", case, out_names, case.golden, {"oracle": (expected, tol)}
+                "pytorch-golden", case, out_names, case.golden, {"oracle": (outputs, tol)}
             )
         live = None
         if peer is not None:
             with stage(STAGE_PEER_RUNS):
                 live = peer(case.inputs)
-            report.checks += _compare("pytorch", case, out_names, live, {"oracle": (expected, tol)})
+            report.checks += _compare("pytorch", case, out_names, live, {"oracle": (outputs, tol)})
+        out.append(Expected(outputs, live, k, stages))
+    return out
+
+
+def _run_cases(
+    artifact: Artifact, cases: list[Case], expected: list[Expected], sessions: list, report: Report
+):
+    m = artifact.manifest
+    out_names = [o["name"] for o in m["outputs"]]
+    for s in sessions:
+        report.runtimes[s.name].runs = True
+    for case, exp in zip(cases, expected):
         report.runs[case.name] = CaseRun(case)
-        for session in running:
+        for session in list(sessions):  # one at a time: each runtime's thread pool has the CPUs to itself
             status = report.runtimes[session.name]
-            t = tolerance(status.judged_dtype, k, stages)
-            refs = {"oracle": (expected, t)}
+            t = tolerance(status.judged_dtype, exp.k, exp.stages)
+            refs = {"oracle": (exp.oracle, t)}
             if case.golden is not None:
                 refs["golden"] = (case.golden, 2 * t)
-            if live is not None:
-                refs["pytorch"] = (live, 2 * t)
+            if exp.live is not None:
+                refs["pytorch"] = (exp.live, 2 * t)
             try:
                 with stage(f"{session.short} runs"):
-                    got = session.result()
+                    got = session.run(case.inputs)
             except LimitExceeded as e:  # the artifact made the runtime pass a limit: invalid, exit 2
                 report.errors.append(str(e))
                 status.runs, status.reason = False, f"{case.name}: {e}"

@@ -11,9 +11,10 @@ import filecmp
 from pathlib import Path
 
 from ..artifact_format import MODEL, WEIGHTS
-from ..errors import ArtifactError, ExportError, first_line, show
+from ..errors import ArtifactError, ExportError, LimitExceeded, first_line, show
 from ..stages import stage
 from ..versions import EXPORTER_PACKAGES, exporter_versions
+from .sandbox import GIB, Limits, Sandbox, SandboxedError
 
 STAGE_REBUILD, STAGE_COMPARE = "rebuild model.onnx (exporter)", "compare with the rebuild"
 
@@ -71,7 +72,7 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict[str, int]:
     problem = problem or BACKENDS[manifest["backend"]].opset_problem(opset)
     if problem:
         raise ArtifactError(f"manifest opset: {problem}")
-    try:
+    try:  # ExportError: the exporter's own refusal (an exporter error, the fusion check)
         graph = export_model(
             spec,
             _module(manifest, weights),
@@ -100,31 +101,72 @@ def _first_difference(a: Path, b: Path) -> int:
             offset += len(x)
 
 
-def check_rebuilt(
-    directory: Path, private: Path, manifest: dict, weights: dict, scratch: Path
-) -> dict[str, int]:
-    """Rebuild the graph into `scratch` and require the verified copy in `private` to be byte-identical;
-    returns the op counts. Errors name the artifact's files in `directory`."""
-    scratch.mkdir(mode=0o700, exist_ok=True)
-    try:
-        with stage(STAGE_REBUILD):
-            op_counts = rebuild(manifest, weights, scratch)
-    except ArtifactError as e:
-        raise ArtifactError(f"{show(directory / MODEL)}: {e}") from None
-    versions = ", ".join(f"{k} {v}" for k, v in exporter_versions().items())
-    with stage(STAGE_COMPARE):
-        for rel in (MODEL, MODEL + ".data"):
-            mine, theirs = scratch / rel, private / rel
-            if not mine.exists() and not theirs.exists():
-                continue
-            if not (mine.exists() and theirs.exists()) or not filecmp.cmp(mine, theirs, shallow=False):
-                where = (
-                    f"first difference at byte {_first_difference(mine, theirs)}"
-                    if mine.exists() and theirs.exists()
-                    else "the rebuild " + ("has" if mine.exists() else "has no") + f" {rel}"
-                )
-                raise ArtifactError(
-                    f"{show(directory / rel)}: not the graph the exporter writes for this manifest's model "
-                    f"and {WEIGHTS} ({where}; rebuilt with {versions})"
-                )
-    return op_counts
+def rebuild_in_child(manifest: dict, weights_path: str, out: str) -> dict[str, int]:
+    """The rebuild as the sandboxed child runs it: weights.npz read (strictly) from the private copy."""
+    from ..artifact_format import expected_weights
+    from ..graph_contract import weight_dtype
+    from .npz import read_weights
+
+    expected = expected_weights(manifest["model"]["architecture"], manifest["model"]["config"])
+    weights = read_weights(Path(weights_path), Path(weights_path), expected, weight_dtype(manifest["dtype"]))
+    return rebuild(manifest, weights, Path(out))
+
+
+def rebuild_limits(model_bytes: int) -> Limits:
+    """The exporter's own needs: an interpreter with torch, the module, the traced program and the saved
+    graph, each about the model's size (bert-base: 3 GB, 20-40 s here)."""
+    return Limits(4 * GIB + 10 * model_bytes, 600.0 + 900.0 * model_bytes / GIB)
+
+
+class PendingRebuild:
+    """The exporter rebuilding model.onnx in a sandboxed child while the caller does other work (the
+    oracle): `verify()` waits and requires the artifact's bytes to be the rebuild's."""
+
+    def __init__(self, directory: Path, private: Path, manifest: dict, scratch: Path, model_bytes: int):
+        self.directory, self.private, self.scratch = directory, private, scratch
+        scratch.mkdir(mode=0o700, exist_ok=True)
+        self.sandbox = Sandbox(rebuild_limits(model_bytes), directory / MODEL, private)
+        self.sandbox.submit(
+            "rebuilding it with the exporter",
+            rebuild_in_child,
+            manifest,
+            str(private / WEIGHTS),
+            str(scratch),
+        )
+
+    def verify(self) -> dict[str, int]:
+        """The rebuild's op counts, once the artifact's model.onnx (and model.onnx.data) are proven to be
+        its bytes; ArtifactError (or LimitExceeded) naming the artifact's file otherwise."""
+        try:
+            with stage(STAGE_REBUILD):
+                op_counts = self.sandbox.result()
+        except SandboxedError as e:  # the exporter's own failure on this model: not what it wrote
+            raise ArtifactError(
+                f"{show(self.directory / MODEL)}: the exporter cannot rebuild it: {e}"
+            ) from None
+        except LimitExceeded:
+            raise
+        except ArtifactError as e:
+            raise ArtifactError(f"{show(self.directory / MODEL)}: {e}") from None
+        finally:
+            self.sandbox.close()
+        versions = ", ".join(f"{k} {v}" for k, v in exporter_versions().items())
+        with stage(STAGE_COMPARE):
+            for rel in (MODEL, MODEL + ".data"):
+                mine, theirs = self.scratch / rel, self.private / rel
+                if not mine.exists() and not theirs.exists():
+                    continue
+                if not (mine.exists() and theirs.exists()) or not filecmp.cmp(mine, theirs, shallow=False):
+                    where = (
+                        f"first difference at byte {_first_difference(mine, theirs)}"
+                        if mine.exists() and theirs.exists()
+                        else "the rebuild " + ("has" if mine.exists() else "has no") + f" {rel}"
+                    )
+                    raise ArtifactError(
+                        f"{show(self.directory / rel)}: not the graph the exporter writes for this "
+                        f"manifest's model and {WEIGHTS} ({where}; rebuilt with {versions})"
+                    )
+        return op_counts
+
+    def cancel(self) -> None:
+        self.sandbox.close()

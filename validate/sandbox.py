@@ -1,8 +1,11 @@
 """Run what touches an artifact's graph (onnx.checker, each runtime's session) in a child process under
 a memory and a wall-clock limit.
 
-The child is a fresh interpreter ('spawn': the parent's threads, ORT or OpenVINO pools and torch's
-OpenMP, are never forked). Its address space is capped with RLIMIT_AS before it imports anything heavy;
+The child is a fresh interpreter started with subprocess (the parent's threads, torch's OpenMP pool among
+them, are never forked; and unlike multiprocessing's spawn, the parent's main script is never re-run in
+it), talking over two pipes of its own (its stdin, stdout and stderr go nowhere: what native code prints,
+a Rust panic's backtrace, cannot break the one line the parent reports). Its address space is capped
+with RLIMIT_AS before it imports anything heavy;
 the parent waits for each answer at most `Limits.seconds` and kills the child past it. A limit hit is
 LimitExceeded (exit 2) naming the file and the limit. Inputs and outputs cross the pipe as pickled numpy
 arrays (what the parent sends is its own data; what it receives are plain arrays and strings, unpickled
@@ -14,11 +17,14 @@ validate.runtimes) is what parity calls.
 """
 
 import importlib
-import multiprocessing
+import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import ArtifactError, LimitExceeded, ProviderError, QkvError, show
@@ -29,7 +35,11 @@ MEMORY_PER_MODEL_BYTE = 4  # the model read, the runtime's own copy, prepacked w
 THREAD_MEMORY = 64 << 20  # a thread's stack and malloc arena, per CPU
 BASE_SECONDS = 120.0
 SECONDS_PER_GIB = 240.0  # the slowest runtime here (onnx's reference evaluator) on bert-large: ~25 s a run
-_CONTEXT = multiprocessing.get_context("spawn")
+# The child's first words: take the parent's import path, then serve on the two descriptors it was given.
+_BOOTSTRAP = (
+    "import json, os, sys; sys.path[:] = json.loads(os.environ.pop('QKV_SANDBOX_PATH')); "
+    "from qkv_onnx.validate.sandbox import _main; _main(*map(int, sys.argv[1:]))"
+)
 
 
 @dataclass(frozen=True)
@@ -84,31 +94,30 @@ def _peak_memory() -> int:
     return 0
 
 
-def _serve(conn, memory: int) -> None:
-    """The child's loop: call what the parent asks, answer ('ok', result) or ('error', ...). Its stdout
-    and stderr go nowhere: what native code prints there (a Rust panic's backtrace, a runtime's warnings)
-    would break the one line the parent reports; every finding comes back through the pipe."""
+def _main(reader: int, writer: int, memory: int) -> None:
+    """The child: serve calls from `reader`, answer on `writer`, under `memory` bytes of address space."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends us
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
     _limit_memory(memory)
+    _serve(Connection(reader, writable=False), Connection(writer, readable=False))
+
+
+def _serve(requests: Connection, answers: Connection) -> None:
+    """The child's loop: call what the parent asks, answer ('ok', result) or ('error', ...)."""
     while True:
         try:
-            module, name, args = conn.recv()
+            module, name, args = requests.recv()
         except (EOFError, OSError):
             return
         try:
             fn = getattr(importlib.import_module(module), name)
-            conn.send(("ok", fn(*args)))
+            answers.send(("ok", fn(*args)))
         except BaseException as e:  # everything goes back to the parent, which decides what it means
             kind = (
                 "provider" if isinstance(e, ProviderError) else "memory" if isinstance(e, MemoryError) else ""
             )
             kind = kind or ("artifact" if isinstance(e, QkvError) else "error")
             try:
-                conn.send(("error", kind, type(e).__name__, str(e), _peak_memory()))
+                answers.send(("error", kind, type(e).__name__, str(e), _peak_memory()))
             except Exception:
                 return
 
@@ -149,17 +158,36 @@ class Sandbox:
     def __init__(self, limits: Limits, shown: Path, private: Path | None = None):
         self.limits, self.shown_path, self.private = limits, shown, private
         self.shown = show(shown)
-        self.conn, child = _CONTEXT.Pipe()
-        self.process = _CONTEXT.Process(target=_serve, args=(child, limits.memory), daemon=True)
-        self.process.start()
-        child.close()
+        from_parent, to_child = os.pipe()
+        from_child, to_parent = os.pipe()
+        env = {**os.environ, "QKV_SANDBOX_PATH": json.dumps(sys.path)}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, str(from_parent), str(to_parent), str(limits.memory)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(from_parent, to_parent),
+                env=env,
+            )
+        finally:
+            os.close(from_parent)
+            os.close(to_parent)
+        self.requests = Connection(to_child, readable=False)
+        self.conn = Connection(from_child, writable=False)
         self.pending = None
 
-    def submit(self, what: str, name: str, *args) -> None:
-        """Start `name(*args)` in the child; `result()` waits for it."""
+    def submit(self, what: str, function, *args) -> None:
+        """Start `function(*args)` in the child (a module-level function, or the name of one of this
+        module's); `result()` waits for it. `what` names the step in messages."""
+        target = (
+            (__name__, function)
+            if isinstance(function, str)
+            else (function.__module__, function.__qualname__)
+        )
         self.pending = what
         try:
-            self.conn.send((__name__, name, args))
+            self.requests.send((*target, args))
         except (BrokenPipeError, OSError):
             pass  # the child is gone: result() says why
 
@@ -173,8 +201,10 @@ class Sandbox:
         try:
             answer = self.conn.recv()
         except (EOFError, OSError):
-            self.process.join(5)
-            code = self.process.exitcode
+            try:
+                code = self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
             self.close()
             if code is not None and code < 0 and -code in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT):
                 # a runtime that cannot allocate under RLIMIT_AS often aborts (std::bad_alloc uncaught)
@@ -203,15 +233,17 @@ class Sandbox:
             raise ArtifactError(message)
         raise SandboxedError(f"{type_name}: {message}" if message else type_name)
 
-    def call(self, what: str, name: str, *args):
-        self.submit(what, name, *args)
+    def call(self, what: str, function, *args):
+        self.submit(what, function, *args)
         return self.result()
 
     def close(self) -> None:
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
-        self.process.join(5)
-        self.conn.close()
+        self.process.wait()
+        for conn in (self.requests, self.conn):
+            if not conn.closed:
+                conn.close()
 
 
 class SandboxedError(Exception):
