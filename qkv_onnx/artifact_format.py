@@ -258,6 +258,13 @@ def manifest_problem(m: dict) -> str | None:
         return f"unknown backend {m['backend']!r}; known: {', '.join(BACKENDS)}"
     if m["dtype"] not in DTYPES:
         return f"unsupported dtype {m['dtype']!r}"
+    opset = m.get("opset")
+    version = opset.get("ai.onnx") if isinstance(opset, dict) else None
+    if type(version) is not int:
+        return f"'opset' must give the ai.onnx version, got {opset!r}"
+    problem = BACKENDS[m["backend"]].opset_problem(version)
+    if problem:
+        return problem
     for key in ("inputs", "outputs"):
         if (
             not isinstance(m[key], list)
@@ -338,8 +345,16 @@ def _subgraphs(nodes):
 
 
 def bodies(model: onnx.ModelProto) -> list:
-    """The main graph, the model-local functions and every subgraph inside them."""
-    tops = [model.graph, *model.functions]
+    """The main graph, the model-local functions, the training graphs (training_info) and every subgraph
+    inside them or in a function's attribute defaults."""
+    training = [g for t in model.training_info for g in (t.initialization, t.algorithm) if g.ByteSize()]
+    defaults = [
+        g
+        for f in model.functions
+        for a in f.attribute_proto
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    ]
+    tops = [model.graph, *model.functions, *training, *defaults]
     return tops + [g for top in tops for g in _subgraphs(top.node)]
 
 

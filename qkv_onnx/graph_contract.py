@@ -23,7 +23,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .artifact_format import DTYPES, STANDARD_DOMAINS, all_nodes, np_dtype, op_key, stored_weight_dtype
+from .artifact_format import (
+    BACKENDS,
+    DTYPES,
+    STANDARD_DOMAINS,
+    all_nodes,
+    np_dtype,
+    op_key,
+    stored_weight_dtype,
+)
 from .graph_table import EXPORTER, ROWS, SMALL_CONSTANT
 
 # Ops a qkv-onnx export never writes and that would cost without bound to check or run: refused by name
@@ -88,8 +96,8 @@ def _digest(a: np.ndarray) -> str:
 def split_initializers(model: onnx.ModelProto, weights: dict) -> tuple[dict[str, str], list[str]]:
     """({initializer: how it is made from weights.npz}, [small constants]): every initializer is a
     parameter (by name, transposed, or the q/k/v weights or biases packed as ORT's Attention takes them),
-    each parameter used exactly once, byte for byte; or a constant of at most SMALL_CONSTANT elements.
-    Raises ContractError otherwise."""
+    each parameter used exactly once (an all-zero one may be absent: the exporter drops a zero bias),
+    byte for byte; or a constant of at most SMALL_CONSTANT elements. Raises ContractError otherwise."""
     stored = {a.dtype for a in weights.values()}
     store = stored.pop() if len(stored) == 1 else np.dtype("float32")
     transposed, packed = {}, {}
@@ -130,7 +138,9 @@ def split_initializers(model: onnx.ModelProto, weights: dict) -> tuple[dict[str,
             raise ContractError(f"initializer {t.name!r} ({a.dtype.name}{list(a.shape)}) is {what}")
         made[t.name] = "transposed " + free[0][0] if len(free[0]) == 1 else "packed " + ", ".join(free[0])
         used.update(free[0])
-    unused = sorted(set(weights) - set(used))
+    # The exporter's optimizer drops an all-zero bias (MiniLM's untrained pooler.bias): only then may a
+    # parameter be absent from the graph.
+    unused = sorted(n for n in set(weights) - set(used) if weights[n].any())
     if unused:
         raise ContractError(f"weights.npz's {unused[0]} is not in the graph ({len(unused)} unused)")
     twice = sorted(n for n, k in used.items() if k > 1)
@@ -144,8 +154,14 @@ def expected_ops(row: dict, n_layers: int) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+ATTENTION_OPS = {"Softmax"} | {op_key(*op) for b in BACKENDS.values() for op in b.attention_ops}
+
+
 def _difference(got: dict, want: dict) -> str:
-    keys = sorted(set(got) | set(want), key=lambda k: -abs(got.get(k, 0) - want.get(k, 0)))
+    """The differing counts, attention's own ops first, then the largest differences."""
+    keys = sorted(
+        set(got) | set(want), key=lambda k: (k not in ATTENTION_OPS, -abs(got.get(k, 0) - want.get(k, 0)), k)
+    )
     diff = [
         f"{k} {got.get(k, 0)} (expected {want.get(k, 0)})" for k in keys if got.get(k, 0) != want.get(k, 0)
     ]

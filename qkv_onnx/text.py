@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError, first_line
+from .errors import UsageError, first_line, show
 
 # Files that carry a BERT checkpoint's tokenizer: tokenizer.json is used when present, else vocab.txt
 # with tokenizer_config.json's casing options. Export copies whichever exist into the artifact.
@@ -57,8 +57,9 @@ def _load_tokenizer(tokenizer_dir: Path):
         try:
             return tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
         except BaseException as e:
+            reason = first_line(_failure(e))
             raise TextError(
-                f"{tokenizer_dir / 'tokenizer.json'}: tokenizers cannot load it ({first_line(_failure(e))})"
+                f"{show(tokenizer_dir / 'tokenizer.json')}: tokenizers cannot load it ({reason})"
             ) from None
     if (tokenizer_dir / "vocab.txt").is_file():
         conf = {}
@@ -67,13 +68,13 @@ def _load_tokenizer(tokenizer_dir: Path):
             try:
                 conf = json.loads(path.read_text(encoding="utf-8"))
             except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
-                raise TextError(f"{path}: not JSON ({first_line(e)})") from None
+                raise TextError(f"{show(path)}: not JSON ({first_line(e)})") from None
             if not isinstance(conf, dict):
-                raise TextError(f"{path}: not a JSON object")
+                raise TextError(f"{show(path)}: not a JSON object")
             bad = [k for k, types in CONFIG_TYPES.items() if k in conf and not isinstance(conf[k], types)]
             if bad:
                 raise TextError(
-                    f"{path}: {bad[0]} is {conf[bad[0]]!r}, not a {CONFIG_TYPES[bad[0]][0].__name__}"
+                    f"{show(path)}: {bad[0]} is {conf[bad[0]]!r}, not a {CONFIG_TYPES[bad[0]][0].__name__}"
                 )
         try:
             wordpiece = tokenizers.BertWordPieceTokenizer(
@@ -84,10 +85,10 @@ def _load_tokenizer(tokenizer_dir: Path):
             )
         except BaseException as e:
             raise TextError(
-                f"{tokenizer_dir / 'vocab.txt'}: tokenizers cannot load it ({first_line(_failure(e))})"
+                f"{show(tokenizer_dir / 'vocab.txt')}: tokenizers cannot load it ({first_line(_failure(e))})"
             ) from None
         return wordpiece._tokenizer  # the underlying tokenizers.Tokenizer (same API as from_file)
-    raise TextError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json or vocab.txt)")
+    raise TextError(f"{show(tokenizer_dir)}: no tokenizer files (tokenizer.json or vocab.txt)")
 
 
 def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
@@ -112,7 +113,7 @@ def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
         pad_token = pad.get("pad_token", "[PAD]")
         pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
         if pad_id is None:
-            raise TextError(f"{tokenizer_dir}: the tokenizer has no pad token {pad_token!r}")
+            raise TextError(f"{show(tokenizer_dir)}: the tokenizer has no pad token {pad_token!r}")
         tok.enable_padding(
             direction="right", pad_id=pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=pad_token
         )
@@ -125,7 +126,7 @@ def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
         raise
     except BaseException as e:
         raise TextError(
-            f"{tokenizer_dir}: the tokenizer fails on these sentences ({first_line(_failure(e))})"
+            f"{show(tokenizer_dir)}: the tokenizer fails on these sentences ({first_line(_failure(e))})"
         ) from None
     return {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),

@@ -38,7 +38,7 @@ from ..artifact_format import (
     strict_json,
 )
 from ..errors import ArtifactError, first_line, show
-from ..graph_contract import ContractError, check_structure, weight_dtype
+from ..graph_contract import ContractError, check_structure, check_vocabulary, weight_dtype
 from ..stages import stage
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
 from .intake import check_tree, copy_verified
@@ -419,6 +419,10 @@ def check_structural(directory: Path, private: Path, manifest: dict, weights: di
     with stage(STAGES["graph"]):
         model = read_model(private / MODEL, shown)
         check_external_data(directory, model, manifest, private)
+        try:  # what no export writes is refused first, with that reason
+            check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
+        except ContractError as e:
+            raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
         check_graph(shown, model, manifest)
         if model.graph.initializer and any(
             t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer

@@ -214,10 +214,11 @@ def validate_artifact(
             + artifact.limits.describe()
         )
     cases = build_cases(artifact, seed, sentences)
-    expected = _references(artifact, cases, use_torch, report)
+    expected, peer_note = _references(artifact, cases, use_torch, report)
     artifact.verify_graph()
     with stage(STAGE_SESSIONS):
         sessions = open_sessions(artifact, providers, skip_unsupported, report)
+    report.notes.append(peer_note)
     try:
         _run_cases(artifact, cases, expected, sessions, report)
     finally:
@@ -226,18 +227,18 @@ def validate_artifact(
     return report
 
 
-def _references(artifact: Artifact, cases: list[Case], use_torch: bool, report: Report) -> list[Expected]:
-    """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle."""
+def _references(
+    artifact: Artifact, cases: list[Case], use_torch: bool, report: Report
+) -> tuple[list[Expected], str]:
+    """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle; and the note
+    saying whether PyTorch ran."""
     m = artifact.manifest
     with stage(STAGE_PEER):
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
-    report.notes.append(
-        "live PyTorch comparison: "
-        + (
-            "ran"
-            if peer
-            else "not run (" + ("torch is not installed" if use_torch else "disabled by --no-torch") + ")"
-        )
+    note = "live PyTorch comparison: " + (
+        "ran"
+        if peer
+        else "not run (" + ("torch is not installed" if use_torch else "disabled by --no-torch") + ")"
     )
     out_names = [o["name"] for o in m["outputs"]]
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
@@ -263,7 +264,7 @@ def _references(artifact: Artifact, cases: list[Case], use_torch: bool, report: 
                 live = peer(case.inputs)
             report.checks += _compare("pytorch", case, out_names, live, {"oracle": (outputs, tol)})
         out.append(Expected(outputs, live, k, stages))
-    return out
+    return out, note
 
 
 def _run_cases(

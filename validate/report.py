@@ -1,6 +1,7 @@
 """Markdown and JSON renderings of validation results, and the compatibility matrix."""
 
 import json
+import re
 
 from ..artifact_format import DTYPES
 from ..errors import one_line
@@ -11,7 +12,8 @@ from .runtimes import RUNTIMES
 PEERS = {"pytorch": "PyTorch (live)", "pytorch-golden": "PyTorch (golden)"}
 
 
-_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~&"})
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*[]<>|~&"})
+_EMPHASIS_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")  # inside a word, _ is plain text
 
 
 def md(text) -> str:
@@ -19,7 +21,7 @@ def md(text) -> str:
     one line (control characters escaped), and every character that means something inline (emphasis,
     code, links and images, HTML, table cells) backslash-escaped. The text is always placed after a list
     marker or other text, so characters that matter only at the start of a line cannot start a block."""
-    return one_line(str(text)).translate(_MARKDOWN)
+    return _EMPHASIS_UNDERSCORE.sub(r"\\_", one_line(str(text)).translate(_MARKDOWN))
 
 
 def label(runtime: str) -> str:

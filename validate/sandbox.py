@@ -97,8 +97,22 @@ def _peak_memory() -> int:
 def _main(reader: int, writer: int, memory: int) -> None:
     """The child: serve calls from `reader`, answer on `writer`, under `memory` bytes of address space."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends us
+    answers = Connection(writer, readable=False)
+    import numpy  # noqa: F401  (before the cap: OpenBLAS exits the process when it cannot map its buffers)
+
     _limit_memory(memory)
-    _serve(Connection(reader, writable=False), Connection(writer, readable=False))
+    _serve(Connection(reader, writable=False), answers)
+
+
+def _kind(e: BaseException) -> str:
+    """How the parent should read a failure: a memory limit (MemoryError; an ImportError, which under the
+    cap is a shared library that could not be mapped: the parent imported the runtime before), a runtime's
+    ProviderError, another QkvError about the artifact, or anything else."""
+    if isinstance(e, MemoryError | ImportError):
+        return "memory"
+    if isinstance(e, ProviderError):
+        return "provider"
+    return "artifact" if isinstance(e, QkvError) else "error"
 
 
 def _serve(requests: Connection, answers: Connection) -> None:
@@ -108,17 +122,16 @@ def _serve(requests: Connection, answers: Connection) -> None:
             module, name, args = requests.recv()
         except (EOFError, OSError):
             return
+        except BaseException as e:  # unpickling the request under the cap
+            answers.send(("error", _kind(e), type(e).__name__, str(e), _peak_memory()))
+            continue
         try:
             fn = getattr(importlib.import_module(module), name)
             answers.send(("ok", fn(*args)))
         except BaseException as e:  # everything goes back to the parent, which decides what it means
-            kind = (
-                "provider" if isinstance(e, ProviderError) else "memory" if isinstance(e, MemoryError) else ""
-            )
-            kind = kind or ("artifact" if isinstance(e, QkvError) else "error")
             try:
-                answers.send(("error", kind, type(e).__name__, str(e), _peak_memory()))
-            except Exception:
+                answers.send(("error", _kind(e), type(e).__name__, str(e), _peak_memory()))
+            except BaseException:
                 return
 
 
@@ -148,7 +161,7 @@ def _tokenize(directory: str, sentences: list, max_length: int) -> dict:
 
 # --- the parent --------------------------------------------------------------------------------------
 
-MEMORY_WORDS = ("bad_alloc", "bad allocation", "cannot allocate memory", "out of memory", "memoryerror")
+MEMORY_WORDS = ("bad_alloc", "bad allocation", "allocate", "out of memory", "memoryerror")
 
 
 class Sandbox:
@@ -210,7 +223,7 @@ class Sandbox:
                 # a runtime that cannot allocate under RLIMIT_AS often aborts (std::bad_alloc uncaught)
                 raise LimitExceeded(
                     f"{self.shown}: {what} was killed by signal {-code} under the memory limit of "
-                    f"{self.limits.memory / GIB:.1f} GiB (--memory-limit)"
+                    f"{self.limits.memory / GIB:.3g} GiB (--memory-limit)"
                 ) from None
             raise ArtifactError(
                 f"{self.shown}: {what} ended the sandboxed process (exit code {code})"
@@ -224,7 +237,7 @@ class Sandbox:
         if kind == "memory" or near or any(w in message.lower() for w in MEMORY_WORDS):
             self.close()
             raise LimitExceeded(
-                f"{self.shown}: {what} ran past the memory limit of {self.limits.memory / GIB:.1f} GiB "
+                f"{self.shown}: {what} ran past the memory limit of {self.limits.memory / GIB:.3g} GiB "
                 "(--memory-limit)"
             )
         if kind == "provider":
