@@ -241,6 +241,9 @@ def manifest_problem(m: dict) -> str | None:
     unknown = sorted(set(model["config"]) - set(CONFIG_FIELDS))
     if unknown:
         return f"model config has unknown field {unknown[0]!r}"
+    absent = [k for k in CONFIG_FIELDS if k not in model["config"]]
+    if absent:
+        return f"model config lacks {absent[0]!r}"
     bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(model["config"].get(k))]
     if bad:
         return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"

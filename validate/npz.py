@@ -73,6 +73,19 @@ def _member_array(data: bytes, name: str, shape: tuple, dtype: np.dtype, where: 
     return np.frombuffer(data, dtype, math.prod(shape), offset).reshape(shape)
 
 
+class _Unreadable(Exception):
+    """What the zip layer (zipfile, the end records) raised: the archive itself is mangled."""
+
+
+def _zip(call, *args):
+    """`call(*args)` of the zip layer; its failures on a mangled archive (BadZipFile, struct.error, an
+    EOFError, a ValueError...) become _Unreadable, while our own code around it stays outside."""
+    try:
+        return call(*args)
+    except Exception as e:
+        raise _Unreadable(first_line(e)) from None
+
+
 def read_weights(
     path: Path, shown: Path, expected: dict[str, tuple], dtype: np.dtype
 ) -> dict[str, np.ndarray]:
@@ -80,48 +93,50 @@ def read_weights(
     `shown`)."""
     where = show(shown)
     try:
-        entries, cd_size = _directory_size(path)
-        if entries != len(expected) or cd_size > len(expected) * CENTRAL_ENTRY_MAX:
-            raise ArtifactError(
-                f"{where}: {entries} members in a {cd_size}-byte zip directory; the config implies "
-                f"{len(expected)} tensors"
+        return _read(path, where, expected, dtype)
+    except _Unreadable as e:
+        raise ArtifactError(f"{where}: unreadable weights ({e})") from None
+
+
+def _read(path: Path, where: str, expected: dict[str, tuple], dtype: np.dtype) -> dict[str, np.ndarray]:
+    entries, cd_size = _zip(_directory_size, path)
+    if entries != len(expected) or cd_size > len(expected) * CENTRAL_ENTRY_MAX:
+        raise ArtifactError(
+            f"{where}: {entries} members in a {cd_size}-byte zip directory; the config implies "
+            f"{len(expected)} tensors"
+        )
+    zf = _zip(zipfile.ZipFile, path)
+    with zf:
+        infos = _zip(zf.infolist)
+        names = [i.filename for i in infos]
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)
+        if twice:
+            raise ArtifactError(f"{where}: member {twice[0]!r} appears twice")
+        wanted = {k + ".npy" for k in expected}
+        missing, extra = sorted(wanted - set(names)), sorted(set(names) - wanted)
+        if missing or extra:
+            what = (
+                f"holds {extra[0]!r}, which the config does not imply"
+                if extra
+                else f"lacks {missing[0]!r}, which the config implies"
             )
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            names = [i.filename for i in infos]
-            twice = sorted(n for n, count in Counter(names).items() if count > 1)
-            if twice:
-                raise ArtifactError(f"{where}: member {twice[0]!r} appears twice")
-            wanted = {k + ".npy" for k in expected}
-            missing, extra = sorted(wanted - set(names)), sorted(set(names) - wanted)
-            if missing or extra:
-                what = (
-                    f"holds {extra[0]!r}, which the config does not imply"
-                    if extra
-                    else f"lacks {missing[0]!r}, which the config implies"
+            raise ArtifactError(f"{where}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise ArtifactError(
+                    f"{where}: member {info.filename!r} is compressed; an export stores members uncompressed"
                 )
-                raise ArtifactError(f"{where}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
-            for info in infos:
-                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-                    raise ArtifactError(
-                        f"{where}: member {info.filename!r} is compressed; an export stores members "
-                        "uncompressed"
-                    )
-                if info.flag_bits & 0x1:
-                    raise ArtifactError(f"{where}: member {info.filename!r} is encrypted")
-                name = info.filename[: -len(".npy")]
-                need = math.prod(expected[name]) * dtype.itemsize
-                if not need <= info.file_size <= need + NPY_HEADER_MAX:
-                    raise ArtifactError(
-                        f"{where}: member {info.filename!r} is {info.file_size} bytes; "
-                        f"{dtype.name}{list(expected[name])} takes {need}"
-                    )
-            arrays = {}
-            for info in infos:
-                name = info.filename[: -len(".npy")]
-                arrays[name] = _member_array(zf.read(info), name, expected[name], dtype, where)
-    except ArtifactError:
-        raise
-    except Exception as e:  # zipfile raises BadZipFile, and others on a mangled archive
-        raise ArtifactError(f"{where}: unreadable weights ({first_line(e)})") from None
+            if info.flag_bits & 0x1:
+                raise ArtifactError(f"{where}: member {info.filename!r} is encrypted")
+            name = info.filename[: -len(".npy")]
+            need = math.prod(expected[name]) * dtype.itemsize
+            if not need <= info.file_size <= need + NPY_HEADER_MAX:
+                raise ArtifactError(
+                    f"{where}: member {info.filename!r} is {info.file_size} bytes; "
+                    f"{dtype.name}{list(expected[name])} takes {need}"
+                )
+        arrays = {}
+        for info in infos:
+            name = info.filename[: -len(".npy")]
+            arrays[name] = _member_array(_zip(zf.read, info), name, expected[name], dtype, where)
     return {k: arrays[k] for k in expected}

@@ -5,11 +5,11 @@ The child is a fresh interpreter started with subprocess (the parent's threads, 
 them, are never forked; and unlike multiprocessing's spawn, the parent's main script is never re-run in
 it), talking over two pipes of its own (its stdin, stdout and stderr go nowhere: what native code prints,
 a Rust panic's backtrace, cannot break the one line the parent reports). Its address space is capped
-with RLIMIT_AS before it imports anything heavy;
-the parent waits for each answer at most `Limits.seconds` and kills the child past it. A limit hit is
-LimitExceeded (exit 2) naming the file and the limit. Inputs and outputs cross the pipe as pickled numpy
-arrays (what the parent sends is its own data; what it receives are plain arrays and strings, unpickled
-only from this child, which ran no pickle of the artifact's).
+with RLIMIT_AS once numpy is imported, before the runtime is; the parent waits for each answer at most
+`Limits.seconds` and kills the child past it. A limit hit is LimitExceeded (exit 2) naming the file and
+the limit. Inputs and outputs cross the pipe pickled; the parent unpickles an answer with an allow-list
+(numpy arrays, dtypes and scalars, bfloat16, plain containers and strings), so a child subverted through
+a runtime's bug cannot hand it code to run.
 
 `SandboxedRuntime(cls, model_path, limits)` hosts any `Runtime` adapter class importable by its module
 and name (a built-in one or a plugin's) with the adapter's own interface; `open_runtime` (in
@@ -17,8 +17,10 @@ validate.runtimes) is what parity calls.
 """
 
 import importlib
+import io
 import json
 import os
+import pickle
 import resource
 import signal
 import subprocess
@@ -161,6 +163,28 @@ def _tokenize(directory: str, sentences: list, max_length: int) -> dict:
 
 # --- the parent --------------------------------------------------------------------------------------
 
+ANSWER_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("ml_dtypes", "bfloat16"),
+}
+
+
+class _AnswerUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in ANSWER_GLOBALS:
+            raise pickle.UnpicklingError(f"the sandboxed process answered with {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_answer(data: bytes):
+    return _AnswerUnpickler(io.BytesIO(data)).load()
+
+
 MEMORY_WORDS = ("bad_alloc", "bad allocation", "allocate", "out of memory", "memoryerror")
 
 
@@ -212,7 +236,10 @@ class Sandbox:
                 f"{self.shown}: {what} ran past the time limit of {self.limits.seconds:g} s (--time-limit)"
             )
         try:
-            answer = self.conn.recv()
+            answer = _load_answer(self.conn.recv_bytes())
+        except pickle.UnpicklingError as e:
+            self.close()
+            raise ArtifactError(f"{self.shown}: {what}: {e}") from None
         except (EOFError, OSError):
             try:
                 code = self.process.wait(5)
