@@ -27,6 +27,24 @@ STAGE_EXPORT, STAGE_FUSE, STAGE_SAVE = (
     "onnxscript optimize_for_ort",
     "save model.onnx",
 )
+# Node metadata the exporter writes that names files of the machine it ran on (the build checkout's and
+# site-packages' absolute paths, line by line): dropped, so an export is the same bytes on any machine and
+# from any checkout, and leaks no paths.
+MACHINE_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+
+def strip_machine_metadata(model) -> None:
+    """Drop MACHINE_METADATA from every node and value of an onnx_ir model, subgraphs included."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in RecursiveGraphIterator(graph):
+            for key in MACHINE_METADATA:
+                node.metadata_props.pop(key, None)
+            for value in node.outputs:
+                for key in MACHINE_METADATA:
+                    value.metadata_props.pop(key, None)
 
 
 def export_onnx(
@@ -78,6 +96,7 @@ def export_onnx(
             except Exception as e:
                 raise ExportError(f"onnxscript optimize_for_ort failed: {type(e).__name__}: {e}") from e
         fusions = {k: v for k, v in sorted(stats.items()) if v}
+    strip_machine_metadata(program.model)
     with stage(STAGE_SAVE):
         program.save(str(path), external_data=external_data)
     return fusions

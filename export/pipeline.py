@@ -2,12 +2,9 @@
 
 import os
 import shutil
-import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from ..artifact_format import (
@@ -17,7 +14,6 @@ from ..artifact_format import (
     QUANTIZED,
     TOKENIZER_DIR,
     WEIGHTS,
-    graph_io,
     io_dtype,
     sha256_file,
 )
@@ -34,54 +30,21 @@ from ..model_defs.registry import (
     init_random_weights,
 )
 from ..stages import stage
-from .backends import export_onnx
-from .fusion import check_fusion
-from .taps import find_taps
+from ..versions import package_versions
+from .graph import export_model, read_back
 from .writer import publish, save_test_data_set, save_weights_npz, temporary_dir_for, write_manifest
 
 PROTOBUF_LIMIT = 2**31 - 1
 # (batch, seq, real tokens per row): padded rows, a row that is all padding, a single token.
 GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
-TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
 CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]  # int8 search: seeded, not validation's
-STAGE_SOURCE, STAGE_READ_BACK, STAGE_FUSION_CHECK = (
-    "build module + weights",
-    "onnx.load (read graph back)",
-    "fusion check",
-)
+STAGE_SOURCE = "build module + weights"
 STAGE_WEIGHTS, STAGE_GOLDEN, STAGE_MANIFEST, STAGE_PUBLISH = (
     "write weights.npz",
     "write golden data",
     "manifest (sha256 of files)",
     "atomic publish",
 )
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _dynamic_shapes(spec: ModelSpec) -> tuple:
-    """One torch.export Dim per symbolic name; sequences of a BERT model are bounded by its positions."""
-    dims = {}
-    shapes = []
-    for inp in spec.inputs:
-        axes = {}
-        for axis, d in enumerate(inp.shape):
-            if isinstance(d, str):
-                bounded = spec.architecture == "bert" and d != "batch"
-                dims.setdefault(
-                    d, torch.export.Dim(d, min=1, max=spec.config.max_positions if bounded else None)
-                )
-                axes[axis] = dims[d]
-        shapes.append(axes)
-    return tuple(shapes)
 
 
 def source_model(model: str, weights_dir, seed: int) -> tuple[ModelSpec, torch.nn.Module, dict | None]:
@@ -171,37 +134,12 @@ def export_artifact(
         shutil.rmtree(float_dir, ignore_errors=True)
         float_dir.mkdir()
     try:
-        batch, seq, lengths = TRACE_CASE
-        trace = make_inputs(
-            spec.input_records(float_dtype),
-            spec.config.to_dict(),
-            batch,
-            seq,
-            lengths,
-            np.random.default_rng(seed),
-        )
-        fusions = export_onnx(
-            module,
-            tuple(from_numpy(x) for x in trace),
-            [i.name for i in spec.inputs],
-            spec.outputs,
-            _dynamic_shapes(spec),
-            float_dir / MODEL,
-            backend,
-            opset,
-            external_data,
-        )
-        with stage(STAGE_READ_BACK):
-            graph = onnx.load(str(float_dir / MODEL), load_external_data=False)
+        graph = export_model(spec, module, backend, float_dtype, opset, external_data, float_dir / MODEL)
         n_attention = count_attention_modules(module)
-        with stage(STAGE_FUSION_CHECK):
-            op_counts = check_fusion(graph, backend, n_attention)
-            taps = find_taps(graph, spec.architecture, spec.config.to_dict(), list(spec.outputs))
         quantization = None
         if dtype in QUANTIZED:
-            quantization = _quantize(float_dir, tmp, spec, taps, seed, checkpoint)
-            graph = onnx.load(str(tmp / MODEL), load_external_data=False)
-            op_counts = check_fusion(graph, backend, n_attention)
+            quantization = _quantize(float_dir, tmp, spec, graph.taps, seed, checkpoint)
+            graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.fusions, graph.taps)
         with stage(STAGE_WEIGHTS):
             save_weights_npz(tmp / WEIGHTS, weights)
         with stage(STAGE_GOLDEN):
@@ -219,13 +157,13 @@ def export_artifact(
             },
             "backend": backend,
             "dtype": dtype,
-            "opset": {(o.domain or "ai.onnx"): o.version for o in graph.opset_import},
-            "inputs": [{**v, "role": roles[v["name"]]} for v in graph_io(graph.graph.input)],
-            "outputs": graph_io(graph.graph.output),
-            "op_counts": op_counts,
-            "taps": taps,
+            "opset": graph.opset,
+            "inputs": [{**v, "role": roles[v["name"]]} for v in graph.inputs],
+            "outputs": graph.outputs,
+            "op_counts": graph.op_counts,
+            "taps": graph.taps,
             "fused_attention_ops": n_attention if BACKENDS[backend].attention_ops else 0,
-            "ort_fusions": fusions,
+            "ort_fusions": graph.fusions,
             "golden_sets": golden_sets,
             "weights": {"bytes": n_bytes, "external_data": external_data},
             "seed": seed,

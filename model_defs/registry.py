@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..artifact_format import model_io
 from ..inputs import make_inputs
 from .attention import MultiHeadAttention
 from .config import PRESETS, EncoderConfig
@@ -90,24 +91,27 @@ def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Mod
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
+def spec_for(name: str, architecture: str, cfg: EncoderConfig, options: dict | None = None) -> ModelSpec:
+    """The spec of a model of `architecture` under `cfg` and `options`: its inputs and outputs are the
+    format's `model_io` (what validation holds a manifest to)."""
+    options = dict(options or {})
+    inputs, outputs = model_io(architecture, cfg.to_dict(), options, "float32")
+    return ModelSpec(
+        name,
+        architecture,
+        cfg,
+        tuple(InputSpec(i["name"], i["role"], tuple(i["shape"])) for i in inputs),
+        tuple(o["name"] for o in outputs),
+        options,
+    )
+
+
 def _attention(name, cfg, causal=False, cross=False):
-    h = cfg.hidden_size
-    inputs = [InputSpec("hidden_states", "hidden", ("batch", "seq", h))]
-    if cross:
-        inputs.append(InputSpec("context", "hidden", ("batch", "kv_seq", h)))
-    inputs.append(InputSpec("attention_mask", "padding_mask", ("batch", "kv_seq" if cross else "seq")))
-    return ModelSpec(name, "attention", cfg, tuple(inputs), ("output",), {"causal": causal, "cross": cross})
+    return spec_for(name, "attention", cfg, {"causal": causal, "cross": cross})
 
 
 def bert_spec(name: str, cfg: EncoderConfig) -> ModelSpec:
-    ids = ("batch", "seq")
-    inputs = (
-        InputSpec("input_ids", "token_ids", ids),
-        InputSpec("token_type_ids", "segment_ids", ids),
-        InputSpec("attention_mask", "padding_mask", ids),
-    )
-    outputs = ("last_hidden_state", "pooler_output") if cfg.with_pooler else ("last_hidden_state",)
-    return ModelSpec(name, "bert", cfg, inputs, outputs)
+    return spec_for(name, "bert", cfg)
 
 
 _SMALL = EncoderConfig(num_layers=1, hidden_size=64, num_heads=4, ffn_size=256)
@@ -122,25 +126,11 @@ MODELS = {
         _attention(
             "mha-gqa", EncoderConfig(num_layers=1, hidden_size=64, num_heads=8, num_kv_heads=2, ffn_size=256)
         ),
-        ModelSpec(
-            "encoder-block",
-            "encoder-block",
-            _BLOCK,
-            (
-                InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
-                InputSpec("attention_mask", "padding_mask", ("batch", "seq")),
-            ),
-            ("output",),
-        ),
-        ModelSpec(
+        spec_for("encoder-block", "encoder-block", _BLOCK),
+        spec_for(
             "encoder-block-prenorm",
             "encoder-block",
             EncoderConfig(**{**_BLOCK.to_dict(), "pre_layer_norm": True}),
-            (
-                InputSpec("hidden_states", "hidden", ("batch", "seq", 128)),
-                InputSpec("attention_mask", "padding_mask", ("batch", "seq")),
-            ),
-            ("output",),
         ),
         *(bert_spec(name, cfg) for name, cfg in PRESETS.items()),
     ]

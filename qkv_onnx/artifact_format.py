@@ -15,6 +15,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 
+from .errors import first_line
+
 FORMAT = "qkv-onnx-artifact/1"
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
@@ -32,6 +34,9 @@ ARCHITECTURES = ("attention", "encoder-block", "bert")
 DIMS = ("batch", "seq", "kv_seq")  # the symbolic dims validation knows how to size
 STANDARD_DOMAINS = ("", "ai.onnx")
 REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
+MAX_LAYERS = 128  # BERT-style encoders have 2 to 48; each layer costs nodes to export, check and run
+MAX_GOLDEN_SETS = 8  # an export writes 3, plus 1 of real sentences for a checkpoint with a tokenizer
+OPTIONS = {"attention": ("causal", "cross")}  # the module options each architecture takes (all bool)
 _GOLDEN = re.compile(r"test_data_set_(\d+)/(input|output)_(\d+)\.pb")
 
 
@@ -143,6 +148,41 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
+class JsonProblem(ValueError):
+    """Bytes that are not the strict JSON a manifest is written in."""
+
+
+def _reject_constant(name: str):
+    raise JsonProblem(f"{name} is not a JSON number")
+
+
+def strict_json(raw: bytes):
+    """Parse manifest bytes: UTF-8 JSON without NaN/Infinity literals, integers of at most 4300 digits
+    (Python's limit), every string valid Unicode (no lone surrogate from a \\ud800 escape). Raises
+    JsonProblem with the reason, or RecursionError for nesting Python cannot follow."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise JsonProblem(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except JsonProblem:
+        raise
+    except ValueError as e:  # JSONDecodeError, and int() refusing a number too long to convert
+        raise JsonProblem(first_line(e)) from None
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack += list(v.keys()) + list(v.values())
+        elif isinstance(v, list):
+            stack += v
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise JsonProblem(f"a string holds a lone surrogate: {ascii(v)[:80]}") from None
+    return value
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON without its own digest: the manifest protects itself."""
     return sha256_bytes(canonical_json(manifest).encode())
@@ -212,9 +252,21 @@ def manifest_problem(m: dict) -> str | None:
         return "'model' must hold 'name', 'architecture', 'config' and 'options'"
     if model["architecture"] not in ARCHITECTURES:
         return f"unknown architecture {model['architecture']!r}; known: {', '.join(ARCHITECTURES)}"
-    bad = [k for k, ok in CONFIG_FIELDS.items() if k not in model["config"] or not ok(model["config"][k])]
+    unknown = sorted(set(model["config"]) - set(CONFIG_FIELDS))
+    if unknown:
+        return f"model config has unknown field {unknown[0]!r}"
+    absent = [k for k in CONFIG_FIELDS if k not in model["config"]]
+    if absent:
+        return f"model config lacks {absent[0]!r}"
+    bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(model["config"].get(k))]
     if bad:
         return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
+    wanted = OPTIONS.get(model["architecture"], ())
+    options = model["options"]
+    if sorted(options) != sorted(wanted) or not all(type(v) is bool for v in options.values()):
+        return f"model options {options!r}: architecture {model['architecture']} takes " + (
+            " and ".join(f"{k!r}" for k in wanted) + " (true or false)" if wanted else "none"
+        )
     cfg = model["config"]
     kv = cfg["num_kv_heads"] or cfg["num_heads"]
     if cfg["hidden_size"] % cfg["num_heads"] or cfg["num_heads"] % kv:
@@ -223,6 +275,13 @@ def manifest_problem(m: dict) -> str | None:
         return f"unknown backend {m['backend']!r}; known: {', '.join(BACKENDS)}"
     if m["dtype"] not in ARTIFACT_DTYPES:
         return f"unsupported dtype {m['dtype']!r}"
+    opset = m.get("opset")
+    version = opset.get("ai.onnx") if isinstance(opset, dict) else None
+    if type(version) is not int:
+        return f"'opset' must give the ai.onnx version, got {opset!r}"
+    problem = BACKENDS[m["backend"]].opset_problem(version)
+    if problem:
+        return problem
     for key in ("inputs", "outputs"):
         if (
             not isinstance(m[key], list)
@@ -244,6 +303,15 @@ def manifest_problem(m: dict) -> str | None:
     problem = _io_problem(m) or (_taps_problem(m) if "taps" in m else None)
     if problem:
         return problem
+    if model["architecture"] == "bert" and cfg["num_layers"] > MAX_LAYERS:
+        return f"model config num_layers = {cfg['num_layers']}, more than {MAX_LAYERS}"
+    inputs, outputs = model_io(model["architecture"], cfg, model["options"], io_dtype(m["dtype"]))
+    for kind, want in (("inputs", inputs), ("outputs", outputs)):
+        if m[kind] != want:
+            return (
+                f"{kind} {_listing(m[kind])} are not those of the {model['architecture']} model this "
+                f"config describes: {_listing(want)} (symbolic batch and sequence)"
+            )
     files = m["files"]
     if not isinstance(files, dict) or not all(
         isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int
@@ -253,7 +321,7 @@ def manifest_problem(m: dict) -> str | None:
     missing = [f for f in (MODEL, WEIGHTS) if f not in files]
     if missing:
         return f"the file list does not name {missing[0]}"
-    if type(m["golden_sets"]) is not int or not 0 <= m["golden_sets"] <= 64:
+    if type(m["golden_sets"]) is not int or not 0 <= m["golden_sets"] <= MAX_GOLDEN_SETS:
         return f"bad golden_sets {m['golden_sets']!r}"
     listed = sorted({rel.split("/")[0] for rel in files if rel.startswith("test_data_set_")})
     if listed != sorted(f"test_data_set_{n}" for n in range(m["golden_sets"])):
@@ -282,6 +350,10 @@ def _taps_problem(m: dict) -> str | None:
         ):
             return f"tap {t['tap']!r} has layer {t['layer']!r}, outside the model's {layers} layer(s)"
     return None
+
+
+def _listing(values: list) -> str:
+    return "[" + ", ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in values) + "]"
 
 
 def _io_problem(m: dict) -> str | None:
@@ -345,8 +417,16 @@ def _subgraphs(nodes):
 
 
 def bodies(model: onnx.ModelProto) -> list:
-    """The main graph, the model-local functions and every subgraph inside them."""
-    tops = [model.graph, *model.functions]
+    """The main graph, the model-local functions, the training graphs (training_info) and every subgraph
+    inside them or in a function's attribute defaults."""
+    training = [g for t in model.training_info for g in (t.initialization, t.algorithm) if g.ByteSize()]
+    defaults = [
+        g
+        for f in model.functions
+        for a in f.attribute_proto
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    ]
+    tops = [model.graph, *model.functions, *training, *defaults]
     return tops + [g for top in tops for g in _subgraphs(top.node)]
 
 
@@ -374,6 +454,38 @@ def graph_io(values) -> list[dict]:
             {"name": v.name, "dtype": dtype, "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
         )
     return out
+
+
+# --- the inputs and outputs a model has ----------------------------------------------------------
+
+
+def model_io(architecture: str, cfg: dict, options: dict, dtype: str) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of the reference module of `architecture`, as the manifest lists them: inputs
+    {name, role, dtype, shape}, outputs {name, dtype, shape}, symbolic 'batch', 'seq' and 'kv_seq'. What
+    the exporter writes for it (model_defs' registry is built from it; the tests compare real exports)."""
+    h = cfg["hidden_size"]
+
+    def value(name, shape, role=None):
+        record = {"name": name, "dtype": dtype if role in (None, "hidden") else "int64", "shape": list(shape)}
+        return {**record, "role": role} if role else record
+
+    if architecture == "bert":
+        ids = ("batch", "seq")
+        inputs = [
+            value("input_ids", ids, "token_ids"),
+            value("token_type_ids", ids, "segment_ids"),
+            value("attention_mask", ids, "padding_mask"),
+        ]
+        outputs = [value("last_hidden_state", ("batch", "seq", h))]
+        if cfg["with_pooler"]:
+            outputs.append(value("pooler_output", ("batch", h)))
+        return inputs, outputs
+    cross = architecture == "attention" and options.get("cross", False)
+    inputs = [value("hidden_states", ("batch", "seq", h), "hidden")]
+    if cross:
+        inputs.append(value("context", ("batch", "kv_seq", h), "hidden"))
+    inputs.append(value("attention_mask", ("batch", "kv_seq" if cross else "seq"), "padding_mask"))
+    return inputs, [value("output", ("batch", "seq", h))]
 
 
 # --- the weights a config implies ----------------------------------------------------------------
@@ -407,6 +519,28 @@ def _block_weights(prefix: str, cfg: dict) -> dict:
         **_linear(f"{prefix}.ffn.fc2", h, f),
         **_norm(f"{prefix}.ffn_norm", h),
     }
+
+
+def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
+    """(tensors, elements) of expected_weights(architecture, cfg), in closed form: how big weights.npz
+    must be, known before anything is read or enumerated (a manifest may claim 10^12 layers)."""
+    h, f = cfg["hidden_size"], cfg["ffn_size"]
+    kv = h // cfg["num_heads"] * (cfg["num_kv_heads"] or cfg["num_heads"])
+    attention = (8, 2 * (h * h + h) + 2 * (kv * h + kv))
+    block = (attention[0] + 8, attention[1] + 4 * h + (f * h + f) + (h * f + h))
+    if architecture == "attention":
+        return attention
+    if architecture == "encoder-block":
+        return block
+    tensors = 5 + cfg["num_layers"] * block[0] + 2 * cfg["pre_layer_norm"] + 2 * cfg["with_pooler"]
+    elements = (
+        (cfg["vocab_size"] + cfg["max_positions"] + cfg["type_vocab_size"]) * h
+        + 2 * h
+        + cfg["num_layers"] * block[1]
+        + 2 * h * cfg["pre_layer_norm"]
+        + (h * h + h) * cfg["with_pooler"]
+    )
+    return tensors, elements
 
 
 def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]:

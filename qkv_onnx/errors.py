@@ -30,6 +30,10 @@ class ArtifactError(QkvError):
     exit_code = EXIT_INVALID
 
 
+class LimitExceeded(ArtifactError):
+    """A step run in a sandbox (the checker, a runtime) went past its time or memory limit on the artifact."""
+
+
 class ProviderError(QkvError):
     """The requested runtime cannot run here, or cannot run this artifact."""
 
@@ -53,6 +57,13 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def show(name) -> str:
+    """A file name (or any string an artifact supplies) as an error line quotes it: Python's repr, so a
+    newline, quote or other control character in it stays escaped inside one line and cannot pass for
+    more text."""
+    return repr(str(name))
+
+
 def one_line(text: str) -> str:
     """`text` made safe for one stderr line: newlines and other control characters escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -68,7 +79,7 @@ def run_cli(prog: str, body) -> int:
     try:
         return body()
     except QkvError as e:
-        report_error(prog, first_line(e))
+        report_error(prog, str(e).strip() or type(e).__name__)  # one line: report_error escapes newlines
         return e.exit_code
     except Exception:
         traceback.print_exc()

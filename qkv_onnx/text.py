@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, first_line, show
 
 # Files that carry a BERT checkpoint's tokenizer: tokenizer.json is used when present, else vocab.txt
 # with tokenizer_config.json's casing options. Export copies whichever exist into the artifact.
@@ -51,6 +51,21 @@ class TextError(UsageError):
     """Sentences that cannot be tokenized: no tokenizers library, no tokenizer files, no sentences."""
 
 
+def _failure(e: BaseException) -> BaseException:
+    """What a tokenizers call raised, unless it is an interruption: a Rust panic in the library surfaces
+    as pyo3's PanicException, a BaseException, and is a finding about the tokenizer file like any other."""
+    if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+        raise e
+    return e
+
+
+CONFIG_TYPES = {  # tokenizer_config.json keys read, and the JSON types they may have
+    "do_lower_case": (bool,),
+    "strip_accents": (bool, type(None)),
+    "tokenize_chinese_chars": (bool,),
+}
+
+
 def _load_tokenizer(tokenizer_dir: Path):
     try:
         import tokenizers
@@ -62,23 +77,39 @@ def _load_tokenizer(tokenizer_dir: Path):
     if (tokenizer_dir / "tokenizer.json").is_file():
         try:
             return tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        except Exception as e:
-            raise TextError(f"{tokenizer_dir / 'tokenizer.json'}: tokenizers cannot load it ({e})") from None
+        except BaseException as e:
+            reason = first_line(_failure(e))
+            raise TextError(
+                f"{show(tokenizer_dir / 'tokenizer.json')}: tokenizers cannot load it ({reason})"
+            ) from None
     if (tokenizer_dir / "vocab.txt").is_file():
         conf = {}
-        if (tokenizer_dir / "tokenizer_config.json").is_file():
+        path = tokenizer_dir / "tokenizer_config.json"
+        if path.is_file():
             try:
-                conf = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-            except ValueError as e:
-                raise TextError(f"{tokenizer_dir / 'tokenizer_config.json'}: not JSON ({e})") from None
-        wordpiece = tokenizers.BertWordPieceTokenizer(
-            str(tokenizer_dir / "vocab.txt"),
-            lowercase=conf.get("do_lower_case", True),
-            strip_accents=conf.get("strip_accents"),
-            handle_chinese_chars=conf.get("tokenize_chinese_chars", True),
-        )
+                conf = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+                raise TextError(f"{show(path)}: not JSON ({first_line(e)})") from None
+            if not isinstance(conf, dict):
+                raise TextError(f"{show(path)}: not a JSON object")
+            bad = [k for k, types in CONFIG_TYPES.items() if k in conf and not isinstance(conf[k], types)]
+            if bad:
+                raise TextError(
+                    f"{show(path)}: {bad[0]} is {conf[bad[0]]!r}, not a {CONFIG_TYPES[bad[0]][0].__name__}"
+                )
+        try:
+            wordpiece = tokenizers.BertWordPieceTokenizer(
+                str(tokenizer_dir / "vocab.txt"),
+                lowercase=conf.get("do_lower_case", True),
+                strip_accents=conf.get("strip_accents"),
+                handle_chinese_chars=conf.get("tokenize_chinese_chars", True),
+            )
+        except BaseException as e:
+            raise TextError(
+                f"{show(tokenizer_dir / 'vocab.txt')}: tokenizers cannot load it ({first_line(_failure(e))})"
+            ) from None
         return wordpiece._tokenizer  # the underlying tokenizers.Tokenizer (same API as from_file)
-    raise TextError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json or vocab.txt)")
+    raise TextError(f"{show(tokenizer_dir)}: no tokenizer files (tokenizer.json or vocab.txt)")
 
 
 def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
@@ -98,19 +129,26 @@ def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
         raise TextError(f"sentence(s) {bad} are not strings")
     tokenizer_dir = Path(tokenizer_dir)
     tok = _load_tokenizer(tokenizer_dir)
-    pad = tok.padding or {}
-    pad_token = pad.get("pad_token", "[PAD]")
-    pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
-    if pad_id is None:
-        raise TextError(f"{tokenizer_dir}: the tokenizer has no pad token {pad_token!r}")
-    tok.enable_padding(
-        direction="right", pad_id=pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=pad_token
-    )
-    if max_length is None:
-        tok.no_truncation()
-    else:
-        tok.enable_truncation(max_length=int(max_length))
-    encodings = tok.encode_batch(sentences)
+    try:  # the tokenizer file drives the library from here on: any failure, a panic included, is its
+        pad = tok.padding or {}
+        pad_token = pad.get("pad_token", "[PAD]")
+        pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
+        if pad_id is None:
+            raise TextError(f"{show(tokenizer_dir)}: the tokenizer has no pad token {pad_token!r}")
+        tok.enable_padding(
+            direction="right", pad_id=pad_id, pad_type_id=pad.get("pad_type_id", 0), pad_token=pad_token
+        )
+        if max_length is None:
+            tok.no_truncation()
+        else:
+            tok.enable_truncation(max_length=int(max_length))
+        encodings = tok.encode_batch(sentences)
+    except TextError:
+        raise
+    except BaseException as e:
+        raise TextError(
+            f"{show(tokenizer_dir)}: the tokenizer fails on these sentences ({first_line(_failure(e))})"
+        ) from None
     return {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
         "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),

@@ -10,7 +10,7 @@ import onnx
 
 from qkv_onnx.artifact_format import DIGEST_KEY, canonical_json, manifest_digest, sha256_file
 from qkv_onnx.validate.cli import main as validate_main
-from qkv_onnx.validate.runtimes import RUNTIMES, parse_providers
+from qkv_onnx.validate.runtimes import RUNTIMES, Reference, parse_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTO = parse_providers("auto")[0]
@@ -130,3 +130,65 @@ def openvino_native_bf16() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+CLI_MEMORY = 6 << 30  # RLIMIT_AS of a qkv-validate run in a subprocess: bert-tiny with torch needs ~3 GiB
+CLI_TIMEOUT = 600
+
+
+def run_capped(*args, memory: int = CLI_MEMORY, timeout: float = CLI_TIMEOUT, code: str | None = None):
+    """qkv-validate in a subprocess under an address-space cap and a timeout (an attack must be refused, not
+    endured) -> CompletedProcess with text stdout/stderr. `code`: a `python -c` program to run instead of
+    the CLI (it gets the arguments in sys.argv[1:])."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "qkv_onnx.validate"]
+    return subprocess.run(
+        [*command, *(str(a) for a in args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=cap,
+    )
+
+
+class DoublingRuntime:
+    """A third-party runtime adapter as a plugin would ship it (any importable class with the Runtime
+    interface): its outputs are its inputs doubled. The sandbox must host it like a built-in one."""
+
+    name, label, short, gating = "doubling", "a doubling plugin", "doubling", True
+
+    def __init__(self, model_path):
+        self.providers, self.notes, self.compute_dtype = [f"doubling {Path(model_path).name}"], [], None
+
+    @classmethod
+    def problem(cls):
+        return None
+
+    @classmethod
+    def gap(cls, artifact):
+        return None
+
+    def run(self, inputs):
+        return [2 * x for x in inputs]
+
+
+class RefusingRuntime(DoublingRuntime):
+    """A runtime that cannot load any model, as a runtime without a kernel for a node would refuse it."""
+
+    name, label, short = "refusing", "a refusing runtime", "refusing"
+
+    def __init__(self, model_path):
+        from qkv_onnx.errors import ProviderError
+
+        raise ProviderError(f"{model_path}: a refusing runtime cannot load it: no kernel for node 'odd_node'")
+
+
+class AgainReference(Reference):
+    name, label, short = "reference-again", "a second ReferenceEvaluator", "reference again"

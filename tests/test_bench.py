@@ -80,7 +80,7 @@ def test_end_to_end_writes_json_markdown_and_plots(bench_run):
         "write golden data",
     }
     assert set(pipe["validate"]["stages_s"]) >= {
-        "onnx.checker (full)",
+        "rebuild model.onnx (exporter)",
         "NumPy float64 oracle",
         "ORT CPU runs",
     }

@@ -616,4 +616,4 @@ def test_text_refuses_a_tokenizer_outside_the_artifact(minilm_artifact, tmp_path
     shutil.copytree(minilm_artifact, d)
     edit_manifest(d, lambda m: m["checkpoint"].__setitem__("tokenizer", "../elsewhere"))
     assert main([str(d), "--providers", "cpu", "--no-torch", "--text", "hello"]) == 2
-    assert "is not a directory of the artifact" in capsys.readouterr().err
+    assert "is not the artifact's tokenizer/" in capsys.readouterr().err

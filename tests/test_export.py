@@ -199,7 +199,7 @@ def test_failed_export_keeps_existing_artifact(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise FusionError("forced for the test")
 
-    monkeypatch.setattr("qkv_onnx.export.pipeline.check_fusion", refuse)
+    monkeypatch.setattr("qkv_onnx.export.graph.check_fusion", refuse)
     with pytest.raises(FusionError):
         export_artifact("mha", out, seed=2)
     assert tree_bytes(out) == before
@@ -276,7 +276,7 @@ def test_a_bug_in_the_exporter_is_exit_3_and_leaves_nothing(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise KeyError("a bug in the fusion check")
 
-    monkeypatch.setattr("qkv_onnx.export.pipeline.check_fusion", broken)
+    monkeypatch.setattr("qkv_onnx.export.graph.check_fusion", broken)
     assert export_main(["--model", "mha", "--out", str(tmp_path / "art")]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'a bug in the fusion check'" in err

@@ -144,9 +144,15 @@ def _qkv_imports(path: Path) -> set[str]:
 )
 def test_one_half_of_the_flow_never_imports_the_other(half, other):
     """export/ and validate/ share the artifact format through qkv_onnx.artifact_format, not each other;
-    model_defs/ knows nothing of ONNX."""
+    model_defs/ knows nothing of ONNX. One exception, by design: validate's rebuild calls the exporter's one
+    graph-writing function (qkv_onnx.export.graph), so that a rebuild is the export's own code."""
+    allowed = {"validate/rebuild.py": {"qkv_onnx.export.graph"}}
     offenders = {
-        str(p.relative_to(ROOT)): sorted(n for n in _qkv_imports(p) if n.startswith(f"qkv_onnx.{other}"))
+        str(p.relative_to(ROOT)): sorted(
+            n
+            for n in _qkv_imports(p)
+            if n.startswith(f"qkv_onnx.{other}") and n not in allowed.get(str(p.relative_to(ROOT)), ())
+        )
         for p in (ROOT / half).rglob("*.py")
     }
     assert {k: v for k, v in offenders.items() if v} == {}

@@ -3,6 +3,7 @@ a runtime that cannot load an artifact (a finding, not a crash) and one that is 
 
 import subprocess
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -13,18 +14,20 @@ from helpers import (
     NO_OPENVINO,
     OPENVINO,
     ROOT,
+    AgainReference,
+    RefusingRuntime,
     openvino_native_bf16,
-    rehash,
     run_cli,
     single_error_line,
     snapshot,
 )
 from onnx import TensorProto, helper
 
+from qkv_onnx.errors import ProviderError
 from qkv_onnx.export.backends import BACKENDS
 from qkv_onnx.validate.artifact import load_artifact
 from qkv_onnx.validate.parity import build_cases, validate_artifact
-from qkv_onnx.validate.report import markdown, matrix
+from qkv_onnx.validate.report import markdown, matrix, md
 from qkv_onnx.validate.runtimes import RUNTIMES, Reference, open_runtime, parse_providers
 
 needs_openvino = pytest.mark.skipif(
@@ -159,50 +162,43 @@ def test_openvino_judges_low_precision_artifacts(exported, tmp_path, capsys, dty
 # --- a runtime that cannot load an artifact: a finding -----------------------------------------------
 
 
-def test_a_runtime_that_cannot_load_is_a_matrix_finding_and_the_others_still_run(
-    artifact_copy, tmp_path, capsys
-):
-    """A re-signed artifact whose graph gains a node ORT CPU has no kernel for (Add on bfloat16; the graph
-    stays valid for onnx.checker and shape inference; the reference runtime has the kernel). Exit 2 with
-    ORT's reason and the node in one line, the reference runtime's parity and the matrix cell that says
-    why still reported, nothing changed on disk."""
-    d = artifact_copy("mha")
-    model = onnx.load(str(d / "model.onnx"))
-    out = model.graph.output[0].name
-    model.graph.node.extend(
+def _crafted(tmp_path: Path, nodes, domain: str | None = None) -> Path:
+    """A model file that no export writes (validation refuses it before any runtime): for testing what a
+    runtime adapter says about a graph it cannot load."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=opsets, ir_version=10)
+    path = tmp_path / "crafted.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_ort_names_the_node_it_has_no_kernel_for(tmp_path):
+    """Add on bfloat16 (valid ONNX; ORT CPU has no kernel, the reference runtime has): the sandboxed ORT
+    adapter refuses it with ORT's reason and the node, the reference runtime opens it."""
+    path = _crafted(
+        tmp_path,
         [
-            helper.make_node("Cast", [out], ["as_bf16"], name="to_bf16", to=TensorProto.BFLOAT16),
-            helper.make_node("Add", ["as_bf16", "as_bf16"], ["unused"], name="bf16_add"),
-        ]
+            helper.make_node("Cast", ["x"], ["as_bf16"], name="to_bf16", to=TensorProto.BFLOAT16),
+            helper.make_node("Add", ["as_bf16", "as_bf16"], ["sum"], name="bf16_add"),
+            helper.make_node("Cast", ["sum"], ["y"], to=TensorProto.FLOAT),
+        ],
     )
-    onnx.save(model, str(d / "model.onnx"))
-    rehash(d, "model.onnx")
-    before = snapshot(d)
-    code, stdout, err, doc = run_cli(capsys, d, "--providers", "cpu,reference", "--json", tmp_path / "r.json")
-    line = single_error_line(err)
-    assert code == 2 and doc["exit_code"] == 2 and "bf16_add" in line
-    assert "CPUExecutionProvider cannot run it: Could not find an implementation for Add" in line
-    cells = {r["runtime"]: r for r in doc["matrix"]}
-    assert (
-        cells["cpu"]["loads"] is False
-        and "Could not find an implementation for Add" in cells["cpu"]["reason"]
-    )
-    assert cells["reference"]["loads"] and cells["reference"]["parity"] == "pass"
-    assert "does not load [1]" in stdout and "1. ONNX Runtime CPUExecutionProvider cannot run it" in stdout
-    assert doc["artifacts"][0]["passed"] is False and doc["invalid"] == []
-    assert snapshot(d) == before
+    with pytest.raises(
+        ProviderError, match="CPUExecutionProvider cannot run it: Could not find an implementation for Add"
+    ) as e:
+        open_runtime("cpu", path).wait_open()
+    assert "bf16_add" in str(e.value)
+    assert np.array_equal(open_runtime("reference", path).run([np.ones(2, np.float32)])[0], [2.0, 2.0])
 
 
 @needs_openvino
-def test_an_op_openvino_cannot_convert_is_named_in_its_cell(artifact_copy, tmp_path, capsys):
-    """com.microsoft::Inverse (in an ort-contrib artifact, whose domain it is) on the output's path, adding
-    0 * sum(inverse of a constant): ORT CPU runs it, OpenVINO's ONNX frontend has no conversion for it."""
-    d = artifact_copy("mha", backend="ort-contrib")
-    model = onnx.load(str(d / "model.onnx"))
-    out = model.graph.output[0].name
-    producer = next(n for n in model.graph.node if out in n.output)
-    producer.output[list(producer.output).index(out)] = "raw"
-    model.graph.node.extend(
+def test_an_op_openvino_cannot_convert_is_named_by_its_adapter(tmp_path):
+    """com.microsoft::Inverse: ORT CPU runs it, OpenVINO's ONNX frontend has no conversion for it; the
+    sandboxed adapter's reason names it on one line, without OpenVINO's source-location lines."""
+    path = _crafted(
+        tmp_path,
         [
             helper.make_node(
                 "Constant",
@@ -210,23 +206,42 @@ def test_an_op_openvino_cannot_convert_is_named_in_its_cell(artifact_copy, tmp_p
                 ["square"],
                 value=helper.make_tensor("v", TensorProto.FLOAT, [2, 2], [2, 0, 0, 2]),
             ),
-            helper.make_node(
-                "Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0])
-            ),
             helper.make_node("Inverse", ["square"], ["inverse"], name="inverse", domain="com.microsoft"),
-            helper.make_node("ReduceSum", ["inverse"], ["total"], keepdims=0),
-            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
-            helper.make_node("Add", ["raw", "nothing"], [out]),
-        ]
+            helper.make_node("ReduceSum", ["inverse", "axes"], ["total"], keepdims=0),
+            helper.make_node(
+                "Constant", [], ["axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [0])
+            ),
+            helper.make_node("Add", ["x", "total"], ["y"]),
+        ],
+        domain="com.microsoft",
     )
-    onnx.save(model, str(d / "model.onnx"))
-    rehash(d, "model.onnx")
-    code, _, err, doc = run_cli(capsys, d, "--providers", "cpu,openvino", "--json", tmp_path / "r.json")
+    assert np.allclose(open_runtime("cpu", path).run([np.zeros(2, np.float32)])[0], [0.5, 0.5])
+    with pytest.raises(ProviderError) as e:
+        open_runtime("openvino", path).wait_open()
+    assert "OpenVINO CPU cannot load it: " in str(e.value) and "com.microsoft.Inverse" in str(e.value)
+    assert "Exception from src/" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_runtime_that_cannot_load_is_a_matrix_finding_and_the_others_still_run(
+    exported, monkeypatch, tmp_path, capsys
+):
+    """A registered runtime that refuses to load the artifact (as ORT refuses a node it has no kernel for,
+    above): exit 2 with its reason in one line, the other runtime's parity and the matrix cell that says
+    why still reported, nothing changed on disk."""
+    monkeypatch.setitem(RUNTIMES, RefusingRuntime.name, RefusingRuntime)
+    d = exported("mha")
+    before = snapshot(d)
+    code, stdout, err, doc = run_cli(
+        capsys, d, "--providers", "refusing,reference", "--no-torch", "--json", tmp_path / "r.json"
+    )
     line = single_error_line(err)
-    assert code == 2 and "OpenVINO CPU cannot load it: " in line and "com.microsoft.Inverse" in line
-    assert "Exception from src/" not in line
+    assert code == 2 and doc["exit_code"] == 2 and "odd_node" in line and str(d / "model.onnx") in line
     cells = {r["runtime"]: r for r in doc["matrix"]}
-    assert cells["openvino"]["loads"] is False and cells["cpu"]["parity"] == "pass"
+    assert cells["refusing"]["loads"] is False and "cannot load it: no kernel" in cells["refusing"]["reason"]
+    assert cells["reference"]["loads"] and cells["reference"]["parity"] == "pass"
+    assert "does not load [1]" in stdout and "1. a refusing runtime cannot load it" in stdout
+    assert doc["artifacts"][0]["passed"] is False and doc["invalid"] == []
+    assert snapshot(d) == before
 
 
 # --- a runtime that is not installed -------------------------------------------------------------------
@@ -259,7 +274,7 @@ def test_auto_without_openvino_says_so_and_runs_the_rest(exported):
     assert proc.returncode == 0, proc.stderr
     assert (
         "(no openvino, openvino-default: OpenVINO is not installed" in proc.stdout
-        and INSTALL_HINT in proc.stdout
+        and md(INSTALL_HINT) in proc.stdout
     )
 
 
@@ -269,9 +284,7 @@ def test_auto_without_openvino_says_so_and_runs_the_rest(exported):
 def test_a_new_adapter_needs_no_change_to_comparison_or_report(exported, monkeypatch):
     """A registered adapter is run, judged and shown in the matrix by the existing code."""
 
-    class Again(Reference):
-        name, label, short = "reference-again", "a second ReferenceEvaluator", "reference again"
-
+    Again = AgainReference  # defined in helpers: the sandbox imports an adapter by module and name
     monkeypatch.setitem(RUNTIMES, Again.name, Again)
     artifact = load_artifact(exported("mha"))
     report = validate_artifact(artifact, ["reference-again"], use_torch=False)

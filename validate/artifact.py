@@ -1,13 +1,17 @@
 """Read an artifact directory and refuse anything that does not match its manifest.
 
-Nothing from an artifact is executed or unpickled: it is read as JSON, protobuf and
-`.npy` with pickles refused, and every check runs before a runtime sees the model.
-The format itself (schema, digests, backend table) is `qkv_onnx.artifact_format`.
+Nothing from an artifact is executed or unpickled: it is read as JSON, protobuf and `.npy` (object arrays
+refused), and every check runs before a runtime sees the model. The cost of each step is bounded before it
+starts, by caps sized from the manifest's own model (caps.py); each file is read once into a private copy
+(intake.py) that every later step reads; the graph is either rebuilt by the exporter and compared byte for
+byte (rebuild.py) or held to the exporter's structural contract (`qkv_onnx.graph_contract`); onnx.checker
+and the runtimes run in a sandbox with limits (sandbox.py). The format itself (schema, digests, backend
+table) is `qkv_onnx.artifact_format`.
 """
 
-import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from ..artifact_format import (
     MODEL,
     STANDARD_DOMAINS,
     WEIGHTS,
+    JsonProblem,
     all_nodes,
     bodies,
     expected_weights,
@@ -29,17 +34,24 @@ from ..artifact_format import (
     graph_io,
     manifest_digest,
     manifest_problem,
-    sha256_file,
     signed,
-    stored_weight_dtype,
+    strict_json,
 )
-from ..errors import ArtifactError, first_line
+from ..errors import ArtifactError, first_line, show
+from ..graph_contract import ContractError, check_structure, check_vocabulary, weight_dtype
 from ..stages import stage
+from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
+from .intake import check_tree, copy_verified
+from .npz import read_weights
+from .rebuild import PendingRebuild, rebuild_problem
+from .sandbox import Limits, check_model_sandboxed
+
+LINEAR_WEIGHTS = ("_proj.weight", ".fc1.weight", ".fc2.weight", "pooler.weight")
 
 
 @dataclass
 class Artifact:
-    path: Path
+    path: Path  # the directory as given: what messages name
     manifest: dict
     weights: dict[str, np.ndarray]
     golden: list[
@@ -48,110 +60,127 @@ class Artifact:
     foreign_ops: tuple[
         str, ...
     ] = ()  # 'domain::Op' of the nodes outside standard ONNX, e.g. com.microsoft ones
+    private: Path | None = None  # the verified copy of the files: what every later step reads
+    graph_check: str = ""  # how the graph was judged: a line for the report
+    limits: Limits | None = None  # the sandbox limits of this artifact's checker and runtimes
+    _scratch: object = field(default=None, repr=False)  # the TemporaryDirectory holding `private`
+    _pending: PendingRebuild | None = field(default=None, repr=False)  # a rebuild still running
+
+    def verify_graph(self) -> None:
+        """Wait for a rebuild started in the background (load_artifact(background=True)) and require the
+        graph to be its bytes; ArtifactError otherwise. Nothing may open the model before this returns."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            counts = pending.verify()
+            self.foreign_ops = tuple(sorted(k for k in counts if "::" in k))
 
     @property
     def model_path(self) -> Path:
+        """The model runtimes open: the verified private copy (waiting for a background rebuild first)."""
+        self.verify_graph()
+        return (self.private or self.path) / MODEL
+
+    @property
+    def shown_model_path(self) -> Path:
+        """The model as messages name it: the artifact's file."""
         return self.path / MODEL
 
     @property
     def name(self) -> str:
         return self.path.name
 
+    def close(self) -> None:
+        """Stop a pending rebuild; remove the private copy."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
 
 def read_manifest(directory: Path) -> dict:
-    """Parse manifest.json, check its self-digest, canonical bytes and structure."""
+    """Parse manifest.json (read once, at most MAX_MANIFEST_BYTES), check its self-digest, canonical bytes
+    and structure."""
     path = directory / MANIFEST
     if not directory.is_dir():
-        raise ArtifactError(f"{directory}: not a directory")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ArtifactError(
-            f"{path}: {path.stat().st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})"
-        )
-    raw = path.read_bytes()
+        raise ArtifactError(f"{show(directory)}: not a directory")
     try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ArtifactError(f"{show(path)}: missing") from None
+    except OSError as e:
+        raise ArtifactError(f"{show(path)}: cannot be opened as a regular file ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not os.path.stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArtifactError(f"{show(path)}: not a regular file")
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{show(path)}: more bytes than a manifest can be ({MAX_MANIFEST_BYTES})")
+    try:
+        manifest = strict_json(raw)
+    except JsonProblem as e:
+        raise ArtifactError(f"{show(path)}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ArtifactError(f"{path}: not valid JSON (nested too deeply)") from None
+        raise ArtifactError(f"{show(path)}: not valid JSON (nested too deeply)") from None
     if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: not a JSON object")
+        raise ArtifactError(f"{show(path)}: not a JSON object")
     digest = manifest.pop(DIGEST_KEY, None)
     if digest != manifest_digest(manifest):
-        raise ArtifactError(f"{path}: content does not match its {DIGEST_KEY} (edited or corrupt)")
+        raise ArtifactError(f"{show(path)}: content does not match its {DIGEST_KEY} (edited or corrupt)")
     if signed(manifest).encode() != raw:
-        raise ArtifactError(f"{path}: not in the canonical form qkv-export writes (edited or corrupt)")
+        raise ArtifactError(f"{show(path)}: not in the canonical form qkv-export writes (edited or corrupt)")
     problem = manifest_problem(manifest)
     if problem:
-        raise ArtifactError(f"{path}: {problem}")
+        raise ArtifactError(f"{show(path)}: {problem}")
     return manifest
 
 
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Only regular files, no symlinks; every listed file exists with its size and sha256; no file is
-    unlisted."""
-    present = set()
-    for parent, dirs, names in os.walk(directory):
-        for name in sorted(dirs + names):
-            path = Path(parent, name)
-            if path.is_symlink():
-                raise ArtifactError(f"{path}: a symbolic link (an artifact holds only regular files)")
-            if name in names:
-                if not path.is_file():
-                    raise ArtifactError(f"{path}: not a regular file")
-                present.add(path.relative_to(directory).as_posix())
-    files = manifest["files"]
-    root = directory.resolve()
-    for rel, entry in sorted(files.items()):
-        path = directory / rel
-        if root not in path.resolve().parents:
-            raise ArtifactError(f"{path}: listed file lies outside the artifact directory")
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
-    extra = sorted(present - set(files) - {MANIFEST})
-    if extra:
-        raise ArtifactError(f"{directory / extra[0]}: not listed in the manifest")
-
-
-def read_model(path: Path) -> onnx.ModelProto:
-    """The graph, without loading any external data."""
+def read_model(path: Path, shown: Path) -> onnx.ModelProto:
+    """The graph of the private copy `path` (its size bounded by the caps), without loading any external
+    data; errors name `shown`."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, onnx others
-        raise ArtifactError(f"{path}: not an ONNX model ({first_line(e)})") from None
+        raise ArtifactError(f"{show(shown)}: not an ONNX model ({first_line(e)})") from None
     if not model.HasField("graph"):
-        raise ArtifactError(f"{path}: not an ONNX model (no graph)")
+        raise ArtifactError(f"{show(shown)}: not an ONNX model (no graph)")
     return model
 
 
+def _attribute_tensors(attributes):
+    for a in attributes:
+        yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
+        for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+            yield from (sparse.values, sparse.indices)
+
+
 def _tensors(model: onnx.ModelProto):
-    """Every TensorProto a runtime would load: initializers and tensor attributes, anywhere in the model."""
+    """Every TensorProto in the model: initializers and tensor attributes of the main graph, local
+    functions (their attribute defaults too), training graphs and every subgraph inside them."""
     for body in bodies(model):
         yield from getattr(body, "initializer", ())
         for sparse in getattr(body, "sparse_initializer", ()):
             yield from (sparse.values, sparse.indices)
     for node in all_nodes(model):
-        for a in node.attribute:
-            yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
-            for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
-                yield from (sparse.values, sparse.indices)
+        yield from _attribute_tensors(node.attribute)
+    for function in model.functions:
+        yield from _attribute_tensors(function.attribute_proto)
 
 
-def check_external_data(directory: Path, model: onnx.ModelProto, manifest: dict) -> None:
-    """Each external-data tensor names a file listed in the manifest, by a bare name inside the
-    directory, and lies within that file. Run before anything reads the data."""
+def check_external_data(
+    directory: Path, model: onnx.ModelProto, manifest: dict, files: Path | None = None
+) -> None:
+    """Each external-data tensor (anywhere: see _tensors) names a file listed in the manifest, by a bare
+    name inside the directory, and lies within that file (as found in `files`, the private copy, or the
+    directory). Run before anything reads the data."""
+    files = directory if files is None else files
     for tensor in _tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        where = f"{directory / MODEL}: tensor {tensor.name!r} keeps its data in {location!r}"
+        where = f"{show(directory / MODEL)}: tensor {tensor.name!r} keeps its data in {location!r}"
         if location in ("", ".", "..") or os.path.basename(location) != location or "\\" in location:
             raise ArtifactError(f"{where}, not a file name inside the artifact directory")
         if location not in manifest["files"]:
@@ -160,10 +189,10 @@ def check_external_data(directory: Path, model: onnx.ModelProto, manifest: dict)
             offset, length = int(info.get("offset", "0")), int(info["length"])
         except (KeyError, ValueError):
             raise ArtifactError(f"{where} without a valid offset and length") from None
-        size = (directory / location).stat().st_size
+        size = (files / location).stat().st_size
         if offset < 0 or length < 0 or offset + length > size:
             raise ArtifactError(
-                f"{directory / location}: {size} bytes, shorter than declared: tensor "
+                f"{show(directory / location)}: {size} bytes, shorter than declared: tensor "
                 f"{tensor.name!r} is at bytes {offset}..{offset + length}"
             )
 
@@ -173,69 +202,43 @@ def _signature(values) -> str:
 
 
 def check_graph(path: Path, model: onnx.ModelProto, manifest: dict) -> None:
-    """The graph's inputs and outputs are the manifest's, and every op is standard ONNX, of a domain the
-    artifact's backend emits (com.microsoft for ort-contrib), or a function defined in the model."""
+    """The graph's inputs and outputs are the manifest's (which are the format's for its model), and every
+    op is standard ONNX or of a domain the artifact's backend emits (com.microsoft for ort-contrib)."""
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
         got = graph_io(values)
         declared = [{k: v[k] for k in ("name", "dtype", "shape")} for v in manifest[kind]]
         if got != declared:
             raise ArtifactError(
-                f"{path}: graph {kind} [{_signature(got)}] are not the manifest's [{_signature(declared)}]"
+                f"{show(path)}: graph {kind} [{_signature(got)}] are not the manifest's "
+                f"[{_signature(declared)}]"
             )
-    local = {(f.domain, f.name) for f in model.functions}
     allowed = STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains
     for node in all_nodes(model):
-        if node.domain not in allowed and (node.domain, node.op_type) not in local:
+        if node.domain not in allowed:
             raise ArtifactError(
-                f"{path}: op {node.op_type!r} of domain {node.domain!r} (node {node.name!r}) is "
-                f"neither standard ONNX, nor emitted by backend {manifest['backend']}, nor a "
-                "function defined in the model"
+                f"{show(path)}: op {node.op_type!r} of domain {node.domain!r} (node {node.name!r}) is "
+                f"neither standard ONNX nor emitted by backend {manifest['backend']}"
             )
 
 
-def check_model(path: Path) -> None:
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:  # onnx raises several types for a bad file
-        raise ArtifactError(f"{path}: onnx.checker failed: {first_line(e)}") from None
-
-
-def load_weights(path: Path) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
-    except Exception as e:
-        raise ArtifactError(f"{path}: unreadable weights ({e})") from None
-
-
-def check_weights(directory: Path, manifest: dict, weights: dict) -> None:
-    """weights.npz holds exactly the parameters the manifest's config implies, with their shapes, in the
-    artifact's dtype: the config sizes the tolerance and the rebuilds, so it must be the weights' own."""
-    path = directory / WEIGHTS
-    stored = stored_weight_dtype(manifest["dtype"])
-    odd = [name for name, a in sorted(weights.items()) if a.dtype.name != stored]
-    if odd:
-        raise ArtifactError(
-            f"{path}: {odd[0]} is {weights[odd[0]].dtype.name}, the artifact is {manifest['dtype']} "
-            f"(weights stored as {stored})"
-        )
+def load_weights(private: Path, directory: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """weights.npz (from the private copy) as exactly the parameters the manifest's config implies, with
+    their shapes, in the artifact's stored dtype: the config sizes the tolerance and the rebuild, so it
+    must be the weights' own. No linear layer may hold an all-zero row or column: padding that leaves the
+    function unchanged while widening the config (an FFN padded with dead units, a layer that adds 0)."""
     expected = expected_weights(manifest["model"]["architecture"], manifest["model"]["config"])
-    missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    if missing or extra:
-        what = (
-            f"lacks {missing[0]!r}, which the config implies"
-            if missing
-            else f"holds {extra[0]!r}, which the config does not imply"
-        )
-        raise ArtifactError(
-            f"{directory / MANIFEST}: weights.npz {what} ({len(missing)} missing, {len(extra)} unexpected)"
-        )
-    for name, shape in expected.items():
-        if weights[name].shape != shape:
-            raise ArtifactError(
-                f"{directory / MANIFEST}: weights.npz {name} is {list(weights[name].shape)}, "
-                f"the config implies {list(shape)}"
-            )
+    weights = read_weights(private / WEIGHTS, directory / WEIGHTS, expected, weight_dtype(manifest["dtype"]))
+    for name, a in weights.items():
+        if name.endswith(LINEAR_WEIGHTS):
+            for axis, what in ((1, "row"), (0, "column")):
+                dead = np.flatnonzero(~a.any(axis=axis))
+                if dead.size:
+                    raise ArtifactError(
+                        f"{show(directory / WEIGHTS)}: {name} has an all-zero {what} ({what} {dead[0]}, "
+                        f"{dead.size} in all): padding an export never writes (it would widen the config, "
+                        "and the tolerance with it, without changing the function)"
+                    )
+    return weights
 
 
 def _fits(shape, declared, dims: dict) -> bool:
@@ -248,34 +251,69 @@ def _fits(shape, declared, dims: dict) -> bool:
     return True
 
 
-def _read_tensor(path: Path, spec: dict, dims: dict) -> np.ndarray:
+def _read_tensor(path: Path, shown: Path, spec: dict, dims: dict, caps: dict, config: dict) -> np.ndarray:
+    """One golden TensorProto from the private copy `path` (errors name `shown`): its dims checked against
+    the caps before its data is turned into an array."""
     tensor = onnx.TensorProto()
     try:
         tensor.ParseFromString(path.read_bytes())
     except Exception as e:
-        raise ArtifactError(f"{path}: not a TensorProto ({first_line(e)})") from None
+        raise ArtifactError(f"{show(shown)}: not a TensorProto ({first_line(e)})") from None
     if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
-        raise ArtifactError(f"{path}: keeps its data in another file; golden tensors must hold their data")
+        raise ArtifactError(
+            f"{show(shown)}: keeps its data in another file; golden tensors must hold their data"
+        )
+    declared = spec["shape"]
+    if len(tensor.dims) != len(declared) or any(
+        n > caps.get(d, d if isinstance(d, int) else 0) for n, d in zip(tensor.dims, declared)
+    ):
+        raise ArtifactError(
+            f"{show(shown)}: dims {list(tensor.dims)} exceed {spec['shape']} with at most {caps} "
+            "(a small batch, no longer than the model's positions)"
+        )
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as e:
-        raise ArtifactError(f"{path}: not a readable tensor ({first_line(e)})") from None
+        raise ArtifactError(f"{show(shown)}: not a readable tensor ({first_line(e)})") from None
     if tensor.name != spec["name"] or array.dtype.name != spec["dtype"]:
         raise ArtifactError(
-            f"{path}: holds {tensor.name!r} {array.dtype.name}, expected {spec['name']!r} {spec['dtype']}"
+            f"{show(shown)}: holds {tensor.name!r} {array.dtype.name}, "
+            f"expected {spec['name']!r} {spec['dtype']}"
         )
     bound = dict(dims)
     if not _fits(array.shape, spec["shape"], dims):
         raise ArtifactError(
-            f"{path}: shape {list(array.shape)} does not fit the manifest's {spec['shape']}"
+            f"{show(shown)}: shape {list(array.shape)} does not fit the manifest's {spec['shape']}"
             + (f" with {bound}" if bound else "")
         )
+    problem = input_problem(array, spec, config) if "role" in spec else None
+    if problem:
+        raise ArtifactError(f"{show(shown)}: {problem}")
     return array
 
 
-def load_golden(directory: Path, manifest: dict) -> list:
-    """Golden sets as [(inputs, outputs)]; symbolic dims agree across the tensors of a set."""
-    sets = []
+def input_problem(x: np.ndarray, spec: dict, config: dict) -> str | None:
+    """Why `x` is not a valid value of the input `spec` (by its role), or None: ids inside the model's
+    vocabularies, a padding mask of 0 and 1, finite hidden states."""
+    role = spec["role"]
+    for ids, size in (("token_ids", "vocab_size"), ("segment_ids", "type_vocab_size")):
+        if role == ids and x.size and (x.min() < 0 or x.max() >= config[size]):
+            return f"{ids} {int(x.min())}..{int(x.max())} outside 0..{config[size] - 1} ({size})"
+    if role == "padding_mask" and not np.isin(x, (0, 1)).all():
+        return "a padding mask holds values other than 0 and 1"
+    if role == "hidden" and not np.isfinite(x.astype(np.float32)).all():
+        return "hidden states hold NaN or Inf"
+    return None
+
+
+def load_golden(private: Path, directory: Path, manifest: dict) -> list:
+    """Golden sets as [(inputs, outputs)] from the private copy; symbolic dims agree across the tensors of
+    a set, each within the caps (batch at most MAX_GOLDEN_BATCH, sequences at most the model's positions,
+    GOLDEN_TOKENS positions over all sets); inputs hold valid values for their roles."""
+    sets, tokens = [], 0
+    seq = max_seq(manifest)
+    caps = {"batch": MAX_GOLDEN_BATCH, "seq": seq, "kv_seq": seq}
+    config = manifest["model"]["config"]
     for n in range(manifest["golden_sets"]):
         dims = {}
         tensors = []
@@ -284,43 +322,123 @@ def load_golden(directory: Path, manifest: dict) -> list:
             missing = [r for r in rel if r not in manifest["files"]]
             if missing:
                 raise ArtifactError(
-                    f"{directory / missing[0]}: golden file missing from the manifest's file list"
+                    f"{show(directory / missing[0])}: golden file missing from the manifest's file list"
                 )
-            tensors.append([_read_tensor(directory / r, spec, dims) for r, spec in zip(rel, specs)])
+            tensors.append(
+                [
+                    _read_tensor(private / r, directory / r, spec, dims, caps, config)
+                    for r, spec in zip(rel, specs)
+                ]
+            )
+        tokens += dims.get("batch", 1) * max(dims.get("seq", 1), dims.get("kv_seq", 1))
+        if tokens > GOLDEN_TOKENS:
+            raise ArtifactError(
+                f"{show(directory / golden_file(n, 'input', 0))}: the golden sets hold more than "
+                f"{GOLDEN_TOKENS} positions (batch x sequence) in all"
+            )
         sets.append(tuple(tensors))
     return sets
 
 
 STAGES = {
     "manifest": "read manifest",
-    "files": "sha256 of files",
-    "graph": "onnx.load + graph checks",
-    "checker": "onnx.checker (full)",
+    "files": "sha256 of files (read once, private copy)",
     "weights": "load weights.npz",
     "golden": "load golden data",
+    "graph": "onnx.load + structural contract",
+    "checker": "onnx.checker (full, sandboxed)",
 }
 
 
-def load_artifact(directory) -> Artifact:
-    """Verify and load an artifact; raises ArtifactError naming the first problem."""
+def load_artifact(
+    directory,
+    rebuild: bool = True,
+    memory: int | None = None,
+    seconds: float | None = None,
+    background: bool = False,
+) -> Artifact:
+    """Verify and load an artifact; raises ArtifactError naming the first problem. With `rebuild` (and
+    torch and the manifest's exporter versions here) the graph must be the exporter's rebuild, byte for
+    byte; otherwise, or with rebuild=False, the structural contract judges it. `memory` and `seconds`
+    override the sandbox limits sized from the model. With `background`, the rebuild runs in a child
+    process while the caller goes on (computing the oracle): Artifact.verify_graph() waits for it, and
+    model_path does too, so no runtime opens an unproven graph."""
     directory = Path(directory)
     with stage(STAGES["manifest"]):
         manifest = read_manifest(directory)
-    with stage(STAGES["files"]):
-        verify_files(directory, manifest)
+        check_listed_sizes(directory, manifest)
+        check_tree(directory, manifest)
+    scratch = tempfile.TemporaryDirectory(prefix="qkv-validate-")
+    pending = None
+    try:
+        private = Path(scratch.name) / "artifact"
+        private.mkdir(mode=0o700)
+        with stage(STAGES["files"]):
+            copy_verified(directory, manifest, private)
+        model_bytes = sum(e["bytes"] for r, e in manifest["files"].items() if r.startswith(MODEL))
+        limits = Limits.for_model(model_bytes, memory, seconds)
+        why = rebuild_problem(manifest) if rebuild else "disabled (--no-rebuild or --no-torch)"
+        if why is None:  # started first: the exporter runs in its child while the rest is read
+            pending = PendingRebuild(
+                directory, private, manifest, Path(scratch.name) / "rebuild", model_bytes
+            )
+        with stage(STAGES["weights"]):
+            weights = load_weights(private, directory, manifest)
+        with stage(STAGES["golden"]):
+            golden = load_golden(private, directory, manifest)
+        if pending is not None:
+            foreign = ()
+            graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
+        else:
+            foreign = check_structural(directory, private, manifest, weights, limits)
+            graph_check = (
+                "graph: structural contract (vocabulary, op counts, inputs and outputs, initializers = "
+                f"weights.npz) and onnx.checker; not rebuilt: {why}"
+            )
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        scratch.cleanup()
+        raise
+    artifact = Artifact(
+        directory, manifest, weights, golden, foreign, private, graph_check, limits, scratch, pending
+    )
+    if not background:
+        try:
+            artifact.verify_graph()
+        except BaseException:
+            artifact.close()
+            raise
+    return artifact
+
+
+def check_structural(directory: Path, private: Path, manifest: dict, weights: dict, limits: Limits) -> tuple:
+    """The graph held to the exporter's structural contract, then onnx.checker in a sandbox; returns the
+    foreign ops ('domain::Op')."""
+    shown = directory / MODEL
     with stage(STAGES["graph"]):
-        model = read_model(directory / MODEL)
-        check_external_data(directory, model, manifest)
-        check_graph(directory / MODEL, model, manifest)
+        model = read_model(private / MODEL, shown)
+        check_external_data(directory, model, manifest, private)
+        try:  # what no export writes is refused first, with that reason
+            check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
+        except ContractError as e:
+            raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
+        check_graph(shown, model, manifest)
+        if model.graph.initializer and any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+        ):
+            try:
+                onnx.external_data_helper.load_external_data_for_model(model, str(private))
+            except Exception as e:  # onnx raises several types for unreadable external data
+                raise ArtifactError(f"{show(shown)}: external data unreadable ({first_line(e)})") from None
+        try:
+            check_structure(model, manifest, weights)
+        except ContractError as e:
+            raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
         foreign = tuple(
             sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model) if n.domain not in STANDARD_DOMAINS})
         )
         del model  # the checker reads its own copy: never two of bert-large's 1.3 GB graph at once
     with stage(STAGES["checker"]):
-        check_model(directory / MODEL)
-    with stage(STAGES["weights"]):
-        weights = load_weights(directory / WEIGHTS)
-        check_weights(directory, manifest, weights)
-    with stage(STAGES["golden"]):
-        golden = load_golden(directory, manifest)
-    return Artifact(directory, manifest, weights, golden, foreign)
+        check_model_sandboxed(private / MODEL, shown, limits)
+    return foreign

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from ..artifact_format import QUANTIZED, io_dtype, side_files, tap_stages
-from ..errors import ProviderError
+from ..errors import ArtifactError, ProviderError
 from ..graph_edit import expose, save_beside
 from . import oracle
 from .artifact import Artifact
@@ -122,7 +122,11 @@ def maps_model(artifact: Artifact, directory: Path) -> tuple[Path, list[str], li
         names.append(node.output[3])
     names += [n.output[0] for n in softmax]
     outputs = expose(model, names, io_dtype(artifact.manifest["dtype"]))
-    return save_beside(model, artifact.path, side_files(artifact.manifest), directory), outputs, names
+    return (
+        save_beside(model, artifact.model_path.parent, side_files(artifact.manifest), directory),
+        outputs,
+        names,
+    )
 
 
 def head_statistics(
@@ -154,12 +158,15 @@ def attention_maps(artifact: Artifact, runtime: str, case, judged_dtype: str) ->
     found = AttentionMaps(runtime, case.name)
     with tempfile.TemporaryDirectory(prefix="qkv-maps-") as tmp:
         path, names, prob_names = maps_model(artifact, Path(tmp))
+        session = open_runtime(runtime, path, shown=artifact.shown_model_path)
         try:
-            got = dict(zip(names, open_runtime(runtime, path).run(case.inputs)))
-        except ProviderError as e:
+            got = dict(zip(names, session.run(case.inputs)))
+        except (ProviderError, ArtifactError) as e:
             raise MapsUnavailable(
                 f"{runtime} cannot run the graph with its probabilities exposed: {e}"
             ) from None
+        finally:
+            session.close()
     trace = oracle.Trace(probs=True)
     oracle.forward(
         model["architecture"], model["config"], model["options"], artifact.weights, case.inputs, trace

@@ -12,10 +12,10 @@ from ..errors import (
     ParityFailure,
     ProviderError,
     UsageError,
-    first_line,
     one_line,
     report_error,
     run_cli,
+    show,
 )
 from ..stages import stage
 from .artifact import load_artifact
@@ -39,6 +39,18 @@ EPILOG = """exit codes:
      others: the report and the compatibility matrix still show what they found.
   3  internal error: a bug in qkv-onnx, not in the artifact (the traceback is printed;
      please report it)
+
+What the graph check proves (docs/guarantees.md):
+  rebuild     where torch is installed and the exporter versions (qkv-onnx, torch, onnx,
+              onnxscript, onnx-ir) are the manifest's: model.onnx is rebuilt from the manifest's
+              model and weights.npz and must be byte-identical: it is the exporter's graph.
+  structural  otherwise (no torch, other versions, --no-rebuild, --no-torch): the graph's ops,
+              their counts, inputs, outputs and initializers must be what the exporter writes
+              for that model (a table derived from real exports), weights byte for byte.
+Either way, before anything is parsed, sizes are bounded by the manifest's own model, each
+file is read once (hashed into a private copy that everything else reads), and onnx.checker
+(structural mode) and every runtime run in a child process under a memory and a time limit
+(--memory-limit, --time-limit; a limit hit is exit 2 naming the file and the limit).
 
 Each artifact is compared, on several shapes (batch 1 and 3, sequence 1, 7 and 128, padded
 rows, a row that is all padding) and on its golden data, with the NumPy float64 oracle, with
@@ -95,7 +107,30 @@ def parse_args(argv) -> argparse.Namespace:
         "--seed", type=int, default=0, help="seed of the fresh random inputs (default: %(default)s)"
     )
     p.add_argument(
-        "--no-torch", action="store_true", help="skip the live PyTorch comparison even if torch is installed"
+        "--no-torch",
+        action="store_true",
+        help="do not use torch even if it is installed: no live PyTorch comparison, no rebuild (the graph is "
+        "held to the structural contract)",
+    )
+    p.add_argument(
+        "--no-rebuild",
+        action="store_true",
+        help="skip rebuilding model.onnx with the exporter (one export of the model) and hold the graph "
+        "to the structural contract instead; the live PyTorch comparison still runs",
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="GIB",
+        help="address space of each sandboxed process (onnx.checker, each runtime), in GiB (default: sized "
+        "from the model: 2 GiB + 4x the model's bytes + 64 MiB per CPU)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="wall-clock limit of each sandboxed step: opening a session, one run, onnx.checker (default: "
+        "sized from the model: 120 s + 240 s per GiB of model)",
     )
     p.add_argument(
         "--text",
@@ -159,6 +194,10 @@ def check_outputs(args) -> None:
 
 def run(args) -> int:
     check_outputs(args)
+    for flag, value in (("--memory-limit", args.memory_limit), ("--time-limit", args.time_limit)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be a positive number, got {value}")
+    memory = None if args.memory_limit is None else int(args.memory_limit * (1 << 30))
     with stage(STAGE_PROBE):
         selection = select_runtimes(args.providers)
     providers, notes, auto = selection.names, selection.notes, selection.auto
@@ -168,14 +207,16 @@ def run(args) -> int:
 
         sentences = read_sentences(args.text, args.text_file)
     reports, invalid, seconds = [], {}, []
+    rebuild = not (args.no_torch or args.no_rebuild)
     for directory in args.artifacts:
         start = time.perf_counter()
-        try:
-            artifact = load_artifact(directory)
+        artifact = None
+        try:  # the artifact's own problems are ArtifactError/ProviderError; anything else is our bug
+            artifact = load_artifact(directory, rebuild, memory, args.time_limit, background=True)
             report = validate_artifact(artifact, providers, args.seed, not args.no_torch, auto, sentences)
             if args.locate and "taps" not in artifact.manifest:
                 report.errors.append(
-                    f"{directory}: --locate: the artifact has no taps (exported by qkv-onnx 0.1)"
+                    f"{show(directory)}: --locate: the artifact has no taps (exported by qkv-onnx 0.1)"
                 )
             elif args.locate or not report.passed:
                 localize(report, artifact, everything=args.locate)
@@ -187,7 +228,10 @@ def run(args) -> int:
             seconds.append(time.perf_counter() - start)
         except (ArtifactError, ProviderError) as e:
             invalid[str(directory)] = str(e)
-            report_error(PROG, first_line(e))
+            report_error(PROG, str(e))
+        finally:
+            if artifact is not None:
+                artifact.close()
     compare_backends(reports)
     for r in reports:
         for e in r.errors:

@@ -41,11 +41,19 @@ def tolerance(dtype: str, accumulation_length: int, stages: int) -> float:
     return UNIT_ROUNDOFF[dtype] * per_stage * stages
 
 
-def model_error_terms(manifest: dict, key_length: int) -> tuple[int, int]:
-    """(K, S) of the tolerance policy for the model an artifact holds."""
+def model_error_terms(manifest: dict, key_length: int, weights: dict | None = None) -> tuple[int, int]:
+    """(K, S) of the tolerance policy for the model an artifact holds. With `weights`, from the parameters
+    actually present (widths of the projections and the FFN, the number of blocks), not the config: the
+    config must match them exactly, and cannot widen the tolerance."""
     architecture, cfg = manifest["model"]["architecture"], manifest["model"]["config"]
-    widest = cfg["hidden_size"] if architecture == "attention" else max(cfg["hidden_size"], cfg["ffn_size"])
-    stages = 2 * cfg["num_layers"] + 2 if architecture == "bert" else 2
+    if weights is None:
+        hidden, ffn, layers = cfg["hidden_size"], cfg["ffn_size"], cfg["num_layers"]
+    else:
+        hidden = max(w.shape[0] for k, w in weights.items() if k.endswith("q_proj.weight"))
+        ffn = max((w.shape[0] for k, w in weights.items() if k.endswith("ffn.fc1.weight")), default=0)
+        layers = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+    widest = hidden if architecture == "attention" else max(hidden, ffn)
+    stages = 2 * layers + 2 if architecture == "bert" else 2
     return max(widest, key_length), stages
 
 

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from ..artifact_format import QUANTIZED, io_dtype, side_files, tap_label, tap_stages
 from ..contract import RELATIVE_ERROR_MAX
-from ..errors import ProviderError, first_line
+from ..errors import ArtifactError, ProviderError, first_line
 from ..graph_edit import expose, save_beside
 from . import oracle
 from .artifact import Artifact
@@ -113,7 +113,7 @@ def tap_model(artifact: Artifact, directory: Path) -> tuple[Path, list[str]]:
     names = expose(
         model, [t["value"] for t in artifact.manifest["taps"]], io_dtype(artifact.manifest["dtype"])
     )
-    return save_beside(model, artifact.path, side_files(artifact.manifest), directory), names
+    return save_beside(model, artifact.model_path.parent, side_files(artifact.manifest), directory), names
 
 
 def _initializers(artifact: Artifact, names: set[str]) -> dict[str, np.ndarray]:
@@ -126,7 +126,7 @@ def _initializers(artifact: Artifact, names: set[str]) -> dict[str, np.ndarray]:
         raise ProviderError(
             f"{artifact.model_path}: tap initializer(s) {sorted(names - found.keys())} not in the graph"
         )
-    onnx.external_data_helper.load_external_data_for_model(model, str(artifact.path))
+    onnx.external_data_helper.load_external_data_for_model(model, str(artifact.model_path.parent))
     return {
         i.name: numpy_helper.to_array(i).astype(np.float64)
         for i in model.graph.initializer
@@ -140,40 +140,50 @@ def locate(
     """Run `cases` on each runtime with the taps exposed and judge every tap against
     the oracle at the tolerance of the dtype the runtime is judged in (`judged`). Adds to `found`."""
     m = artifact.manifest
-    model = m["model"]
     adds = _initializers(artifact, {t["add"] for t in m["taps"] if t["add"]})
     found.order = [tap_label(t["tap"], t["layer"]) for t in m["taps"]]
     with tempfile.TemporaryDirectory(prefix="qkv-locate-") as tmp:
         path, names = tap_model(artifact, Path(tmp))
         for name in runtimes:
+            session = open_runtime(name, path, shown=artifact.shown_model_path)
             try:
-                session = open_runtime(name, path)
-            except ProviderError as e:
+                session.wait_open()
+            except (ProviderError, ArtifactError) as e:
                 found.notes.append(f"{name}: cannot run the graph with its taps exposed: {first_line(e)}")
                 continue
-            for case in cases:
-                trace = getattr(case, "trace", None)
-                if trace is None:
-                    trace = oracle.Trace()
-                    args = (model["architecture"], model["config"], model["options"], artifact.weights)
-                    oracle.forward(*args, case.inputs, trace)
-                try:
-                    got = dict(zip(names, session.run(case.inputs)))
-                except Exception as e:  # the runtime's failure on the tapped graph: reported, not our bug
-                    found.notes.append(f"{name}: the tapped graph failed on {case.name}: {first_line(e)}")
-                    continue
-                k, _ = model_error_terms(m, key_length(case.inputs, m))
-                mask = next(
-                    (x for x, i in zip(case.inputs, m["inputs"]) if i["role"] == "padding_mask"), None
-                )
-                for tap in m["taps"]:
-                    stages = tap_stages(model["architecture"], model["config"], tap["tap"], tap["layer"])
-                    value = got[tap["value"]].astype(np.float64)
-                    if tap["add"]:
-                        value = value + adds[tap["add"]]
-                    expected = trace.taps[tap["tap"], tap["layer"]]
-                    if m["dtype"] in QUANTIZED:  # int8: the contract's token metrics at every depth
-                        comparison = compare_contract(value, expected, mask, False)
-                    else:
-                        comparison = compare_outputs(value, expected, tolerance(judged[name], k, stages))
-                    found.checks.append(TapCheck(name, case.name, tap["tap"], tap["layer"], comparison))
+            try:
+                _judge_cases(artifact, session, name, cases, names, adds, judged, found)
+            finally:
+                session.close()
+
+
+def _judge_cases(
+    artifact: Artifact, session, name: str, cases: list, names: list, adds: dict, judged: dict, found
+) -> None:
+    """Run each case on `session` (the tapped graph) and judge every tap of runtime `name` into `found`."""
+    m = artifact.manifest
+    model = m["model"]
+    for case in cases:
+        trace = getattr(case, "trace", None)
+        if trace is None:
+            trace = oracle.Trace()
+            args = (model["architecture"], model["config"], model["options"], artifact.weights)
+            oracle.forward(*args, case.inputs, trace)
+        try:
+            got = dict(zip(names, session.run(case.inputs)))
+        except Exception as e:  # the runtime's failure on the tapped graph: reported, not our bug
+            found.notes.append(f"{name}: the tapped graph failed on {case.name}: {first_line(e)}")
+            continue
+        k, _ = model_error_terms(m, key_length(case.inputs, m))
+        mask = next((x for x, i in zip(case.inputs, m["inputs"]) if i["role"] == "padding_mask"), None)
+        for tap in m["taps"]:
+            stages = tap_stages(model["architecture"], model["config"], tap["tap"], tap["layer"])
+            value = got[tap["value"]].astype(np.float64)
+            if tap["add"]:
+                value = value + adds[tap["add"]]
+            expected = trace.taps[tap["tap"], tap["layer"]]
+            if m["dtype"] in QUANTIZED:  # int8: the contract's token metrics at every depth
+                comparison = compare_contract(value, expected, mask, False)
+            else:
+                comparison = compare_outputs(value, expected, tolerance(judged[name], k, stages))
+            found.checks.append(TapCheck(name, case.name, tap["tap"], tap["layer"], comparison))

@@ -8,7 +8,12 @@ import math
 
 import numpy as np
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """math.erf elementwise (the C library's erf, correctly rounded to ~1 ulp); a plain map over a list is
+    about twice as fast as np.vectorize, with the same values."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.fromiter(map(math.erf, x.ravel().tolist()), np.float64, x.size).reshape(x.shape)
 
 
 def softmax(x, axis=-1):
@@ -35,8 +40,9 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None):
         raise ValueError(f"q heads {hq} not divisible by kv heads {hkv}")
     k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # einsum: one C loop over the small per-head products (BLAS threads only slow these down)
-    scores = np.einsum("bhqd,bhkd->bhqk", q, k) * scale  # (B, Hq, Lq, Lk)
+    # contiguous operands: numpy's batched matmul uses BLAS only then (~10x faster than its strided loop)
+    q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(np.swapaxes(k, -1, -2)), np.ascontiguousarray(v)
+    scores = q @ k * scale  # (B, Hq, Lq, Lk)
     lq, lk = scores.shape[-2:]
     allowed = np.ones(scores.shape, dtype=bool)
     if is_causal:
@@ -50,7 +56,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None):
     p = softmax(np.where(allowed, scores, -np.inf))
     if probs is not None:
         probs.append(p)
-    return np.einsum("bhqk,bhkd->bhqd", p, v)
+    return p @ v
 
 
 def linear(x, w, prefix):

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..artifact_format import QUANTIZED, TEXT_GOLDEN_SET, io_dtype
-from ..errors import ArtifactError, ProviderError, first_line
+from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype
+from ..errors import ArtifactError, LimitExceeded, ProviderError, first_line, show
 from ..inputs import make_inputs
 from ..stages import stage
 from . import oracle
-from .artifact import Artifact
+from .artifact import Artifact, input_problem
 from .compare import (
     UNIT_ROUNDOFF,
     compare_contract,
@@ -23,7 +23,8 @@ from .compare import (
 )
 from .locate import Localization, locate
 from .results import Check, RuntimeStatus, failed_check
-from .runtimes import RUNTIMES, Runtime, open_runtime
+from .runtimes import RUNTIMES, open_runtime
+from .sandbox import SandboxedRuntime, tokenize_sandboxed
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
@@ -94,6 +95,7 @@ class Report:
     runs: dict[str, CaseRun] = field(default_factory=dict)  # case name -> outputs per runtime
     localization: Localization | None = None  # where it diverges (--locate, or a failed parity check)
     attention_maps: object | None = None  # AttentionMaps (--attention-maps)
+    graph_check: str = ""  # how the graph was judged (rebuild or structural contract)
 
     def forget_traces(self) -> None:
         """Drop the oracle's intermediates (bert-large: hundreds of MB) once localization is done."""
@@ -108,31 +110,32 @@ class Report:
 
 def text_case(artifact: Artifact, sentences: list[str]) -> Case:
     """The sentences, tokenized with the artifact's own tokenizer files and padded to one batch."""
-    from ..text import TextError, tokenize
-
     m = artifact.manifest
-    tokenizer = (m.get("checkpoint") or {}).get("tokenizer")
+    checkpoint = m.get("checkpoint")
+    tokenizer = checkpoint.get("tokenizer") if isinstance(checkpoint, dict) else None
     if not tokenizer:
         raise ArtifactError(
-            f"{artifact.path}: --text needs the tokenizer of the checkpoint the artifact was "
+            f"{show(artifact.path)}: --text needs the tokenizer of the checkpoint the artifact was "
             "exported from, and this artifact has none"
         )
-    if (
-        not isinstance(tokenizer, str)
-        or (artifact.path / tokenizer).resolve().parent != artifact.path.resolve()
-    ):
+    if tokenizer != TOKENIZER_DIR:
         raise ArtifactError(
-            f"{artifact.path / 'manifest.json'}: tokenizer {tokenizer!r} is not a directory of the artifact"
+            f"{show(artifact.path / MANIFEST)}: tokenizer {tokenizer!r} is not the artifact's "
+            f"{TOKENIZER_DIR}/"
         )
-    try:
-        feeds = tokenize(
-            artifact.path / tokenizer, sentences, max_length=m["model"]["config"]["max_positions"]
-        )
-    except TextError as e:
-        raise ArtifactError(str(e)) from None
-    return Case(
-        f"text_{len(sentences)}x{feeds['input_ids'].shape[1]}", [feeds[i["name"]] for i in m["inputs"]]
+    feeds = tokenize_sandboxed(  # the verified private copy; errors name the artifact's files
+        artifact.private / tokenizer,
+        artifact.path / tokenizer,
+        sentences,
+        m["model"]["config"]["max_positions"],
+        artifact.limits,
     )
+    inputs = [feeds[i["name"]] for i in m["inputs"]]
+    for x, spec in zip(inputs, m["inputs"]):
+        problem = input_problem(x, spec, m["model"]["config"])
+        if problem:
+            raise ArtifactError(f"{show(artifact.path / tokenizer)}: the tokenizer gives {problem}")
+    return Case(f"text_{len(sentences)}x{feeds['input_ids'].shape[1]}", inputs)
 
 
 def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> list[Case]:
@@ -150,12 +153,14 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
 
 def open_sessions(
     artifact: Artifact, providers: list[str], skip_unsupported: bool, report: Report
-) -> list[Runtime]:
-    """A session per runtime, before any case runs; each outcome goes to report.runtimes. A runtime
-    that cannot load the artifact is a finding there and a report error (exit 2), and the other
-    runtimes still run. With skip_unsupported (--providers auto), a runtime known to lack the
-    artifact's dtype or ops is skipped with a note instead of an error."""
-    sessions = []
+) -> list[SandboxedRuntime]:
+    """A sandboxed session per runtime, all opening at once, before any case runs; each outcome goes to
+    report.runtimes. A runtime that cannot load the artifact, or passes a sandbox limit doing so, is a
+    finding there and a report error (exit 2), and the other runtimes still run. With skip_unsupported
+    (--providers auto), a runtime known to lack the artifact's dtype or ops is skipped with a note
+    instead of an error."""
+    shown = artifact.shown_model_path
+    opening = []
     for name in providers:
         runtime = RUNTIMES[name]
         status = report.runtimes[name] = RuntimeStatus(runtime.label, runtime.gating)
@@ -164,12 +169,17 @@ def open_sessions(
             status.reason = f"not run: {gap}"
             report.notes.append(f"{runtime.label}: not run ({gap})")
             if not skip_unsupported:
-                report.errors.append(f"{artifact.model_path}: {gap}")
+                report.errors.append(f"{show(shown)}: {gap}")
             continue
+        opening.append(open_runtime(name, artifact.model_path, artifact.limits, shown))
+    sessions = []
+    for session in opening:
+        status = report.runtimes[session.name]
         try:
-            session = open_runtime(name, artifact.model_path)
-        except ProviderError as e:
-            status.loads, status.reason = False, str(e).removeprefix(f"{artifact.model_path}: ")
+            session.wait_open()
+        except (ProviderError, ArtifactError) as e:
+            status.loads = False
+            status.reason = str(e).removeprefix(f"{shown}: ").removeprefix(f"{show(shown)}: ")
             report.errors.append(str(e))
             continue
         status.loads, status.judged_dtype = True, _judged_dtype(artifact.manifest["dtype"], session)
@@ -180,7 +190,7 @@ def open_sessions(
                 f"judged at the {status.judged_dtype} tolerance and reported, not deciding pass/fail"
             )
         report.notes.append(
-            f"{runtime.label}: ran, session providers {session.providers}"
+            f"{session.label}: ran, session providers {session.providers}"
             + "".join(f"; {n}" for n in session.notes)
         )
         sessions.append(session)
@@ -190,13 +200,11 @@ def open_sessions(
             "rests on integrity, PyTorch against the oracle, and run errors or NaN/Inf"
         )
     if not sessions and not report.errors:
-        report.errors.append(
-            f"{artifact.model_path}: no runtime asked for can run it: " + "; ".join(report.notes)
-        )
+        report.errors.append(f"{show(shown)}: no runtime asked for can run it: " + "; ".join(report.notes))
     return sessions
 
 
-def _judged_dtype(dtype: str, session: Runtime) -> str:
+def _judged_dtype(dtype: str, session) -> str:
     """The dtype whose tolerance judges a session: the artifact's, or for a non-gating runtime the
     coarser precision it computes in. A quantized artifact is judged by the accuracy contract on every
     runtime, whatever it computes in."""
@@ -207,6 +215,16 @@ def _judged_dtype(dtype: str, session: Runtime) -> str:
     return own if coarser and not session.gating else dtype
 
 
+@dataclass
+class Expected:
+    """What one case is judged against: the oracle's outputs, PyTorch's live ones, and the error terms."""
+
+    oracle: list
+    live: list | None
+    k: int
+    stages: int
+
+
 def validate_artifact(
     artifact: Artifact,
     providers: list[str],
@@ -215,66 +233,107 @@ def validate_artifact(
     skip_unsupported: bool = False,
     sentences: list[str] = (),
 ) -> Report:
-    """Every comparison for one artifact against the oracle, golden data and PyTorch."""
+    """Every comparison for one artifact against the oracle, golden data and PyTorch. The references come
+    first (while a background rebuild of the graph runs); then the graph is verified, the runtimes'
+    sandboxes open the model at once, and each case runs on one runtime at a time."""
     m = artifact.manifest
-    report = Report(artifact.name, m)
+    report = Report(artifact.name, m, graph_check=artifact.graph_check)
+    report.notes.append(artifact.graph_check)
+    if artifact.limits is not None:
+        report.notes.append(
+            "sandbox limits (each runtime, and onnx.checker in structural mode): "
+            + artifact.limits.describe()
+        )
     cases = build_cases(artifact, seed, sentences)
+    expected, peer_note = _references(artifact, cases, use_torch, report)
+    artifact.verify_graph()
     with stage(STAGE_SESSIONS):
         sessions = open_sessions(artifact, providers, skip_unsupported, report)
+    report.notes.append(peer_note)
+    try:
+        _run_cases(artifact, cases, expected, sessions, report)
+    finally:
+        for session in sessions:
+            session.close()
+    return report
+
+
+def _references(
+    artifact: Artifact, cases: list[Case], use_torch: bool, report: Report
+) -> tuple[list[Expected], str]:
+    """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle; and the note
+    saying whether PyTorch ran."""
+    m = artifact.manifest
     with stage(STAGE_PEER):
         peer = load_torch_peer(m, artifact.weights) if use_torch else None
-    report.notes.append(
-        "live PyTorch comparison: "
-        + (
-            "ran"
-            if peer
-            else "not run (" + ("torch is not installed" if use_torch else "disabled by --no-torch") + ")"
-        )
+    note = "live PyTorch comparison: " + (
+        "ran"
+        if peer
+        else "not run (" + ("torch is not installed" if use_torch else "disabled by --no-torch") + ")"
     )
     out_names = [o["name"] for o in m["outputs"]]
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
-    for s in sessions:
-        report.runtimes[s.name].runs = True
-    quantized = m["dtype"] in QUANTIZED
+    out = []
     for case in cases:
-        k, stages = model_error_terms(m, key_length(case.inputs, m))
+        k, stages = model_error_terms(m, key_length(case.inputs, m), artifact.weights)
         with stage(STAGE_ORACLE):
             case.trace = oracle.Trace()
-            model = m["model"]
-            expected = oracle.forward(
-                model["architecture"], model["config"], model["options"], weights64, case.inputs, case.trace
+            outputs = oracle.forward(
+                m["model"]["architecture"],
+                m["model"]["config"],
+                m["model"]["options"],
+                weights64,
+                case.inputs,
+                case.trace,
             )
         tol = tolerance(io_dtype(m["dtype"]), k, stages)  # PyTorch's (float32 for a quantized artifact)
         if case.golden is not None:
             report.checks += _compare(
-                "pytorch-golden", case, out_names, case.golden, {"oracle": (expected, tol)}
+                "pytorch-golden", case, out_names, case.golden, {"oracle": (outputs, tol)}
             )
         live = None
         if peer is not None:
             with stage(STAGE_PEER_RUNS):
                 live = peer(case.inputs)
-            report.checks += _compare("pytorch", case, out_names, live, {"oracle": (expected, tol)})
+            report.checks += _compare("pytorch", case, out_names, live, {"oracle": (outputs, tol)})
+        out.append(Expected(outputs, live, k, stages))
+    return out, note
+
+
+def _run_cases(
+    artifact: Artifact, cases: list[Case], expected: list[Expected], sessions: list, report: Report
+):
+    m = artifact.manifest
+    out_names = [o["name"] for o in m["outputs"]]
+    for s in sessions:
+        report.runtimes[s.name].runs = True
+    quantized = m["dtype"] in QUANTIZED
+    for case, exp in zip(cases, expected):
         report.runs[case.name] = CaseRun(case)
-        for session in sessions:
+        for session in list(sessions):  # one at a time: each runtime's thread pool has the CPUs to itself
+            status = report.runtimes[session.name]
             if quantized:  # the accuracy contract, against every reference alike
                 t = t2 = Contract(_mask(case, m), is_text(case, m))
             else:
-                t = tolerance(report.runtimes[session.name].judged_dtype, k, stages)
+                t = tolerance(status.judged_dtype, exp.k, exp.stages)
                 t2 = 2 * t
-            refs = {"oracle": (expected, t)}
+            refs = {"oracle": (exp.oracle, t)}
             if case.golden is not None:
                 refs["golden"] = (case.golden, t2)
-            if live is not None:
-                refs["pytorch"] = (live, t2)
+            if exp.live is not None:
+                refs["pytorch"] = (exp.live, t2)
             try:
                 with stage(f"{session.short} runs"):
                     got = session.run(case.inputs)
+            except LimitExceeded as e:  # the artifact made the runtime pass a limit: invalid, exit 2
+                report.errors.append(str(e))
+                status.runs, status.reason = False, f"{case.name}: {e}"
+                sessions.remove(session)
+                session.close()
+                continue
             except Exception as e:  # the runtime's own failure on this artifact: a finding, not our bug
                 error = f"run failed: {first_line(e)}"
-                report.runtimes[session.name].runs, report.runtimes[session.name].reason = (
-                    False,
-                    f"{case.name}: {error}",
-                )
+                status.runs, status.reason = False, f"{case.name}: {error}"
                 tol_of = math.inf if quantized else t
                 report.checks += [
                     failed_check(session.name, case.name, o, r, error, tol_of)
@@ -284,7 +343,6 @@ def validate_artifact(
                 continue
             report.checks += _compare(session.name, case, out_names, got, refs, session.gating)
             report.runs[case.name].runs[session.name] = RuntimeRun(got, t, session.gating)
-    return report
 
 
 def compare_backends(reports: list[Report]) -> None:
@@ -298,9 +356,7 @@ def compare_backends(reports: list[Report]) -> None:
         groups.setdefault(key, []).append(r)
     for (_, dtype, _), group in groups.items():
         if dtype in QUANTIZED and len({r.manifest["backend"] for r in group}) > 1:
-            for (
-                r
-            ) in group:  # the contract bounds each against the reference, not two of them against each other
+            for r in group:  # the contract bounds each against the reference, not two against each other
                 r.notes.append(
                     "not compared with its sibling backends: each quantizes different products (ort-contrib "
                     "keeps Q, K and V inside its fused op), so each is judged against the oracle by the "

@@ -1,15 +1,29 @@
 """Markdown and JSON renderings of validation results, and the compatibility matrix."""
 
 import json
+import re
 
 import numpy as np
 
 from ..artifact_format import ARTIFACT_DTYPES
+from ..errors import one_line
 from .parity import Report
 from .results import Check, MatrixCell, SummaryRow, worst
 from .runtimes import RUNTIMES
 
 PEERS = {"pytorch": "PyTorch (live)", "pytorch-golden": "PyTorch (golden)"}
+
+
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*[]<>|~&"})
+_EMPHASIS_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")  # inside a word, _ is plain text
+
+
+def md(text) -> str:
+    """Text an artifact or a runtime supplies (a model or file name, an error), made inert in Markdown: on
+    one line (control characters escaped), and every character that means something inline (emphasis,
+    code, links and images, HTML, table cells) backslash-escaped. The text is always placed after a list
+    marker or other text, so characters that matter only at the start of a line cannot start a block."""
+    return _EMPHASIS_UNDERSCORE.sub(r"\\_", one_line(str(text)).translate(_MARKDOWN))
 
 
 def label(runtime: str) -> str:
@@ -93,10 +107,10 @@ def _cell(cell: MatrixCell, footnotes: list[str]) -> str:
         return f" [{footnotes.index(text) + 1}]"
 
     if cell.loads is None:
-        return "not run" + note(cell.reason)
+        return "not run" + note(md(cell.reason))
     if not cell.loads:
-        return "does not load" + note(cell.reason)
-    text = "loads, " + ("runs" if cell.runs else "run fails" + note(cell.reason))
+        return "does not load" + note(md(cell.reason))
+    text = "loads, " + ("runs" if cell.runs else "run fails" + note(md(cell.reason)))
     if cell.contract is not None:
         verdict = ("pass" if cell.parity == "pass" else "FAIL") if cell.gating else "info"
         text += f", {verdict} (contract: {cell.contract})"
@@ -116,7 +130,7 @@ def matrix_markdown(reports: list[Report]) -> list[str]:
         runtimes = list(dict.fromkeys(c.runtime for c in cells if c.model == model))
         footnotes = []
         lines += [
-            f"## Compatibility matrix: {model}",
+            f"## Compatibility matrix: {md(model)}",
             "",
             "Each cell: does the runtime load the artifact, does it run every case, and its parity "
             "(worst max abs error against the oracle ≤ allowed; info = reported, not gating).",
@@ -209,16 +223,16 @@ def _result(row: SummaryRow) -> str:
 
 
 def markdown(reports: list[Report], failures: dict[str, str], notes: list[str] = ()) -> str:
-    lines = [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines = [f"- {md(n)}" for n in notes] + ([""] if notes else [])
     lines += matrix_markdown(reports)
     for r in reports:
         m = r.manifest
         lines += [
-            f"## {r.artifact}: {m['model']['name']}, backend {m['backend']}, {m['dtype']} — "
+            f"## {md(r.artifact)}: {md(m['model']['name'])}, backend {m['backend']}, {m['dtype']} — "
             + ("PASS" if r.passed else "FAIL"),
             "",
         ]
-        lines += [f"- {n}" for n in r.notes] + [f"- ERROR: {e}" for e in r.errors] + [""]
+        lines += [f"- {md(n)}" for n in r.notes] + [f"- ERROR: {md(e)}" for e in r.errors] + [""]
         lines += [
             "| runtime | vs | output | cases | max abs | max rel | mean abs | cosine min | atol needed "
             "| atol allowed | result |",
@@ -227,15 +241,15 @@ def markdown(reports: list[Report], failures: dict[str, str], notes: list[str] =
         for row in summarize(r.checks):
             cos = "—" if row.cosine_min is None else f"{row.cosine_min:.9f}"
             lines.append(
-                f"| {label(row.runtime)} | {row.reference} | {row.output} "
+                f"| {label(row.runtime)} | {row.reference} | {md(row.output)} "
                 f"| {row.cases} | {_fmt(row.max_abs)} | {_fmt(row.max_rel)} | {_fmt(row.mean_abs)} "
                 f"| {cos} | {_fmt(row.atol_needed)} | {_fmt(row.atol)} | {_result(row)} |"
             )
-            lines += [f"|  | ↳ {e} |  |  |  |  |  |  |  |  |  |" for e in row.errors[:3]]
+            lines += [f"|  | ↳ {md(e)} |  |  |  |  |  |  |  |  |  |" for e in row.errors[:3]]
         lines.append("")
         lines += locate_markdown(r) + maps_markdown(r)
     for path, reason in failures.items():
-        lines += [f"## {path}: INVALID", "", f"- {reason}", ""]
+        lines += [f"## {md(path)}: INVALID", "", f"- {md(reason)}", ""]
     passed = sum(r.passed for r in reports)
     lines.append(f"Artifacts: {passed} pass, {len(reports) - passed} fail, {len(failures)} invalid.")
     return "\n".join(lines) + "\n"
@@ -267,6 +281,7 @@ def to_json(reports: list[Report], failures: dict[str, str], exit_code: int, not
                 "backend": r.manifest["backend"],
                 "dtype": r.manifest["dtype"],
                 "passed": r.passed,
+                "graph_check": r.graph_check,
                 "notes": r.notes,
                 "errors": r.errors,
                 "runtimes": {name: s.to_json() for name, s in r.runtimes.items()},

@@ -19,8 +19,11 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
     except ImportError:
         return None
     model = manifest["model"]
-    module = build_module(model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"])
-    module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True)
+    with torch.device("meta"):  # no random init: every parameter is replaced by weights.npz's
+        module = build_module(
+            model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
+        )
+    module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
     module = module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 
     @torch.no_grad()

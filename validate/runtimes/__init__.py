@@ -6,6 +6,7 @@ whatever is registered."""
 
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from ...errors import first_line
 from .base import ProviderError, Runtime
@@ -87,21 +88,20 @@ def capability_gap(name: str, artifact) -> str | None:
     return RUNTIMES[name].gap(artifact)
 
 
-def open_runtime(name: str, model_path) -> Runtime:
-    """A session of runtime `name` on `model_path`. ProviderError when it cannot load the model; a plugin's
-    own exception counts as that too (it is the third party's failure, reported as a finding), while a
-    built-in adapter's unexpected exception is a bug of ours and propagates."""
-    cls = RUNTIMES[name]
-    try:
-        return cls(model_path)
-    except ProviderError:
-        raise
-    except Exception as e:
-        if name in BUILT_IN:
-            raise
-        raise ProviderError(
-            f"{model_path}: runtime plugin {name!r} failed to open it: {type(e).__name__}: {first_line(e)}"
-        ) from None
+def open_runtime(name: str, model_path, limits=None, shown=None):
+    """Runtime `name` on `model_path`, hosted in a sandbox (a child process under `limits`, by default
+    sized from the model file; see validate.sandbox) with the adapter's interface. `shown`: the path
+    messages name instead of `model_path` (the artifact's file when `model_path` is a private copy).
+    The session is opening when this returns; `wait_open()` (or the first run) waits for it. ProviderError
+    when it cannot load the model; a plugin's own exception counts as that too (the third party's failure,
+    reported as a finding); a built-in adapter's unexpected exception is a bug of ours and propagates."""
+    from ..sandbox import Limits, SandboxedRuntime
+
+    if limits is None:
+        path = Path(model_path)
+        side = path.with_name(path.name + ".data")
+        limits = Limits.for_model(path.stat().st_size + (side.stat().st_size if side.exists() else 0))
+    return SandboxedRuntime(RUNTIMES[name], model_path, limits, shown, plugin=name not in BUILT_IN)
 
 
 @dataclass(frozen=True)
