@@ -300,7 +300,11 @@ def manifest_problem(m: dict) -> str | None:
     quantized = m["dtype"] in QUANTIZED
     if quantized != isinstance(m.get("quantization"), dict):
         return "a quantized artifact needs its 'quantization' record, and only it has one"
-    problem = _io_problem(m) or (_taps_problem(m) if "taps" in m else None)
+    problem = (
+        _io_problem(m)
+        or (_taps_problem(m) if "taps" in m else None)
+        or (_quantization_problem(m["quantization"]) if quantized else None)
+    )
     if problem:
         return problem
     if model["architecture"] == "bert" and cfg["num_layers"] > MAX_LAYERS:
@@ -349,6 +353,22 @@ def _taps_problem(m: dict) -> str | None:
             layered and not (type(t["layer"]) is int and 0 <= t["layer"] < layers)
         ):
             return f"tap {t['tap']!r} has layer {t['layer']!r}, outside the model's {layers} layer(s)"
+    return None
+
+
+def _quantization_problem(q: dict) -> str | None:
+    """What a rebuild reads of the int8 record: the float32 graph's sha256, the onnxruntime that quantized
+    it, and the products the search kept in float32."""
+    digest = q.get("float32_graph_sha256")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        return "quantization.float32_graph_sha256 must be a sha256 in hex"
+    if not isinstance(q.get("onnxruntime"), str):
+        return "quantization.onnxruntime must name the onnxruntime version that quantized the graph"
+    nodes = q.get("float_nodes")
+    if not isinstance(nodes, list) or not all(
+        isinstance(n, dict) and isinstance(n.get("node"), str) for n in nodes
+    ):
+        return "quantization.float_nodes must be a list of {node, ...}"
     return None
 
 

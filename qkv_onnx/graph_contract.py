@@ -12,8 +12,14 @@ exports by `python -m qkv_onnx.export.contract` and checked against them in the 
   packed as ORT's Attention takes them), each used once, byte for byte in the artifact's dtype, plus the
   table's number of small constants (at most SMALL_CONSTANT elements each).
 
-Keyed by (architecture, features, backend, dtype, opset): a new dtype or backend adds rows to the table,
-not code here. Torch-free: numpy and onnx only.
+An int8 graph is held to its float32 row transformed as ONNX Runtime's dynamic quantization transforms
+it: each quantized product (MatMul, or Gemm whose bias becomes an Add) is one MatMulInteger, one Cast and
+two Mul, its activation quantized by a DynamicQuantizeLinear (shared by products of one input); every
+other count is the float32 row's. Each int8 weight must be its parameter quantized per output channel
+(symmetric: zero points 0, scale max|w|/127, every element within half a step of the parameter).
+
+Keyed by (architecture, features, backend, dtype, opset): a new float dtype or backend adds rows to the
+table, not code here. Torch-free: numpy and onnx only.
 """
 
 import hashlib
@@ -26,6 +32,7 @@ from onnx import numpy_helper
 from .artifact_format import (
     BACKENDS,
     DTYPES,
+    QUANTIZED,
     STANDARD_DOMAINS,
     all_nodes,
     np_dtype,
@@ -93,11 +100,15 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def split_initializers(model: onnx.ModelProto, weights: dict) -> tuple[dict[str, str], list[str]]:
+def split_initializers(
+    model: onnx.ModelProto, weights: dict, quantized: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
     """({initializer: how it is made from weights.npz}, [small constants]): every initializer is a
     parameter (by name, transposed, or the q/k/v weights or biases packed as ORT's Attention takes them),
     each parameter used exactly once (an all-zero one may be absent: the exporter drops a zero bias),
-    byte for byte; or a constant of at most SMALL_CONSTANT elements. Raises ContractError otherwise."""
+    byte for byte; or a constant of at most SMALL_CONSTANT elements. `quantized`: the initializers of an
+    int8 graph already proven to be parameters ({initializer: parameter}, see quantized_weights). Raises
+    ContractError otherwise."""
     stored = {a.dtype for a in weights.values()}
     store = stored.pop() if len(stored) == 1 else np.dtype("float32")
     transposed, packed = {}, {}
@@ -113,7 +124,13 @@ def split_initializers(model: onnx.ModelProto, weights: dict) -> tuple[dict[str,
                     both = both.T if leaf == "weight" else both  # MatMul layout (in, out) for the weight
                     packed.setdefault((both.shape, _digest(both)), []).append(parts)
     used, made, constants = Counter(), {}, []
+    quantized = quantized or {}
+    for name, param in quantized.items():
+        if param:
+            made[name], used[param] = "quantized " + param, used[param] + 1
     for t in model.graph.initializer:
+        if t.name in quantized:
+            continue
         try:
             a = numpy_helper.to_array(t)
         except Exception as e:  # onnx raises several types for a malformed tensor
@@ -149,6 +166,66 @@ def split_initializers(model: onnx.ModelProto, weights: dict) -> tuple[dict[str,
     return made, constants
 
 
+def quantized_weights(model: onnx.ModelProto, weights: dict) -> dict[str, str | None]:
+    """{initializer: parameter, or None for its scale and zero point} of every int8 weight of a graph
+    quantized per channel by quantize_dynamic (QInt8, symmetric): the zero points are 0, the scales are
+    max|w|/127 of each output channel of the parameter (MatMul layout: transposed), and every element is
+    within half a step of it. Raises ContractError for an int8 initializer that is none of these."""
+    inits = {t.name: t for t in model.graph.initializer}
+    candidates = {}
+    for name, w in weights.items():
+        if w.ndim == 2:
+            candidates.setdefault(w.shape[::-1], []).append(name)
+    out, taken = {}, set()
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT8 or not t.name.endswith("_quantized"):
+            continue
+        base = t.name[: -len("_quantized")]
+        scale_t, zero_t = inits.get(base + "_scale"), inits.get(base + "_zero_point")
+        if scale_t is None or zero_t is None:
+            raise ContractError(f"int8 initializer {t.name!r} has no {base}_scale and {base}_zero_point")
+        q = numpy_helper.to_array(t).astype(np.float64)
+        scale = numpy_helper.to_array(scale_t).astype(np.float64)
+        zero = numpy_helper.to_array(zero_t)
+        if q.ndim != 2 or scale.shape != (q.shape[1],) or zero.shape != scale.shape or zero.any():
+            raise ContractError(f"int8 initializer {t.name!r} is not a per-channel symmetric int8 weight")
+        match = None
+        for name in candidates.get(q.shape, []):
+            if name in taken:
+                continue
+            w = weights[name].astype(np.float64).T
+            steps = np.abs(w).max(axis=0) / 127
+            if (
+                np.allclose(scale, steps, rtol=1e-6, atol=0)
+                and (np.abs(q * scale - w) <= scale * 0.5 * (1 + 1e-6) + 1e-30).all()
+            ):
+                match = name
+                break
+        if match is None:
+            raise ContractError(f"int8 initializer {t.name!r} is none of weights.npz's parameters, quantized")
+        taken.add(match)
+        out[t.name], out[scale_t.name], out[zero_t.name] = match, None, None
+    return out
+
+
+def quantized_ops(float_ops: dict[str, int], got: dict[str, int]) -> dict[str, int]:
+    """The op counts of the float32 graph `float_ops` after dynamic quantization of the products `got`
+    (the int8 graph's counts) shows: MatMulInteger, Cast and two Mul each, an Add for a quantized Gemm's
+    bias, and the DynamicQuantizeLinear count found (one per quantized input, at most one per product)."""
+    q = got.get("MatMulInteger", 0)
+    gemms = float_ops.get("Gemm", 0) - got.get("Gemm", 0)
+    want = dict(float_ops)
+    want["MatMul"] = float_ops.get("MatMul", 0) - (q - gemms)
+    want["Gemm"] = float_ops.get("Gemm", 0) - gemms
+    want["MatMulInteger"] = q
+    want["Mul"] = float_ops.get("Mul", 0) + 2 * q
+    want["Cast"] = float_ops.get("Cast", 0) + q
+    want["Add"] = float_ops.get("Add", 0) + gemms
+    dql = got.get("DynamicQuantizeLinear", 0)
+    want["DynamicQuantizeLinear"] = min(max(dql, 1), q)  # what was found, when it is within 1..q
+    return {k: v for k, v in want.items() if v}
+
+
 def expected_ops(row: dict, n_layers: int) -> dict[str, int]:
     counts = {k: fixed + per * n_layers for k, (fixed, per) in row["ops"].items()}
     return {k: v for k, v in counts.items() if v}
@@ -170,9 +247,11 @@ def _difference(got: dict, want: dict) -> str:
 
 def check_structure(model: onnx.ModelProto, manifest: dict, weights: dict) -> None:
     """Raise ContractError unless `model` is, in vocabulary, op histogram, opset imports and initializers,
-    what the exporter writes for the manifest's model (its row of the table)."""
+    what the exporter writes for the manifest's model (its row of the table; an int8 graph: its float32
+    row, quantized)."""
     key = row_key(manifest)
-    row = ROWS.get(key)
+    quantized = key[3] in QUANTIZED
+    row = ROWS.get((*key[:3], "float32", key[4]) if quantized else key)
     if row is None:
         arch, feats, backend, dtype, opset = key
         raise ContractError(
@@ -186,12 +265,19 @@ def check_structure(model: onnx.ModelProto, manifest: dict, weights: dict) -> No
         raise ContractError(f"opset imports {imports}, the exporter writes {domains}")
     got = dict(Counter(op_key(n.domain, n.op_type) for n in all_nodes(model)))
     want = expected_ops(row, layers(manifest))
+    if quantized:
+        want = quantized_ops(want, got)
+        promised, found = manifest["quantization"].get("quantized_products"), got.get("MatMulInteger", 0)
+        if found != promised:
+            raise ContractError(f"{found} quantized products (MatMulInteger), the manifest says {promised}")
     if got != want:
         raise ContractError(
             f"op counts are not what the exporter writes for this model ({describe(key)}, "
             f"{layers(manifest)} layer(s)): {_difference(got, want)}"
         )
-    _, constants = split_initializers(model, weights)
+    _, constants = split_initializers(
+        model, weights, quantized_weights(model, weights) if quantized else None
+    )
     fixed, per = row["constants"]
     want = fixed + per * layers(manifest)
     if len(constants) != want:

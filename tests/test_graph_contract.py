@@ -13,7 +13,15 @@ import pytest
 from helpers import ROOT, SMALL_MODELS, tree_bytes
 
 from qkv_onnx.artifact_format import BACKENDS, DTYPES, model_io
-from qkv_onnx.graph_contract import ROWS, ContractError, check_structure, expected_ops, features, row_key
+from qkv_onnx.graph_contract import (
+    ROWS,
+    ContractError,
+    check_structure,
+    expected_ops,
+    features,
+    quantized_ops,
+    row_key,
+)
 from qkv_onnx.graph_table import EXPORTER
 from qkv_onnx.validate.artifact import load_artifact
 from qkv_onnx.versions import exporter_versions
@@ -51,6 +59,43 @@ def test_real_exports_meet_the_contract(model, dtype, backend, exported):
     assert m["op_counts"] == expected_ops(
         ROWS[row_key(m)], m["model"]["config"]["num_layers"] if m["model"]["architecture"] == "bert" else 1
     )
+    artifact.close()
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("model", ["mha", "encoder-block-prenorm", "bert-tiny"])
+def test_int8_exports_meet_their_float32_row_quantized(model, backend, exported):
+    """An int8 graph: its float32 row with each quantized product rewritten as quantize_dynamic does, and
+    every int8 weight its parameter quantized (checked in check_structure)."""
+    artifact = load_artifact(exported(model, "int8", backend), rebuild=False)
+    m = artifact.manifest
+    graph = onnx.load(str(artifact.model_path))
+    check_structure(graph, m, artifact.weights)
+    layers = m["model"]["config"]["num_layers"] if m["model"]["architecture"] == "bert" else 1
+    float_row = ROWS[(*row_key(m)[:3], "float32", row_key(m)[4])]
+    assert m["op_counts"] == quantized_ops(expected_ops(float_row, layers), m["op_counts"])
+    assert m["op_counts"]["MatMulInteger"] == m["quantization"]["quantized_products"] > 0
+    artifact.close()
+
+
+def test_int8_contract_refuses_a_changed_weight_or_an_extra_op(exported):
+    artifact = load_artifact(exported("bert-tiny", "int8"), rebuild=False)
+    m, weights = artifact.manifest, artifact.weights
+    graph = onnx.load(str(artifact.model_path))
+    target = next(t for t in graph.graph.initializer if t.name.endswith("_quantized"))
+    q = onnx.numpy_helper.to_array(target).copy()
+    q[0, 0] = -q[0, 0] if q[0, 0] else 5  # one element one step off: a different function
+    target.CopyFrom(onnx.numpy_helper.from_array(q, target.name))
+    with pytest.raises(ContractError, match="is none of weights.npz's parameters, quantized"):
+        check_structure(graph, m, weights)
+    graph = onnx.load(str(artifact.model_path))
+    out = graph.graph.output[0].name
+    graph.graph.node[-1].output[0] = "pre"
+    one = onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")
+    graph.graph.initializer.append(one)
+    graph.graph.node.append(onnx.helper.make_node("Mul", ["pre", "one"], [out]))
+    with pytest.raises(ContractError, match=r"op counts .*Mul"):
+        check_structure(graph, m, weights)
     artifact.close()
 
 

@@ -17,6 +17,7 @@ from ..artifact_format import (
     WEIGHTS,
     file_role,
     golden_file,
+    io_dtype,
     np_dtype,
     stored_weight_dtype,
     weight_totals,
@@ -51,10 +52,11 @@ def weights_bytes(manifest: dict) -> tuple[int, int]:
 
 def graph_bytes(manifest: dict) -> int:
     """Most bytes model.onnx (and its external data together) can have: the parameters in the artifact's
-    dtype and the graph around them."""
+    dtype (int8: at most every product kept in float32 by the search) and the graph around them."""
     _, elements = weight_totals(manifest["model"]["architecture"], manifest["model"]["config"])
     layers = manifest["model"]["config"]["num_layers"] if manifest["model"]["architecture"] == "bert" else 1
-    return elements * np_dtype(manifest["dtype"]).itemsize + GRAPH_BYTES + layers * GRAPH_BYTES_PER_LAYER
+    itemsize = np_dtype(io_dtype(manifest["dtype"])).itemsize
+    return elements * itemsize + GRAPH_BYTES + layers * GRAPH_BYTES_PER_LAYER
 
 
 def _per_token(spec: dict) -> int:

@@ -4,13 +4,16 @@ exporter installed here, and require the artifact's bytes to be the same.
 Possible when torch is installed and the exporter's versions (qkv-onnx, torch, onnx, onnxscript, onnx-ir)
 are the ones the manifest records: exports are reproducible (fixed trace inputs, no machine paths), so
 the same model, weights, backend, dtype and opset give the same bytes. The seed is not needed: the
-weights are weights.npz's. Otherwise the structural contract (`qkv_onnx.graph_contract`) judges it.
+weights are weights.npz's. An int8 graph is rebuilt as the export made it: the float32 graph (its sha256
+must be the one the manifest records), quantized by the same onnxruntime with the products the manifest
+says the search kept in float32 (the search itself is not rerun). The manifest's taps must be the
+rebuild's too. Otherwise the structural contract (`qkv_onnx.graph_contract`) judges it.
 """
 
 import filecmp
 from pathlib import Path
 
-from ..artifact_format import MODEL, WEIGHTS
+from ..artifact_format import MANIFEST, MODEL, QUANTIZED, WEIGHTS, io_dtype, sha256_file
 from ..errors import ArtifactError, ExportError, LimitExceeded, first_line, show
 from ..stages import stage
 from ..versions import EXPORTER_PACKAGES, exporter_versions
@@ -31,8 +34,24 @@ def rebuild_problem(manifest: dict) -> str | None:
         for name in EXPORTER_PACKAGES
         if recorded.get(name) != here[name]
     ]
+    if manifest.get("dtype") in QUANTIZED:
+        quantizer, ort = manifest["quantization"]["onnxruntime"], onnxruntime_version()
+        if quantizer != ort:
+            differ.append(f"onnxruntime {quantizer} quantized it (here {ort})")
     if differ:
         return "exported with another exporter: " + ", ".join(differ)
+    return None
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version (either distribution: they are one module)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
     return None
 
 
@@ -50,43 +69,51 @@ def _module(manifest: dict, weights: dict):
             model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
         )
     module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
-    return module.eval().to(getattr(torch, manifest["dtype"]))
+    return module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 
 
-def rebuild(manifest: dict, weights: dict, out: Path) -> dict[str, int]:
+def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     """Write the exporter's model.onnx (and model.onnx.data when the artifact has one) for the manifest's
-    model and `weights` into `out`; returns its op counts. ArtifactError when the exporter refuses it."""
-    from ..export.graph import export_model
+    model and `weights` into `out`; returns its {op_counts, taps}. ArtifactError when the exporter refuses
+    it."""
+    from ..artifact_format import BACKENDS
+    from ..export.graph import export_model, read_back
+    from ..export.quantize import quantize
     from ..model_defs.config import EncoderConfig
-    from ..model_defs.registry import spec_for
+    from ..model_defs.registry import count_attention_modules, spec_for
 
-    model = manifest["model"]
+    model, dtype = manifest["model"], manifest["dtype"]
     spec = spec_for(
         model["name"], model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
     )
     external = MODEL + ".data" in manifest["files"]
     opset = manifest.get("opset", {}).get("ai.onnx") if isinstance(manifest.get("opset"), dict) else None
     problem = "no ai.onnx opset" if type(opset) is not int else None
-    from ..artifact_format import BACKENDS
-
     problem = problem or BACKENDS[manifest["backend"]].opset_problem(opset)
     if problem:
         raise ArtifactError(f"manifest opset: {problem}")
+    module = _module(manifest, weights)
+    target = out / MODEL
+    source = out / "float32" / MODEL if dtype in QUANTIZED else target
+    source.parent.mkdir(exist_ok=True)
     try:  # ExportError: the exporter's own refusal (an exporter error, the fusion check)
-        graph = export_model(
-            spec,
-            _module(manifest, weights),
-            manifest["backend"],
-            manifest["dtype"],
-            opset,
-            external,
-            out / MODEL,
-        )
+        graph = export_model(spec, module, manifest["backend"], io_dtype(dtype), opset, external, source)
+        if dtype in QUANTIZED:
+            record = manifest["quantization"]
+            if sha256_file(source) != record["float32_graph_sha256"]:
+                raise ArtifactError(
+                    "the float32 graph the exporter writes for this model is not the one the manifest says "
+                    "was quantized (quantization.float32_graph_sha256)"
+                )
+            quantize(source, target, [n["node"] for n in record["float_nodes"]])
+            graph = read_back(
+                target, spec, manifest["backend"], count_attention_modules(module), graph.fusions, graph.taps
+            )
     except ExportError as e:
         raise ArtifactError(
             f"the exporter cannot rebuild this model from weights.npz: {first_line(e)}"
         ) from None
-    return graph.op_counts
+    return {"op_counts": graph.op_counts, "taps": graph.taps}
 
 
 def _first_difference(a: Path, b: Path) -> int:
@@ -101,7 +128,7 @@ def _first_difference(a: Path, b: Path) -> int:
             offset += len(x)
 
 
-def rebuild_in_child(manifest: dict, weights_path: str, out: str) -> dict[str, int]:
+def rebuild_in_child(manifest: dict, weights_path: str, out: str) -> dict:
     """The rebuild as the sandboxed child runs it: weights.npz read (strictly) from the private copy."""
     from ..artifact_format import expected_weights
     from ..graph_contract import weight_dtype
@@ -123,7 +150,7 @@ class PendingRebuild:
     oracle): `verify()` waits and requires the artifact's bytes to be the rebuild's."""
 
     def __init__(self, directory: Path, private: Path, manifest: dict, scratch: Path, model_bytes: int):
-        self.directory, self.private, self.scratch = directory, private, scratch
+        self.directory, self.private, self.scratch, self.manifest = directory, private, scratch, manifest
         scratch.mkdir(mode=0o700, exist_ok=True)
         self.sandbox = Sandbox(rebuild_limits(model_bytes), directory / MODEL, private)
         self.sandbox.submit(
@@ -139,7 +166,7 @@ class PendingRebuild:
         its bytes; ArtifactError (or LimitExceeded) naming the artifact's file otherwise."""
         try:
             with stage(STAGE_REBUILD):
-                op_counts = self.sandbox.result()
+                built = self.sandbox.result()
         except SandboxedError as e:  # the exporter's own failure on this model: not what it wrote
             raise ArtifactError(
                 f"{show(self.directory / MODEL)}: the exporter cannot rebuild it: {e}"
@@ -166,7 +193,11 @@ class PendingRebuild:
                         f"{show(self.directory / rel)}: not the graph the exporter writes for this "
                         f"manifest's model and {WEIGHTS} ({where}; rebuilt with {versions})"
                     )
-        return op_counts
+        if "taps" in self.manifest and self.manifest["taps"] != built["taps"]:
+            raise ArtifactError(
+                f"{show(self.directory / MANIFEST)}: taps are not the ones the exporter finds in this graph"
+            )
+        return built["op_counts"]
 
     def cancel(self) -> None:
         self.sandbox.close()
