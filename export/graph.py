@@ -101,3 +101,20 @@ def read_back(
         graph_io(graph.graph.output),
         taps,
     )
+
+
+def requantize(
+    float_path: Path,
+    path: Path,
+    spec: ModelSpec,
+    backend: str,
+    n_attention: int,
+    float_graph: ExportedGraph,
+    keep_float: list[str],
+) -> ExportedGraph:
+    """Write at `path` the int8 graph of the float32 one at `float_path` as the export made it, keeping the
+    products `keep_float` (the search's result) in float32: validation's rebuild of an int8 artifact."""
+    from .quantize import quantize
+
+    quantize(float_path, path, keep_float)
+    return read_back(path, spec, backend, n_attention, float_graph.fusions, float_graph.taps)

@@ -14,18 +14,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
 import pytest
 import yaml
 from helpers import ROOT, flip_byte, rehash, run_cli, single_error_line
 from junitparser import Error, Failure, JUnitXml, Skipped
-from onnx import numpy_helper
 
 from qkv_onnx.export.writer import save_weights_npz
 from qkv_onnx.stages import listening
 from qkv_onnx.validate.cli import main
 from qkv_onnx.validate.junit import junit_xml, xml_safe
 from qkv_onnx.validate.parity import Report
+from qkv_onnx.validate.rebuild import rebuild
 from qkv_onnx.validate.results import Check, Comparison, Metrics, RuntimeStatus
 from qkv_onnx.validate.runtimes import RUNTIMES
 
@@ -49,34 +48,42 @@ def _outcome(case) -> str:
 # --- one run with every outcome: JUnit against JSON ---------------------------------------------------
 
 
-def _nan_in_golden(d: Path) -> None:
-    path = d / "test_data_set_1/output_0.pb"
-    tensor = onnx.TensorProto()
-    tensor.ParseFromString(path.read_bytes())
-    array = numpy_helper.to_array(tensor).copy()
-    array[0, 0, 0] = np.nan
-    path.write_bytes(numpy_helper.from_array(array, tensor.name).SerializeToString())
-    rehash(d, "test_data_set_1/output_0.pb")
+def _reweight(d: Path, edit) -> None:
+    """Edit weights.npz and write the graph the exporter makes of the new weights: a consistent artifact
+    (the rebuild check passes) whose golden data is the old weights' outputs."""
+    weights = dict(np.load(d / "weights.npz"))
+    edit(weights)
+    save_weights_npz(d / "weights.npz", weights)
+    rebuild(json.loads((d / "manifest.json").read_text()), weights, d)
+    rehash(d, "weights.npz")
+    rehash(d, "model.onnx")
 
 
 def _tamper_weights(d: Path) -> None:
-    weights = dict(np.load(d / "weights.npz"))
-    weights["attn.k_proj.weight"][0, 0] += 2.0
-    save_weights_npz(d / "weights.npz", weights)
-    rehash(d, "weights.npz")
+    _reweight(d, lambda w: w["attn.k_proj.weight"].__setitem__((0, 0), w["attn.k_proj.weight"][0, 0] + 2.0))
+
+
+def _overflow(d: Path) -> None:
+    """v bias 3e38 and the output projection all ones: 64 x 3e38 is inf in float32 (finite in the oracle)."""
+
+    def edit(w):
+        w["attn.v_proj.bias"][:] = 3e38
+        w["attn.out_proj.weight"][:] = 1.0
+
+    _reweight(d, edit)
 
 
 @pytest.fixture(scope="module")
 def ci_run(exported, tmp_path_factory):
-    """One qkv-validate run over a passing artifact, one out of tolerance (a k_proj weight changed), one with
-    NaN in its golden data, one the reference runtime cannot run (com.microsoft ops: skipped under auto) and
-    one refused by the integrity checks; --json and --junit, and GITHUB_STEP_SUMMARY set to a file that an
-    earlier step already wrote to."""
+    """One qkv-validate run over a passing artifact, one out of tolerance (a k_proj weight changed after the
+    golden data was written), one whose weights overflow float32 (inf outputs), one the reference runtime
+    cannot run (com.microsoft ops: skipped under auto) and one refused by the integrity checks; --json and
+    --junit, and GITHUB_STEP_SUMMARY set to a file that an earlier step already wrote to."""
     work = tmp_path_factory.mktemp("ci-run")
     copies = {}
     for name, model, tamper in (
         ("mha-tampered", "mha", _tamper_weights),
-        ("mha-causal-nan", "mha-causal", _nan_in_golden),
+        ("mha-causal-inf", "mha-causal", _overflow),
         ("mha-flipped", "mha", lambda d: flip_byte(d / "weights.npz")),
     ):
         copies[name] = work / name
@@ -85,7 +92,7 @@ def ci_run(exported, tmp_path_factory):
     artifacts = [
         exported("mha-gqa"),
         copies["mha-tampered"],
-        copies["mha-causal-nan"],
+        copies["mha-causal-inf"],
         exported("mha", backend="ort-contrib"),
         copies["mha-flipped"],
     ]
@@ -211,7 +218,7 @@ def test_junit_testcase_per_summary_row_with_its_numbers(ci_run):
 
 def test_junit_non_gating_runtime(ci_run):
     """openvino-default (where OpenVINO is installed): its numbers pass, also where over the atol; its errors
-    (NaN in the golden data it is compared with) are errors."""
+    (an inf output) are errors."""
     if "openvino-default" in UNAVAILABLE:
         pytest.skip(f"OpenVINO is not installed: {UNAVAILABLE['openvino-default']}")
     suites = _suites(ci_run)
@@ -219,8 +226,8 @@ def test_junit_non_gating_runtime(ci_run):
     rows = [r for r in ci_run.doc["artifacts"][1]["summary"] if r["runtime"] == "openvino-default"]
     assert any(not r["passed"] for r in rows)  # over the atol: the weights were changed
     assert tampered and all(c.is_passed for c in tampered.values())
-    nan = [c for c in suites["mha-causal/onnx-attention/float32"] if "OpenVINO default vs golden" in c.name]
-    assert nan and all(_outcome(c) == "error" and "non-finite" in c.result[0].text for c in nan)
+    inf = [c for c in suites["mha-causal/onnx-attention/float32"] if "OpenVINO default vs golden" in c.name]
+    assert inf and all(_outcome(c) == "error" and "non-finite" in c.result[0].text for c in inf)
 
 
 def test_junit_skipped_runtimes_give_the_reason(ci_run):

@@ -100,7 +100,7 @@ def test_a_tampered_int8_artifact_is_refused(int8_tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_editing_the_quantization_record_cannot_loosen_the_verdict(int8_tiny, tmp_path, capsys):
     """The thresholds live in code: a re-signed manifest that claims looser limits changes nothing, and one
-    whose dtype says float32 is judged by the float32 rounding policy, which an int8 graph fails."""
+    whose dtype says float32 is refused: an int8 graph is not what the exporter writes for float32."""
     import shutil
 
     d = tmp_path / "t"
@@ -113,8 +113,8 @@ def test_editing_the_quantization_record_cannot_loosen_the_verdict(int8_tiny, tm
         if "contract" in c
     )
     edit_manifest(d, lambda m: (m.__setitem__("dtype", "float32"), m.pop("quantization")))
-    code, _, _, doc = run_cli(capsys, d, "--no-torch", "--providers", "cpu", "--json", tmp_path / "b.json")
-    assert code == 1 and not doc["artifacts"][0]["passed"]
+    code, _, err, _ = run_cli(capsys, d, "--no-torch", "--providers", "cpu")
+    assert code == 2 and "not what the exporter writes" in single_error_line(err)
 
 
 # --- all-MiniLM-L6-v2: a real model, real sentences -------------------------------------------------------
@@ -122,7 +122,7 @@ def test_editing_the_quantization_record_cannot_loosen_the_verdict(int8_tiny, tm
 
 def _naive_per_tensor(source, target):
     """What a user gets from `quantize_dynamic` with per-tensor weights (the ecosystem's default recipe),
-    packaged and re-signed as an int8 artifact: the validator must judge it by the same contract."""
+    packaged and re-signed as an int8 artifact with a complete quantization record."""
     import shutil
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -136,28 +136,44 @@ def _naive_per_tensor(source, target):
         weight_type=QuantType.QInt8,
     )
     rewrite(target, "model.onnx", (target / "model.onnx").read_bytes())
-    record = {"method": "onnxruntime.quantization.quantize_dynamic", "per_channel": False}
+    record = {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "per_channel": False,
+        "float32_graph_sha256": sha256_file(source / "model.onnx"),
+        "onnxruntime": "0",
+        "float_nodes": [],
+        "quantized_products": 37,
+    }
     edit_manifest(target, lambda m: (m.__setitem__("dtype", "int8"), m.__setitem__("quantization", record)))
 
 
-def test_naive_per_tensor_int8_of_minilm_fails_the_contract(exported_minilm, tmp_path, capsys):
-    """Per-tensor int8 of all-MiniLM-L6-v2 moves sentence embeddings to a cosine of ~0.95 with the float
-    model: exit 1, the contract's sentence metrics named, on sentences it never saw."""
+def test_naive_per_tensor_int8_of_minilm_is_refused_and_fails_the_contract(exported_minilm, tmp_path, capsys):
+    """Per-tensor int8 of all-MiniLM-L6-v2: not what the exporter writes (its weights are not quantized per
+    channel), so qkv-validate refuses it, exit 2; and the contract would fail it anyway: on sentences the
+    calibration never saw, its sentence embeddings move to a cosine of ~0.95 with the float64 model."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from qkv_onnx.text import read_sentences, tokenize
+    from qkv_onnx.validate import oracle
+    from qkv_onnx.validate.compare import compare_contract
+
     d = tmp_path / "naive"
     _naive_per_tensor(exported_minilm, d)
-    code, out, err, doc = run_cli(capsys, d, "--no-torch", "--providers", "cpu", "--text-file", SENTENCES,
-                                  "--json", tmp_path / "r.json")  # fmt: skip
-    assert code == 1 and err == ""
-    text = [c for c in doc["artifacts"][0]["checks"] if c["case"].startswith("text_") and "contract" in c]
-    failed = {k for c in text for k in c["contract"]["failed"]}
-    assert {"sentence_cosine_min", "similarity_deviation_max"} <= failed
-    worst = min(
-        c["contract"]["values"]["sentence_cosine_min"]
-        for c in text
-        if "sentence_cosine_min" in c["contract"]["values"]
-    )
-    assert worst < 0.97
-    assert "FAIL (contract: " in out and "first divergence: " in out
+    code, _, err, _ = run_cli(capsys, d, "--no-torch", "--providers", "cpu")
+    assert code == 2 and "not a per-channel symmetric int8 weight" in single_error_line(err)
+
+    manifest = json.loads((d / "manifest.json").read_text())
+    model = manifest["model"]
+    feeds = tokenize(d / "tokenizer", read_sentences([], SENTENCES), model["config"]["max_positions"])
+    inputs = [feeds[i["name"]] for i in manifest["inputs"]]
+    session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip(feeds, inputs)))
+    weights = dict(np.load(d / "weights.npz"))
+    want = oracle.forward(model["architecture"], model["config"], model["options"], weights, inputs)
+    verdict = compare_contract(got[0], want[0], feeds["attention_mask"], sentences=True).contract
+    assert {"sentence_cosine_min", "similarity_deviation_max"} <= set(verdict.failed)
+    assert verdict.values["sentence_cosine_min"] < 0.97
 
 
 @pytest.fixture(scope="module")

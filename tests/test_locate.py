@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
 from helpers import (
@@ -18,14 +17,13 @@ from helpers import (
     SMALL_MODELS,
     edit_manifest,
     openvino_native_bf16,
-    rehash,
     run_cli,
+    scale_attention,
     single_error_line,
     snapshot,
 )
 
 from qkv_onnx.artifact_format import BACKENDS, tap_label
-from qkv_onnx.export.writer import save_weights_npz
 
 BERT_TAPS = ["embeddings"] + [
     f"layer {k} {t}" for k in (0, 1) for t in ("attention", "attention_block", "block")
@@ -318,10 +316,7 @@ def test_an_artifact_without_taps_still_validates_and_says_so(artifact_copy, tmp
         err
     )
     assert snapshot(d) == before
-    weights = dict(np.load(d / "weights.npz"))
-    weights["attn.k_proj.weight"][0, 0] += 2.0
-    save_weights_npz(d / "weights.npz", weights)
-    rehash(d, "weights.npz")
+    scale_attention(d)
     code, out, err, _ = run_cli(capsys, d, "--no-torch")
     assert code == 1 and "localization: unavailable, the artifact has no taps" in out
 
@@ -360,16 +355,11 @@ def test_plots_of_error_against_depth(exported, tmp_path, capsys):
 
 
 def test_auto_locates_only_what_failed(artifact_copy, tmp_path, capsys):
-    """A tampered output-projection bias (re-signed graph) fails parity: every runtime of auto that failed is
-    located on its failing cases, without --locate, and the first divergence is layer 0's attention."""
+    """Layer 0's Attention given another scale (re-signed graph, structural mode) fails parity: every runtime
+    of auto that failed is located on its failing cases, without --locate, and the first divergence is layer
+    0's attention."""
     d = artifact_copy("bert-tiny")
-    model = onnx.load(str(d / "model.onnx"))
-    [bias] = [t for t in model.graph.initializer if t.name == "blocks.0.attn.out_proj.bias"]
-    values = onnx.numpy_helper.to_array(bias).copy()
-    values[0] += 0.5
-    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
-    onnx.save(model, str(d / "model.onnx"))
-    rehash(d, "model.onnx")
+    scale_attention(d)
     code, out, _, doc = run_cli(capsys, d, "--no-torch", "--json", tmp_path / "r.json")
     a = doc["artifacts"][0]
     assert code == 1 and (a["first_divergence"]["layer"], a["first_divergence"]["tap"]) == (0, "attention")

@@ -23,6 +23,7 @@ from helpers import (
     flip_byte,
     rehash,
     run_cli,
+    scale_attention,
     single_error_line,
     snapshot,
 )
@@ -348,23 +349,13 @@ def test_golden_data_of_other_weights_fail_exit_1(artifact_copy, tmp_path, capsy
     assert cases == MULTI_KEY | SINGLE_KEY
 
 
-def _scale_attention(d: Path, scale: float = 0.5) -> None:
-    """The Attention node given an explicit scale (the spec's default is 1/sqrt(head size) = 0.25 here):
-    the exporter's ops, counts and weights, a different function."""
-    model = onnx.load(str(d / "model.onnx"))
-    node = next(n for n in model.graph.node if n.op_type == "Attention")
-    node.attribute.append(onnx.helper.make_attribute("scale", scale))
-    onnx.save(model, str(d / "model.onnx"))
-    rehash(d, "model.onnx")
-
-
 def test_tampered_graph_fails_against_every_reference_exit_1(artifact_copy, tmp_path, capsys):
     """A graph that keeps the exporter's structure (ops, counts, weights) but computes something else (an
     attribute changed, re-hashed), judged in structural mode: both runtimes fail against oracle and golden
     data in every case with more than one key, while PyTorch's golden outputs still agree with the oracle.
     (In rebuild mode it is exit 2: not the exporter's bytes.)"""
     d = artifact_copy("mha")
-    _scale_attention(d)
+    scale_attention(d)
     code, _, err, doc = run_cli(capsys, d, "--no-torch", "--json", tmp_path / "r.json")
     assert code == 1 and err == ""
     checks = doc["artifacts"][0]["checks"]

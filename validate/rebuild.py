@@ -77,8 +77,7 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     model and `weights` into `out`; returns its {op_counts, taps}. ArtifactError when the exporter refuses
     it."""
     from ..artifact_format import BACKENDS
-    from ..export.graph import export_model, read_back
-    from ..export.quantize import quantize
+    from ..export.graph import export_model, requantize
     from ..model_defs.config import EncoderConfig
     from ..model_defs.registry import count_attention_modules, spec_for
 
@@ -105,10 +104,9 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
                     "the float32 graph the exporter writes for this model is not the one the manifest says "
                     "was quantized (quantization.float32_graph_sha256)"
                 )
-            quantize(source, target, [n["node"] for n in record["float_nodes"]])
-            graph = read_back(
-                target, spec, manifest["backend"], count_attention_modules(module), graph.fusions, graph.taps
-            )
+            keep = [n["node"] for n in record["float_nodes"]]
+            n_attention = count_attention_modules(module)
+            graph = requantize(source, target, spec, manifest["backend"], n_attention, graph, keep)
     except ExportError as e:
         raise ArtifactError(
             f"the exporter cannot rebuild this model from weights.npz: {first_line(e)}"
