@@ -91,6 +91,21 @@ def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Mod
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
+def build_for_weights(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
+    """build_module without initializing the parameters (torch.empty), for weights that
+    load_state_dict(..., assign=True) then replaces, every one of them. Cheaper than building on the meta
+    device, whose first use imports torch's reference decompositions (3.4 s here)."""
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = {c: c.reset_parameters for c in classes}
+    try:
+        for c in classes:
+            c.reset_parameters = lambda self: None
+        return build_module(architecture, cfg, options)
+    finally:
+        for c, f in saved.items():
+            c.reset_parameters = f
+
+
 def spec_for(name: str, architecture: str, cfg: EncoderConfig, options: dict | None = None) -> ModelSpec:
     """The spec of a model of `architecture` under `cfg` and `options`: its inputs and outputs are the
     format's `model_io` (what validation holds a manifest to)."""

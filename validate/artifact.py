@@ -81,6 +81,13 @@ class Artifact:
         return (self.private or self.path) / MODEL
 
     @property
+    def screened_model_path(self) -> Path:
+        """The private copy's model before a background rebuild has proven it: screened already (no op an
+        export never writes, external data inside the artifact, the manifest's inputs and outputs), so
+        sandboxed runtimes may open it meanwhile; what they compute counts only once verify_graph passes."""
+        return (self.private or self.path) / MODEL
+
+    @property
     def shown_model_path(self) -> Path:
         """The model as messages name it: the artifact's file."""
         return self.path / MODEL
@@ -387,7 +394,7 @@ def load_artifact(
         with stage(STAGES["golden"]):
             golden = load_golden(private, directory, manifest)
         if pending is not None:
-            foreign = ()
+            foreign = screen_graph(directory, private, manifest)
             graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
@@ -410,6 +417,24 @@ def load_artifact(
             artifact.close()
             raise
     return artifact
+
+
+def screen_graph(directory: Path, private: Path, manifest: dict) -> tuple:
+    """What a rebuild will prove, screened first so that sandboxed runtimes may open the graph while it runs:
+    no op an export never writes, external data inside the artifact, the manifest's inputs and outputs.
+    Returns the foreign ops ('domain::Op')."""
+    shown = directory / MODEL
+    with stage(STAGES["graph"]):
+        model = read_model(private / MODEL, shown)
+        check_external_data(directory, model, manifest, private)
+        try:
+            check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
+        except ContractError as e:
+            raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
+        check_graph(shown, model, manifest)
+        return tuple(
+            sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model) if n.domain not in STANDARD_DOMAINS})
+        )
 
 
 def check_structural(directory: Path, private: Path, manifest: dict, weights: dict, limits: Limits) -> tuple:

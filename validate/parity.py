@@ -151,14 +151,13 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
     return cases
 
 
-def open_sessions(
+def start_sessions(
     artifact: Artifact, providers: list[str], skip_unsupported: bool, report: Report
 ) -> list[SandboxedRuntime]:
-    """A sandboxed session per runtime, all opening at once, before any case runs; each outcome goes to
-    report.runtimes. A runtime that cannot load the artifact, or passes a sandbox limit doing so, is a
-    finding there and a report error (exit 2), and the other runtimes still run. With skip_unsupported
-    (--providers auto), a runtime known to lack the artifact's dtype or ops is skipped with a note
-    instead of an error."""
+    """A sandboxed session per runtime, all opening at once (`await_sessions` waits for them). With
+    skip_unsupported (--providers auto), a runtime known to lack the artifact's dtype or ops is skipped with
+    a note instead of an error. The sandboxes open the screened graph while a background rebuild may still
+    run: nothing they compute is reported unless it proves the graph (validate_artifact)."""
     shown = artifact.shown_model_path
     opening = []
     for name in providers:
@@ -171,7 +170,17 @@ def open_sessions(
             if not skip_unsupported:
                 report.errors.append(f"{show(shown)}: {gap}")
             continue
-        opening.append(open_runtime(name, artifact.model_path, artifact.limits, shown))
+        opening.append(open_runtime(name, artifact.screened_model_path, artifact.limits, shown))
+    return opening
+
+
+def await_sessions(
+    artifact: Artifact, opening: list[SandboxedRuntime], report: Report
+) -> list[SandboxedRuntime]:
+    """The sessions of `opening` that loaded the artifact; each outcome goes to report.runtimes. A runtime
+    that cannot load it, or passes a sandbox limit doing so, is a finding there and a report error (exit 2),
+    and the other runtimes still run."""
+    shown = artifact.shown_model_path
     sessions = []
     for session in opening:
         status = report.runtimes[session.name]
@@ -234,8 +243,9 @@ def validate_artifact(
     sentences: list[str] = (),
 ) -> Report:
     """Every comparison for one artifact against the oracle, golden data and PyTorch. The references come
-    first (while a background rebuild of the graph runs); then the graph is verified, the runtimes'
-    sandboxes open the model at once, and each case runs on one runtime at a time."""
+    first, then the runtimes' sandboxes open the (screened) model at once and each case runs on one runtime
+    at a time, all while a background rebuild of the graph may still run; the report is returned only once
+    the graph is proven (ArtifactError otherwise, and every result is dropped)."""
     m = artifact.manifest
     report = Report(artifact.name, m, graph_check=artifact.graph_check)
     report.notes.append(artifact.graph_check)
@@ -246,14 +256,15 @@ def validate_artifact(
         )
     cases = build_cases(artifact, seed, sentences)
     expected, peer_note = _references(artifact, cases, use_torch, report)
-    artifact.verify_graph()
-    with stage(STAGE_SESSIONS):
-        sessions = open_sessions(artifact, providers, skip_unsupported, report)
-    report.notes.append(peer_note)
+    opening = start_sessions(artifact, providers, skip_unsupported, report)
     try:
+        with stage(STAGE_SESSIONS):
+            sessions = await_sessions(artifact, opening, report)
+        report.notes.append(peer_note)
         _run_cases(artifact, cases, expected, sessions, report)
+        artifact.verify_graph()  # nothing above counts unless the graph is the exporter's
     finally:
-        for session in sessions:
+        for session in opening:
             session.close()
     return report
 

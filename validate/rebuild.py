@@ -61,13 +61,12 @@ def _module(manifest: dict, weights: dict):
 
     from ..model_defs.config import EncoderConfig
     from ..model_defs.numpy_io import from_numpy
-    from ..model_defs.registry import build_module
+    from ..model_defs.registry import build_for_weights
 
     model = manifest["model"]
-    with torch.device("meta"):  # no random init: every parameter is replaced by weights.npz's
-        module = build_module(
-            model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
-        )
+    module = build_for_weights(
+        model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
+    )
     module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
     return module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 

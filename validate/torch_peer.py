@@ -15,14 +15,13 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
 
         from ..model_defs.config import EncoderConfig
         from ..model_defs.numpy_io import from_numpy, to_numpy
-        from ..model_defs.registry import build_module
+        from ..model_defs.registry import build_for_weights
     except ImportError:
         return None
     model = manifest["model"]
-    with torch.device("meta"):  # no random init: every parameter is replaced by weights.npz's
-        module = build_module(
-            model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
-        )
+    module = build_for_weights(
+        model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
+    )
     module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
     module = module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 
