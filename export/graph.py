@@ -5,14 +5,11 @@ spec, module, backend, dtype, opset and external-data choice give the same bytes
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
 from ..artifact_format import graph_io
-from ..inputs import make_inputs
-from ..model_defs.numpy_io import from_numpy
-from ..model_defs.registry import ModelSpec, count_attention_modules
+from ..model_defs.registry import ModelSpec, count_attention_modules, example_inputs
 from ..stages import stage
 from .backends import export_onnx
 from .fusion import check_fusion
@@ -59,18 +56,10 @@ def export_model(
     both export_artifact and qkv-validate's rebuild call, so that a rebuild from the same model, weights
     and options is the same bytes. Raises ExportError (FusionError) when attention is not fused as the
     backend promises."""
-    batch, seq, lengths = TRACE_CASE
-    trace = make_inputs(
-        spec.input_records(dtype),
-        spec.config.to_dict(),
-        batch,
-        seq,
-        lengths,
-        np.random.default_rng(TRACE_SEED),
-    )
+    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype)
     fusions = export_onnx(
         module,
-        tuple(from_numpy(x) for x in trace),
+        tuple(trace.values()),
         [i.name for i in spec.inputs],
         spec.outputs,
         _dynamic_shapes(spec),
