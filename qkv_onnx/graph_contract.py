@@ -178,10 +178,11 @@ def quantized_weights(model: onnx.ModelProto, weights: dict) -> dict[str, str | 
     max|w|/127 of each output channel of the parameter (MatMul layout: transposed), and every element is
     within half a step of it. Raises ContractError for an int8 initializer that is none of these."""
     inits = {t.name: t for t in model.graph.initializer}
-    candidates = {}
+    candidates = {}  # MatMul-layout shape -> [(parameter, its per-channel step max|w|/127)], steps once each
     for name, w in weights.items():
         if w.ndim == 2:
-            candidates.setdefault(w.shape[::-1], []).append(name)
+            steps = np.abs(w.astype(np.float64)).max(axis=1) / 127
+            candidates.setdefault(w.shape[::-1], []).append((name, steps))
     out, taken = {}, set()
     for t in model.graph.initializer:
         if t.data_type != onnx.TensorProto.INT8 or not t.name.endswith("_quantized"):
@@ -196,15 +197,10 @@ def quantized_weights(model: onnx.ModelProto, weights: dict) -> dict[str, str | 
         if q.ndim != 2 or scale.shape != (q.shape[1],) or zero.shape != scale.shape or zero.any():
             raise ContractError(f"int8 initializer {t.name!r} is not a per-channel symmetric int8 weight")
         match = None
-        for name in candidates.get(q.shape, []):
-            if name in taken:
+        for name, steps in candidates.get(q.shape, []):
+            if name in taken or not np.allclose(scale, steps, rtol=SCALE_RTOL, atol=0):
                 continue
-            w = weights[name].astype(np.float64).T
-            steps = np.abs(w).max(axis=0) / 127
-            if (
-                np.allclose(scale, steps, rtol=SCALE_RTOL, atol=0)
-                and (np.abs(q * scale - w) <= scale * HALF_STEP).all()
-            ):
+            if (np.abs(q * scale - weights[name].astype(np.float64).T) <= scale * HALF_STEP).all():
                 match = name
                 break
         if match is None:

@@ -394,7 +394,8 @@ def load_artifact(
         with stage(STAGES["golden"]):
             golden = load_golden(private, directory, manifest)
         if pending is not None:
-            foreign = screen_graph(directory, private, manifest)
+            with stage(STAGES["graph"]):
+                _, foreign = screen_graph(directory, private, manifest)
             graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
@@ -419,36 +420,28 @@ def load_artifact(
     return artifact
 
 
-def screen_graph(directory: Path, private: Path, manifest: dict) -> tuple:
-    """What a rebuild will prove, screened first so that sandboxed runtimes may open the graph while it runs:
-    no op an export never writes, external data inside the artifact, the manifest's inputs and outputs.
-    Returns the foreign ops ('domain::Op')."""
+def screen_graph(directory: Path, private: Path, manifest: dict) -> tuple[onnx.ModelProto, tuple]:
+    """The graph (no external data loaded) after the refusals every mode makes before a runtime sees it: no
+    op an export never writes, external data inside the artifact, the manifest's inputs and outputs. Returns
+    it and its foreign ops ('domain::Op')."""
     shown = directory / MODEL
-    with stage(STAGES["graph"]):
-        model = read_model(private / MODEL, shown)
-        check_external_data(directory, model, manifest, private)
-        try:
-            check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
-        except ContractError as e:
-            raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
-        check_graph(shown, model, manifest)
-        return tuple(
-            sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model) if n.domain not in STANDARD_DOMAINS})
-        )
+    model = read_model(private / MODEL, shown)
+    check_external_data(directory, model, manifest, private)
+    try:
+        check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
+    except ContractError as e:
+        raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
+    check_graph(shown, model, manifest)
+    foreign = {f"{n.domain}::{n.op_type}" for n in all_nodes(model) if n.domain not in STANDARD_DOMAINS}
+    return model, tuple(sorted(foreign))
 
 
 def check_structural(directory: Path, private: Path, manifest: dict, weights: dict, limits: Limits) -> tuple:
-    """The graph held to the exporter's structural contract, then onnx.checker in a sandbox; returns the
-    foreign ops ('domain::Op')."""
+    """The graph screened, held to the exporter's structural contract, then onnx.checker in a sandbox;
+    returns the foreign ops ('domain::Op')."""
     shown = directory / MODEL
     with stage(STAGES["graph"]):
-        model = read_model(private / MODEL, shown)
-        check_external_data(directory, model, manifest, private)
-        try:  # what no export writes is refused first, with that reason
-            check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
-        except ContractError as e:
-            raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
-        check_graph(shown, model, manifest)
+        model, foreign = screen_graph(directory, private, manifest)
         if model.graph.initializer and any(
             t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
         ):
@@ -460,9 +453,6 @@ def check_structural(directory: Path, private: Path, manifest: dict, weights: di
             check_structure(model, manifest, weights)
         except ContractError as e:
             raise ArtifactError(f"{show(shown)}: not what the exporter writes: {e}") from None
-        foreign = tuple(
-            sorted({f"{n.domain}::{n.op_type}" for n in all_nodes(model) if n.domain not in STANDARD_DOMAINS})
-        )
         del model  # the checker reads its own copy: never two of bert-large's 1.3 GB graph at once
     with stage(STAGES["checker"]):
         check_model_sandboxed(private / MODEL, shown, limits)

@@ -25,7 +25,7 @@ from ..errors import ArtifactError, ProviderError
 from ..graph_edit import expose, save_beside
 from . import oracle
 from .artifact import Artifact
-from .compare import compare_contract, compare_outputs, model_error_terms, tolerance
+from .compare import compare_contract, compare_outputs, model_error_terms, padding_mask, tolerance
 from .results import Check
 from .runtimes import open_runtime
 
@@ -158,7 +158,7 @@ def attention_maps(artifact: Artifact, runtime: str, case, judged_dtype: str) ->
     found = AttentionMaps(runtime, case.name)
     with tempfile.TemporaryDirectory(prefix="qkv-maps-") as tmp:
         path, names, prob_names = maps_model(artifact, Path(tmp))
-        session = open_runtime(runtime, path, shown=artifact.shown_model_path)
+        session = open_runtime(runtime, path, artifact.limits, artifact.shown_model_path)
         try:
             got = dict(zip(names, session.run(case.inputs)))
         except (ProviderError, ArtifactError) as e:
@@ -171,7 +171,7 @@ def attention_maps(artifact: Artifact, runtime: str, case, judged_dtype: str) ->
     oracle.forward(
         model["architecture"], model["config"], model["options"], artifact.weights, case.inputs, trace
     )
-    mask = next(x for x, spec in zip(case.inputs, m["inputs"]) if spec["role"] == "padding_mask")
+    mask = padding_mask(case.inputs, m)
     k_len, _ = model_error_terms(m, mask.shape[1])
     for layer, name in enumerate(prob_names):
         probs, expected = got[name], trace.probs[layer]
@@ -224,9 +224,7 @@ def write_maps(report, artifact: Artifact, directory: Path, sentences: list[str]
     report.checks += found.checks
     out = directory / artifact.name
     out.mkdir(parents=True, exist_ok=True)
-    mask = next(
-        x for x, spec in zip(case.inputs, artifact.manifest["inputs"]) if spec["role"] == "padding_mask"
-    )
+    mask = padding_mask(case.inputs, artifact.manifest)
     n = int(mask[0].sum())
     tokens = _tokens(artifact, case.inputs[0][0][:n]) if sentences else None
     title = f"{artifact.name}, {sentences[0]!r}" if sentences else f"{artifact.name}, {case.name} sequence 0"

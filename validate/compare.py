@@ -57,12 +57,15 @@ def model_error_terms(manifest: dict, key_length: int, weights: dict | None = No
     return max(widest, key_length), stages
 
 
+def padding_mask(inputs: list, manifest: dict):
+    """A case's padding mask (batch, keys), 1 = a real token; None for a model without one."""
+    return next((x for x, spec in zip(inputs, manifest["inputs"]) if spec["role"] == "padding_mask"), None)
+
+
 def key_length(inputs: list, manifest: dict) -> int:
     """Longest key sequence of a case: the padding mask is (batch, keys)."""
-    for x, spec in zip(inputs, manifest["inputs"]):
-        if spec["role"] == "padding_mask":
-            return x.shape[1]
-    return 1
+    mask = padding_mask(inputs, manifest)
+    return 1 if mask is None else mask.shape[1]
 
 
 def first_nonfinite(a: np.ndarray) -> str:

@@ -20,7 +20,14 @@ from ..errors import ArtifactError, ProviderError, first_line
 from ..graph_edit import expose, save_beside
 from . import oracle
 from .artifact import Artifact
-from .compare import compare_contract, compare_outputs, key_length, model_error_terms, tolerance
+from .compare import (
+    compare_contract,
+    compare_outputs,
+    key_length,
+    model_error_terms,
+    padding_mask,
+    tolerance,
+)
 from .results import Comparison
 from .runtimes import open_runtime
 
@@ -145,7 +152,7 @@ def locate(
     with tempfile.TemporaryDirectory(prefix="qkv-locate-") as tmp:
         path, names = tap_model(artifact, Path(tmp))
         for name in runtimes:
-            session = open_runtime(name, path, shown=artifact.shown_model_path)
+            session = open_runtime(name, path, artifact.limits, artifact.shown_model_path)
             try:
                 session.wait_open()
             except (ProviderError, ArtifactError) as e:
@@ -175,7 +182,7 @@ def _judge_cases(
             found.notes.append(f"{name}: the tapped graph failed on {case.name}: {first_line(e)}")
             continue
         k, _ = model_error_terms(m, key_length(case.inputs, m))
-        mask = next((x for x, i in zip(case.inputs, m["inputs"]) if i["role"] == "padding_mask"), None)
+        mask = padding_mask(case.inputs, m)
         for tap in m["taps"]:
             stages = tap_stages(model["architecture"], model["config"], tap["tap"], tap["layer"])
             value = got[tap["value"]].astype(np.float64)

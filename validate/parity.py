@@ -19,6 +19,7 @@ from .compare import (
     compare_outputs,
     key_length,
     model_error_terms,
+    padding_mask,
     tolerance,
 )
 from .locate import Localization, locate
@@ -68,10 +69,6 @@ def is_text(case: Case, manifest: dict) -> bool:
     """Whether a case's sequences are real sentences: --text, or the golden set of a tokenizer's sentences."""
     tokenizer = (manifest.get("checkpoint") or {}).get("tokenizer")
     return case.name.startswith("text_") or (bool(tokenizer) and case.name == f"golden_{TEXT_GOLDEN_SET}")
-
-
-def _mask(case: Case, manifest: dict) -> np.ndarray | None:
-    return next((x for x, s in zip(case.inputs, manifest["inputs"]) if s["role"] == "padding_mask"), None)
 
 
 @dataclass
@@ -324,7 +321,7 @@ def _run_cases(
         for session in list(sessions):  # one at a time: each runtime's thread pool has the CPUs to itself
             status = report.runtimes[session.name]
             if quantized:  # the accuracy contract, against every reference alike
-                t = t2 = Contract(_mask(case, m), is_text(case, m))
+                t = t2 = Contract(padding_mask(case.inputs, m), is_text(case, m))
             else:
                 t = tolerance(status.judged_dtype, exp.k, exp.stages)
                 t2 = 2 * t

@@ -75,7 +75,6 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     """Write the exporter's model.onnx (and model.onnx.data when the artifact has one) for the manifest's
     model and `weights` into `out`; returns its {op_counts, taps}. ArtifactError when the exporter refuses
     it."""
-    from ..artifact_format import BACKENDS
     from ..export.graph import export_model, requantize
     from ..model_defs.config import EncoderConfig
     from ..model_defs.registry import count_attention_modules, spec_for
@@ -85,11 +84,7 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
         model["name"], model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
     )
     external = MODEL + ".data" in manifest["files"]
-    opset = manifest.get("opset", {}).get("ai.onnx") if isinstance(manifest.get("opset"), dict) else None
-    problem = "no ai.onnx opset" if type(opset) is not int else None
-    problem = problem or BACKENDS[manifest["backend"]].opset_problem(opset)
-    if problem:
-        raise ArtifactError(f"manifest opset: {problem}")
+    opset = manifest["opset"]["ai.onnx"]  # manifest_problem checked it against the backend's range
     module = _module(manifest, weights)
     target = out / MODEL
     source = out / "float32" / MODEL if dtype in QUANTIZED else target
