@@ -65,16 +65,16 @@ def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
     paths = {}
     for backend in backends:
         path = directory / f"layer-{backend}.onnx"
-        export_onnx(
+        graph = export_onnx(
             module,
             (x, mask),
             ["hidden_states", "attention_mask"],
             ["output"],
             ({0: batch, 1: seq}, {0: batch, 1: seq}),
-            path,
             backend,
         )
-        check_fusion(onnx.load(str(path)), backend, 1)
+        check_fusion(graph, backend, 1)
+        onnx.save(graph, str(path))
         paths[backend] = path
     paths["torch"] = directory / "layer.pt"
     torch.save(module.state_dict(), paths["torch"])

@@ -13,8 +13,8 @@ format: `qkv_onnx.artifact_format.BACKENDS`).
 
 import logging
 import warnings
-from pathlib import Path
 
+import onnx
 import torch
 
 from ..artifact_format import BACKENDS
@@ -22,29 +22,7 @@ from ..errors import ExportError, first_line
 from ..model_defs.attention import MultiHeadAttention
 from ..stages import stage
 
-STAGE_EXPORT, STAGE_FUSE, STAGE_SAVE = (
-    "torch.onnx.export (dynamo)",
-    "onnxscript optimize_for_ort",
-    "save model.onnx",
-)
-# Node metadata the exporter writes that names files of the machine it ran on (the build checkout's and
-# site-packages' absolute paths, line by line): dropped, so an export is the same bytes on any machine and
-# from any checkout, and leaks no paths.
-MACHINE_METADATA = ("pkg.torch.onnx.stack_trace",)
-
-
-def strip_machine_metadata(model) -> None:
-    """Drop MACHINE_METADATA from every node and value of an onnx_ir model, subgraphs included."""
-    from onnx_ir.traversal import RecursiveGraphIterator
-
-    graphs = [model.graph, *model.functions.values()]
-    for graph in graphs:
-        for node in RecursiveGraphIterator(graph):
-            for key in MACHINE_METADATA:
-                node.metadata_props.pop(key, None)
-            for value in node.outputs:
-                for key in MACHINE_METADATA:
-                    value.metadata_props.pop(key, None)
+STAGE_EXPORT, STAGE_FUSE = "torch.onnx.export (dynamo)", "onnxscript optimize_for_ort"
 
 
 def export_onnx(
@@ -53,14 +31,11 @@ def export_onnx(
     input_names,
     output_names,
     dynamic_shapes,
-    path: Path,
     backend: str,
     opset: int | None = None,
-    external_data: bool = False,
-) -> dict[str, int]:
-    """Export `module(*args)` for `backend` to `path` (weights inside, or in `<path>.data` when
-    external_data), first setting each MultiHeadAttention's `zero_empty_rows` as the backend needs.
-    Returns the counts of the ORT fusions applied ({} for other backends)."""
+) -> onnx.ModelProto:
+    """The graph of `module(*args)` for `backend`, as the exporter (and for ort-contrib, onnxscript's ORT
+    fusions) writes it, first setting each MultiHeadAttention's `zero_empty_rows` as the backend needs."""
     b = BACKENDS[backend]
     opset = b.default_opset if opset is None else opset
     problem = b.opset_problem(opset)
@@ -86,17 +61,14 @@ def export_onnx(
             )
         except Exception as e:
             raise ExportError(f"torch.onnx.export failed: {first_line(e)}") from e
-    fusions = {}
     if b.ort_fusions:
         from onnxscript.rewriter import ort_fusions
 
         with stage(STAGE_FUSE):
             try:
-                program.model, stats = ort_fusions.optimize_for_ort(program.model)
+                program.model, _ = ort_fusions.optimize_for_ort(program.model)
             except Exception as e:
                 raise ExportError(f"onnxscript optimize_for_ort failed: {type(e).__name__}: {e}") from e
-        fusions = {k: v for k, v in sorted(stats.items()) if v}
-    strip_machine_metadata(program.model)
-    with stage(STAGE_SAVE):
-        program.save(str(path), external_data=external_data)
-    return fusions
+    import onnx_ir
+
+    return onnx_ir.serde.serialize_model(program.model)

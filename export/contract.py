@@ -21,7 +21,7 @@ from ..artifact_format import BACKENDS, DTYPES, all_nodes, op_key
 from ..graph_contract import SMALL_CONSTANT, features, split_initializers
 from ..model_defs.config import EncoderConfig
 from ..model_defs.numpy_io import weights_to_numpy
-from ..model_defs.registry import MODELS, bert_spec, init_random_weights
+from ..model_defs.registry import MODELS, bert_spec
 from ..versions import exporter_versions
 from .graph import export_model
 
@@ -60,7 +60,7 @@ def graph_facts(model: onnx.ModelProto, weights: dict) -> dict:
 
 
 def _export_facts(spec, backend: str, dtype: str, opset: int, directory: Path) -> dict:
-    module = init_random_weights(spec.build(), 0).eval().to(getattr(torch, dtype))
+    module = spec.random(0).eval().to(getattr(torch, dtype))
     path = directory / f"{spec.name}-{spec.config.num_layers}-{backend}-{dtype}-{opset}.onnx"
     export_model(spec, module, backend, dtype, opset, False, path)
     facts = graph_facts(onnx.load(str(path)), weights_to_numpy(module.state_dict()))

@@ -2,22 +2,32 @@
 does qkv-validate's rebuild (validate/rebuild.py, the only place validate/ reaches into export/): the same
 spec, module, backend, dtype, opset and external-data choice give the same bytes."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
 import torch
 
-from ..artifact_format import graph_io
-from ..model_defs.registry import ModelSpec, count_attention_modules, example_inputs
+from ..artifact_format import BACKENDS, graph_io
+from ..model_defs.registry import (
+    ModelSpec,
+    count_attention_modules,
+    example_inputs,
+    spec_for,
+)
 from ..stages import stage
 from .backends import export_onnx
+from .canonical import canonicalize
 from .fusion import check_fusion
+from .model_file import write_model
+from .stitch import StitchError, stitch
 from .taps import find_taps
 
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
 TRACE_SEED = 0  # the trace's input values: fixed, so the graph depends on the model and options only
+PROBE_SEED = 1  # the two-layer export's weights: any seeded, all-distinct values
 STAGE_READ_BACK, STAGE_FUSION_CHECK = "onnx.load (read graph back)", "fusion check"
+STAGE_STITCH, STAGE_SAVE, STAGE_CANONICAL = "stitch the layers", "save model.onnx", "canonical names"
 
 
 def _dynamic_shapes(spec: ModelSpec) -> tuple:
@@ -41,12 +51,52 @@ def _dynamic_shapes(spec: ModelSpec) -> tuple:
 class ExportedGraph:
     """What the manifest records about a written model.onnx."""
 
-    fusions: dict  # ORT fusions applied (ort-contrib), {} otherwise
+    fusions: dict  # ORT fusions in the graph (ort-contrib: its com.microsoft op counts), {} otherwise
     op_counts: dict  # 'domain::Op' -> count, after the fusion check
     opset: dict  # domain -> version
     inputs: list  # graph_io of the graph's inputs
     outputs: list
     taps: list  # find_taps of the float graph (an int8 graph keeps its values' names)
+    files: dict = field(default_factory=dict)  # file-table entries of what export_model wrote, from memory
+
+
+def layers(spec: ModelSpec) -> int:
+    """How many times the model repeats its block (1 for a model without blocks)."""
+    return spec.config.num_layers if spec.architecture == "bert" else 1
+
+
+def build_graph(
+    spec: ModelSpec, module, backend: str, dtype: str, opset: int
+) -> tuple[onnx.ModelProto, dict]:
+    """(graph, data): the canonical graph of `module` (in eval mode and `dtype`) for `backend`, and the
+    tensors of initializers that keep their bytes outside it (model_file.write_model). A model of three or
+    more layers is stitched from the export of its two-layer version (export/stitch.py; the same bytes as
+    exporting it whole), anything else exported whole."""
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    if layers(spec) >= 3:
+        two = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
+        probe = two.random(PROBE_SEED).eval().to(getattr(torch, dtype))
+        probe_state = {k: v.detach() for k, v in probe.state_dict().items()}
+        template = _export(two, probe, backend, dtype, opset)
+        with stage(STAGE_CANONICAL):
+            canonicalize(template, probe_state)
+        try:
+            with stage(STAGE_STITCH):
+                return stitch(template, probe_state, layers(spec), state)
+        except StitchError:
+            pass
+    graph = _export(spec, module, backend, dtype, opset)
+    with stage(STAGE_CANONICAL):
+        canonicalize(graph, state)
+    return graph, {}
+
+
+def _export(spec: ModelSpec, module, backend: str, dtype: str, opset: int) -> onnx.ModelProto:
+    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype)
+    names = [i.name for i in spec.inputs]
+    return export_onnx(
+        module, tuple(trace.values()), names, spec.outputs, _dynamic_shapes(spec), backend, opset
+    )
 
 
 def export_model(
@@ -56,40 +106,37 @@ def export_model(
     both export_artifact and qkv-validate's rebuild call, so that a rebuild from the same model, weights
     and options is the same bytes. Raises ExportError (FusionError) when attention is not fused as the
     backend promises."""
-    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype)
-    fusions = export_onnx(
-        module,
-        tuple(trace.values()),
-        [i.name for i in spec.inputs],
-        spec.outputs,
-        _dynamic_shapes(spec),
-        path,
-        backend,
-        opset,
-        external_data,
-    )
-    return read_back(path, spec, backend, count_attention_modules(module), fusions)
+    graph, data = build_graph(spec, module, backend, dtype, opset)
+    described = describe(graph, spec, backend, count_attention_modules(module))
+    with stage(STAGE_SAVE):
+        return replace(described, files=write_model(graph, data, path, external_data))
 
 
-def read_back(
-    path: Path, spec: ModelSpec, backend: str, n_attention: int, fusions: dict, taps: list | None = None
+def describe(
+    graph: onnx.ModelProto, spec: ModelSpec, backend: str, n_attention: int, taps=None
 ) -> ExportedGraph:
-    """What the manifest records of the graph at `path`, after the fusion check; `taps` when already found
-    (an int8 graph's are its float32 source's)."""
-    with stage(STAGE_READ_BACK):
-        graph = onnx.load(str(path), load_external_data=False)
+    """What the manifest records of `graph`, after the fusion check; `taps` when already found (an int8
+    graph's are its float32 source's)."""
     with stage(STAGE_FUSION_CHECK):
         op_counts = check_fusion(graph, backend, n_attention)
         if taps is None:
             taps = find_taps(graph, spec.architecture, spec.config.to_dict(), list(spec.outputs))
+    fusions = {k: v for k, v in op_counts.items() if k.startswith("com.microsoft::")}
     return ExportedGraph(
-        fusions,
+        fusions if BACKENDS[backend].ort_fusions else {},
         op_counts,
         {(o.domain or "ai.onnx"): o.version for o in graph.opset_import},
         graph_io(graph.graph.input),
         graph_io(graph.graph.output),
         taps,
     )
+
+
+def read_back(path: Path, spec: ModelSpec, backend: str, n_attention: int, taps=None) -> ExportedGraph:
+    """describe() of the graph at `path` (its external data not loaded)."""
+    with stage(STAGE_READ_BACK):
+        graph = onnx.load(str(path), load_external_data=False)
+    return describe(graph, spec, backend, n_attention, taps)
 
 
 def requantize(
@@ -106,4 +153,4 @@ def requantize(
     from .quantize import quantize
 
     quantize(float_path, path, keep_float)
-    return read_back(path, spec, backend, n_attention, float_graph.fusions, float_graph.taps)
+    return read_back(path, spec, backend, n_attention, float_graph.taps)

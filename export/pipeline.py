@@ -27,7 +27,6 @@ from ..model_defs.registry import (
     checkpoint_dir,
     count_attention_modules,
     get_model,
-    init_random_weights,
 )
 from ..stages import stage
 from ..versions import package_versions
@@ -53,7 +52,7 @@ def source_model(model: str, weights_dir, seed: int) -> tuple[ModelSpec, torch.n
     with stage(STAGE_SOURCE):
         if weights_dir is None and model not in CHECKPOINT_MODELS:
             spec = get_model(model)
-            return spec, init_random_weights(spec.build(), seed), None
+            return spec, spec.random(seed), None
         from ..model_defs.checkpoint import load_hf_model
 
         directory = Path(weights_dir) if weights_dir is not None else checkpoint_dir(model)
@@ -139,7 +138,8 @@ def export_artifact(
         quantization = None
         if dtype in QUANTIZED:
             quantization = _quantize(float_dir, tmp, spec, graph.taps, seed, checkpoint)
-            graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.fusions, graph.taps)
+            graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.taps)
+        known = dict(graph.files)  # model.onnx as written from memory (an int8 one is the quantizer's: read)
         with stage(STAGE_WEIGHTS):
             save_weights_npz(tmp / WEIGHTS, weights)
         with stage(STAGE_GOLDEN):
@@ -180,7 +180,7 @@ def export_artifact(
                 "tokenizer": TOKENIZER_DIR if (tmp / TOKENIZER_DIR).is_dir() else None,
             }
         with stage(STAGE_MANIFEST):
-            manifest = write_manifest(tmp, manifest)
+            manifest = write_manifest(tmp, manifest, known)
         with stage(STAGE_PUBLISH):
             publish(tmp, out)
     except BaseException:

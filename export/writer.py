@@ -5,7 +5,6 @@ interrupted export leaves no half artifact and never touches an older one.
 """
 
 import ctypes
-import io
 import os
 import platform
 import shutil
@@ -15,21 +14,28 @@ from pathlib import Path
 import numpy as np
 from onnx import numpy_helper
 
-from ..artifact_format import FORMAT, MANIFEST, golden_file, sha256_file, signed
+from ..artifact_format import FORMAT, MANIFEST, golden_file, sha256_bytes, sha256_file, signed
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 def save_weights_npz(path: Path, arrays: dict) -> None:
     """An .npz readable by `np.load(allow_pickle=False)`, byte-identical for identical arrays
-    (np.savez stamps the current time into the zip)."""
+    (np.savez stamps the current time into the zip). Each array is written straight into its zip entry."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            array = np.ascontiguousarray(arrays[name])
             info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
             info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
+            info.file_size = array.nbytes  # whether the entry needs zip64: writestr's rule, on its size
+            with zf.open(info, "w") as entry:
+                np.lib.format.write_array(entry, array, allow_pickle=False)
+
+
+def write_file(path: Path, data) -> dict:
+    """Write `data` at `path`; its file-table entry (sha256, bytes), from the bytes in memory."""
+    path.write_bytes(data)
+    return {"sha256": sha256_bytes(data), "bytes": len(data)}
 
 
 def save_test_data_set(directory: Path, n: int, input_names, inputs, output_names, outputs) -> None:
@@ -42,17 +48,21 @@ def save_test_data_set(directory: Path, n: int, input_names, inputs, output_name
             (directory / golden_file(n, kind, k)).write_bytes(tensor.SerializeToString())
 
 
-def file_table(directory: Path) -> dict:
-    return {
-        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+def file_table(directory: Path, known: dict | None = None) -> dict:
+    """{relative path: {sha256, bytes}} of every file under `directory`; `known`: entries of files this
+    export wrote from memory (not read again)."""
+    known = known or {}
+    table = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and p.name != MANIFEST:
+            table[rel] = known.get(rel) or {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return table
 
 
-def write_manifest(directory: Path, manifest: dict) -> dict:
+def write_manifest(directory: Path, manifest: dict, known: dict | None = None) -> dict:
     """Add the format tag and the sha256 of every file, write manifest.json, return the whole manifest."""
-    manifest = {**manifest, "format": FORMAT, "files": file_table(directory)}
+    manifest = {**manifest, "format": FORMAT, "files": file_table(directory, known)}
     (directory / MANIFEST).write_text(signed(manifest))
     return manifest
 

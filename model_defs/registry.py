@@ -67,6 +67,10 @@ class ModelSpec:
     def build(self, config: EncoderConfig | None = None) -> nn.Module:
         return build_module(self.architecture, config or self.config, self.options)
 
+    def random(self, seed: int) -> nn.Module:
+        """The module with init_random_weights(seed) (built without torch's own init, which those replace)."""
+        return init_random_weights(build_for_weights(self.architecture, self.config, self.options), seed)
+
     def input_records(self, dtype: str) -> list[dict]:
         """The inputs as the manifest lists them (name, role, dtype, shape): what `qkv_onnx.inputs` reads."""
         return [

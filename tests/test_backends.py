@@ -68,9 +68,7 @@ def test_bert_tiny_ort_contrib_counts(exported):
     assert not {"Attention", "Softmax", "LayerNormalization", "Erf"} & set(counts)
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["opset"]["ai.onnx"] == 18 and manifest["fused_attention_ops"] == 2
-    assert (
-        manifest["ort_fusions"]["skip_layer_normalization"] == 5 and manifest["ort_fusions"]["bias_gelu"] == 2
-    )
+    assert manifest["ort_fusions"] == {k: v for k, v in counts.items() if k.startswith("com.microsoft::")}
 
 
 def test_bert_tiny_decomposed_has_no_fused_op(exported):

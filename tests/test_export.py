@@ -113,8 +113,7 @@ class SdpaAttention(torch.nn.Module):
 
 def _export_qkv(module, path, opset):
     q = torch.randn(2, 2, 5, 8)
-    export_onnx(module, (q, q, q), ["q", "k", "v"], ["y"], None, path, "onnx-attention", opset)
-    return onnx.load(str(path))
+    return export_onnx(module, (q, q, q), ["q", "k", "v"], ["y"], None, "onnx-attention", opset)
 
 
 @pytest.mark.slow
