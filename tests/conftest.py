@@ -20,7 +20,7 @@ FAULTS = Path(__file__).parent / "plugins" / "qkv-onnx-faults"
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("matrix"):
             item.add_marker(pytest.mark.slow)
 
 

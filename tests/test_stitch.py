@@ -1,0 +1,206 @@
+"""A deep model's graph is stitched from its two-layer export (export/stitch.py): the tests hold it to the
+bytes of the whole export in canonical form, on weights that make the exporter's value-dependent rewrites
+fire (all-zero biases merged or dropped, as a transformers checkpoint's random init has them), and check
+the pieces: the canonical names, the streamed model file, the fallback to the whole export."""
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from qkv_onnx.export import graph as export_graph
+from qkv_onnx.export.canonical import canonicalize, modules
+from qkv_onnx.export.model_file import encode, write_model
+from qkv_onnx.export.stitch import StitchError, shift
+from qkv_onnx.model_defs.config import EncoderConfig
+from qkv_onnx.model_defs.registry import bert_spec
+
+SMALL = EncoderConfig(
+    num_layers=3, hidden_size=64, num_heads=2, ffn_size=128, vocab_size=100, max_positions=64
+)
+OPSET = {"onnx-attention": 23, "ort-contrib": 18, "decomposed": 18}
+
+
+def weights(kind: str):
+    """How a test's weights differ from seeded random ones: 'random'; 'transformers' (every bias 0 and every
+    norm weight 1, as a random-init checkpoint has them: the exporter merges equal small initializers);
+    'some zeros' (a few biases of the stitched layers and the pooler's 0: a Gemm bias dropped, merges that
+    cross layers)."""
+
+    def edit(module):
+        with torch.no_grad():
+            for name, p in module.state_dict().items():
+                if kind == "transformers" and name.endswith("bias"):
+                    p.zero_()
+                if kind == "transformers" and "norm" in name and name.endswith("weight"):
+                    p.fill_(1)
+                if kind == "some zeros" and name in (
+                    "blocks.2.attn.q_proj.bias",
+                    "blocks.2.ffn.fc2.bias",
+                    "blocks.1.attn_norm.bias",
+                    "pooler.bias",
+                ):
+                    p.zero_()
+        return module
+
+    return edit
+
+
+def both_ways(cfg: EncoderConfig, backend: str, dtype: str, edit) -> tuple[bytes, bytes]:
+    """(whole export, what export_model writes) of the BERT of `cfg`, in canonical form."""
+    spec = bert_spec("bert", cfg)
+    module = edit(spec.random(0).eval().to(getattr(torch, dtype)))
+    graph, data = export_graph.build_graph(spec, module, backend, dtype, OPSET[backend])
+    whole = export_graph._export(spec, module, backend, dtype, OPSET[backend])
+    canonicalize(whole, dict(module.state_dict()))
+    return encode(whole, {}), encode(graph, data)
+
+
+CASES = [
+    ("onnx-attention", "float32", SMALL, "random"),
+    ("onnx-attention", "float32", replace(SMALL, num_layers=5), "some zeros"),
+    ("onnx-attention", "bfloat16", replace(SMALL, pre_layer_norm=True), "transformers"),
+    ("ort-contrib", "float32", SMALL, "some zeros"),
+    ("ort-contrib", "float32", replace(SMALL, pre_layer_norm=True, num_layers=4), "transformers"),
+    ("ort-contrib", "float16", replace(SMALL, with_pooler=False), "random"),
+    ("decomposed", "float32", replace(SMALL, pre_layer_norm=True), "some zeros"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "dtype", "cfg", "kind"), CASES, ids=lambda v: str(v)[:40])
+def test_stitched_graph_is_the_whole_export(backend, dtype, cfg, kind):
+    whole, stitched = both_ways(cfg, backend, dtype, weights(kind))
+    assert stitched == whole
+
+
+MATRIX = [
+    (backend, dtype, replace(SMALL, pre_layer_norm=pre, with_pooler=pool), kind)
+    for backend in OPSET
+    for dtype in ("float32", "float16", "bfloat16")
+    for pre in (False, True)
+    for pool in (True, False)
+    for kind in ("random", "transformers", "some zeros")
+]
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize(("backend", "dtype", "cfg", "kind"), MATRIX, ids=lambda v: str(v)[:60])
+def test_stitched_graph_is_the_whole_export_everywhere(backend, dtype, cfg, kind):
+    whole, stitched = both_ways(cfg, backend, dtype, weights(kind))
+    assert stitched == whole
+
+
+@pytest.mark.matrix
+def test_bert_base_stitched_is_the_whole_export():
+    whole, stitched = both_ways(
+        EncoderConfig(num_layers=12, hidden_size=768, num_heads=12, ffn_size=3072),
+        "onnx-attention",
+        "float32",
+        weights("random"),
+    )
+    assert stitched == whole
+
+
+@pytest.mark.slow
+def test_weights_the_stitching_cannot_place_fall_back_to_the_whole_export(monkeypatch):
+    """A parameter equal to a weight the exporter derived (the pooler's matrix, used as is, and a transposed
+    projection, all zero and small enough to merge): where the exporter puts the derived one in its order is
+    not known to the stitcher, so it raises StitchError and the model is exported whole."""
+    calls = []
+    real = export_graph.stitch
+
+    def watched(*args):
+        try:
+            return real(*args)
+        except StitchError as e:
+            calls.append(str(e))
+            raise
+
+    monkeypatch.setattr(export_graph, "stitch", watched)
+    cfg = EncoderConfig(
+        num_layers=3, hidden_size=16, num_heads=2, ffn_size=32, vocab_size=50, max_positions=32
+    )
+
+    def zero_projections(module):
+        with torch.no_grad():
+            for k in range(3):
+                module.blocks[k].attn.q_proj.weight.zero_()
+            module.pooler.weight.zero_()
+        return module
+
+    whole, written = both_ways(cfg, "onnx-attention", "float32", zero_projections)
+    assert calls and "equal" in calls[0]
+    assert written == whole
+
+
+@pytest.mark.slow
+def test_canonical_names_say_where_a_node_comes_from():
+    spec = bert_spec("bert", SMALL)
+    graph, _ = export_graph.build_graph(spec, spec.random(0).eval(), "onnx-attention", "float32", 23)
+    names = [n.name for n in graph.graph.node]
+    assert "blocks.2.attn/Attention" in names and "blocks.0.attn.q_proj/MatMul" in names
+    assert len(set(names)) == len(names)
+    for node in graph.graph.node:
+        assert node.name.split("/")[0] == (modules(node) or ["model"])[-1]
+        assert [p.key for p in node.metadata_props] == ["pkg.torch.onnx.name_scopes"]
+    assert not graph.graph.metadata_props
+    params = set(spec.random(0).state_dict())
+    for t in graph.graph.initializer:
+        assert t.name in params or "/input_" in t.name
+
+
+def test_shift_moves_only_the_layer_index():
+    assert shift("blocks.1.attn.q_proj/MatMul", 3) == "blocks.4.attn.q_proj/MatMul"
+    assert shift("blocks.1", 2) == "blocks.3"
+    assert shift("blocks.12.ffn.fc1.bias", -2) == "blocks.10.ffn.fc1.bias"
+    assert shift("embeddings.word.weight", 5) == "embeddings.word.weight"
+    assert shift("blocks.1x/Add", 1) == "blocks.1x/Add"
+
+
+def _small_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.arange(3, dtype=np.float16), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="m/MatMul"),
+            helper.make_node("Add", ["y", "b"], ["z"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["batch", 3])],
+        [w, b],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_the_streamed_model_file_is_protobufs_own_encoding(tmp_path):
+    model = _small_model()
+    expected = model.SerializeToString()
+    assert encode(model, {}) == expected
+    data = {"w": torch.from_numpy(numpy_helper.to_array(model.graph.initializer[0]).copy())}
+    model.graph.initializer[0].ClearField("raw_data")
+    assert encode(model, data) == expected
+    written = write_model(model, data, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == expected
+    assert written["m.onnx"]["bytes"] == len(expected)
+
+
+def test_external_data_goes_to_the_side_file_and_loads_back(tmp_path):
+    model = _small_model()
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((64, 8)).astype(np.float32)  # 2 KiB: over the side-file threshold
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(big, "w"))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
+    model.graph.node[0].input[1] = "w"
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 8
+    del model.graph.node[1:]
+    model.graph.node[0].output[0] = "z"
+    written = write_model(model, {}, tmp_path / "m.onnx", external_data=True)
+    assert set(written) == {"m.onnx", "m.onnx.data"} and written["m.onnx.data"]["bytes"] == big.nbytes
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), big)
