@@ -538,6 +538,44 @@ def test_fuzz_model_bytes(exported, flips, cut):
         _assert_clean_verdict(*_validate_in_process(d))
 
 
+def _tiny_model_bytes() -> bytes:
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [w],
+    )
+    return helper.make_model(graph).SerializeToString()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=4), st.none() | st.integers(0)
+)
+def test_the_screens_reader_gives_the_graph_or_one_clean_error(flips, cut):
+    """The rebuild mode's screen reads the graph without the initializers' bytes, from the wire format: on
+    flipped or truncated bytes it returns a message's bytes or raises ValueError, and on intact ones it is
+    exactly the model without raw_data."""
+    from qkv_onnx.validate.artifact import without_raw_data
+
+    data = bytearray(_tiny_model_bytes())
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    if cut is not None:
+        data = data[: cut % len(data)]
+    try:
+        out = without_raw_data(bytes(data))
+    except ValueError:
+        return
+    assert isinstance(out, bytes) and len(out) <= len(data)
+    if not flips and cut is None:
+        model = onnx.ModelProto.FromString(bytes(data))
+        model.graph.initializer[0].ClearField("raw_data")
+        assert out == model.SerializeToString()
+
+
 # --- interruption ---------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ and the runtimes run in a sandbox with limits (sandbox.py). The format itself (s
 table) is `qkv_onnx.artifact_format`.
 """
 
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -143,16 +144,85 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def read_model(path: Path, shown: Path) -> onnx.ModelProto:
+def read_model(path: Path, shown: Path, weights: bool = True) -> onnx.ModelProto:
     """The graph of the private copy `path` (its size bounded by the caps), without loading any external
-    data; errors name `shown`."""
+    data; errors name `shown`. Without `weights`, the main graph's initializers come without their bytes
+    (raw_data): what the screen reads, at the cost of the graph's structure only."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError, onnx others
+        if weights:
+            model = onnx.load(str(path), load_external_data=False)
+        else:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                model = onnx.ModelProto.FromString(without_raw_data(data))
+    except Exception as e:  # protobuf raises DecodeError, onnx others, without_raw_data ValueError
         raise ArtifactError(f"{show(shown)}: not an ONNX model ({first_line(e)})") from None
     if not model.HasField("graph"):
         raise ArtifactError(f"{show(shown)}: not an ONNX model (no graph)")
     return model
+
+
+def _varint(data, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("a truncated or overlong varint")
+        byte = data[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if not byte & 0x80:
+            return value, at
+
+
+def _fields(data, start: int, end: int):
+    """(field number, wire type, the field's bytes, its payload's start and end) of a protobuf message."""
+    at = start
+    while at < end:
+        key, body = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _varint(data, body)
+            begin = body
+        elif wire == 1 or wire == 5:
+            begin, stop = body, body + (8 if wire == 1 else 4)
+        elif wire == 2:
+            length, begin = _varint(data, body)
+            stop = begin + length
+        else:
+            raise ValueError(f"wire type {wire} (groups) is not in the ONNX format")
+        if stop > end:
+            raise ValueError("a field runs past its message")
+        yield number, wire, data[at:stop], begin, stop
+        at = stop
+
+
+def _tag(number: int, length: int) -> bytes:
+    out, value = bytearray(), number << 3 | 2
+    for v in (value, length):
+        while True:
+            low, v = v & 0x7F, v >> 7
+            out.append(low | (0x80 if v else 0))
+            if not v:
+                break
+    return bytes(out)
+
+
+def without_raw_data(data) -> bytes:
+    """The bytes of a ModelProto with every main-graph initializer's raw_data left out (wire format, nothing
+    else parsed or copied): ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.raw_data = 9."""
+    data, out = memoryview(data), []
+    for number, wire, chunk, begin, stop in _fields(data, 0, len(data)):
+        if number != 7 or wire != 2:
+            out.append(bytes(chunk))
+            continue
+        graph = []
+        for n, w, f, b, e in _fields(data, begin, stop):
+            if n == 5 and w == 2:
+                tensor = b"".join(bytes(x[2]) for x in _fields(data, b, e) if x[0] != 9)
+                graph.append(_tag(5, len(tensor)) + tensor)
+            else:
+                graph.append(bytes(f))
+        body = b"".join(graph)
+        out.append(_tag(7, len(body)) + body)
+    return b"".join(out)
 
 
 def _attribute_tensors(attributes):
@@ -420,12 +490,14 @@ def load_artifact(
     return artifact
 
 
-def screen_graph(directory: Path, private: Path, manifest: dict) -> tuple[onnx.ModelProto, tuple]:
+def screen_graph(
+    directory: Path, private: Path, manifest: dict, weights: bool = False
+) -> tuple[onnx.ModelProto, tuple]:
     """The graph (no external data loaded) after the refusals every mode makes before a runtime sees it: no
     op an export never writes, external data inside the artifact, the manifest's inputs and outputs. Returns
-    it and its foreign ops ('domain::Op')."""
+    it (without `weights`, its initializers without their bytes) and its foreign ops ('domain::Op')."""
     shown = directory / MODEL
-    model = read_model(private / MODEL, shown)
+    model = read_model(private / MODEL, shown, weights)
     check_external_data(directory, model, manifest, private)
     try:
         check_vocabulary(model, STANDARD_DOMAINS + BACKENDS[manifest["backend"]].domains)
@@ -441,7 +513,7 @@ def check_structural(directory: Path, private: Path, manifest: dict, weights: di
     returns the foreign ops ('domain::Op')."""
     shown = directory / MODEL
     with stage(STAGES["graph"]):
-        model, foreign = screen_graph(directory, private, manifest)
+        model, foreign = screen_graph(directory, private, manifest, weights=True)
         if model.graph.initializer and any(
             t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
         ):
