@@ -25,6 +25,35 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def rebuild_cache(tmp_path_factory):
+    """The session's rebuild cache (tests/helpers.py): each distinct rebuild runs once, in this process's
+    validations and in the subprocesses of run_capped."""
+    from helpers import REBUILD_CACHE, install_rebuild_cache
+
+    import qkv_onnx.validate.artifact as artifact
+
+    cache = tmp_path_factory.mktemp("rebuilds")
+    real = artifact.PendingRebuild
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(REBUILD_CACHE, str(cache))
+        install_rebuild_cache(cache)
+        yield cache
+        artifact.PendingRebuild = real
+
+
+@pytest.fixture(autouse=True)
+def real_rebuild(request, rebuild_cache, monkeypatch):
+    """A test marked `real_rebuild` sees the exporter run in the rebuild's child every time."""
+    if request.node.get_closest_marker("real_rebuild"):
+        from helpers import REBUILD_CACHE
+
+        from qkv_onnx.validate import rebuild
+
+        monkeypatch.setattr("qkv_onnx.validate.artifact.PendingRebuild", rebuild.PendingRebuild)
+        monkeypatch.delenv(REBUILD_CACHE)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_step_summary():
     """Tests never append to the job summary of the CI run that executes them: qkv-validate writes there
     when GITHUB_STEP_SUMMARY is set (tests that check that set it themselves)."""

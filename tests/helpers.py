@@ -29,6 +29,13 @@ NO_TORCH = (
     "from qkv_onnx.validate.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 NO_OPENVINO = NO_TORCH.replace("'torch'", "'openvino'")  # as if OpenVINO were not installed: its import fails
+# qkv-validate as `python -m qkv_onnx.validate` runs it, with the session's rebuild cache when one is set.
+VALIDATE_WITH_CACHE = (
+    "import os, sys; from pathlib import Path; sys.path.insert(0, os.path.join(os.getcwd(), 'tests')); "
+    "cache = os.environ.get('QKV_TEST_REBUILD_CACHE'); "
+    "cache and __import__('helpers').install_rebuild_cache(Path(cache)); "
+    "from qkv_onnx.validate.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def snapshot(directory: Path) -> dict:
@@ -143,6 +150,67 @@ def openvino_native_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+# --- the session's rebuild cache ----------------------------------------------------------------------
+#
+# A rebuild is a function of the manifest's model, backend, dtype, opset, quantization record, external-data
+# choice and weights.npz (the exporter's versions are this session's): the session rebuilds each distinct one
+# once and every later validation of it compares the artifact's bytes with that rebuild, exactly as with a
+# fresh one. In-process runs get it from conftest, subprocesses (run_capped) from REBUILD_CACHE in their
+# environment; a test that must see the exporter run itself is marked `real_rebuild`.
+
+REBUILD_CACHE = "QKV_TEST_REBUILD_CACHE"
+
+
+def rebuild_key(manifest: dict) -> str:
+    fields = {k: manifest.get(k) for k in ("model", "backend", "dtype", "opset", "quantization")}
+    fields["external"] = "model.onnx.data" in manifest["files"]
+    fields["weights"] = manifest["files"]["weights.npz"]["sha256"]
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+
+
+def cached_rebuild(cache: Path):
+    """A PendingRebuild that takes the rebuild from `cache` when it holds this one, and adds it when not."""
+    import shutil
+
+    from qkv_onnx.validate import rebuild
+
+    class CachedRebuild(rebuild.PendingRebuild):
+        def start(self):
+            self.entry = cache / rebuild_key(self.manifest)
+            self.hit = (self.entry / "built.json").is_file()
+            if not self.hit:
+                super().start()
+                return
+            for f in self.entry.iterdir():
+                if f.name != "built.json":
+                    shutil.copyfile(f, self.scratch / f.name)
+
+        def built(self):
+            if self.hit:
+                return json.loads((self.entry / "built.json").read_text())
+            result = super().built()
+            staging = cache / f".{self.entry.name}.{os.getpid()}"
+            staging.mkdir(parents=True, exist_ok=True)
+            for name in ("model.onnx", "model.onnx.data"):
+                if (self.scratch / name).is_file():
+                    shutil.copyfile(self.scratch / name, staging / name)
+            (staging / "built.json").write_text(json.dumps(result))
+            try:
+                staging.rename(self.entry)
+            except OSError:  # another process stored it first: the same bytes
+                shutil.rmtree(staging, ignore_errors=True)
+            return result
+
+    return CachedRebuild
+
+
+def install_rebuild_cache(cache: Path) -> None:
+    """Make this process's validations use the session's rebuild cache."""
+    import qkv_onnx.validate.artifact as artifact
+
+    artifact.PendingRebuild = cached_rebuild(cache)
+
+
 CLI_MEMORY = 6 << 30  # RLIMIT_AS of a qkv-validate run in a subprocess: bert-tiny with torch needs ~3 GiB
 CLI_TIMEOUT = 600
 
@@ -158,7 +226,7 @@ def run_capped(*args, memory: int = CLI_MEMORY, timeout: float = CLI_TIMEOUT, co
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "qkv_onnx.validate"]
+    command = [sys.executable, "-c", code or VALIDATE_WITH_CACHE]
     return subprocess.run(
         [*command, *(str(a) for a in args)],
         cwd=ROOT,

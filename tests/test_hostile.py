@@ -703,6 +703,7 @@ def test_other_exporter_versions_fall_back_to_the_structural_contract(artifact_c
     assert "not rebuilt: exported with another exporter: torch 0.0.0 (here " in proc.stdout
 
 
+@pytest.mark.real_rebuild
 def test_rebuild_mode_proves_the_bytes(artifact_copy):
     d = artifact_copy("mha")
     proc = run_capped(d, "--providers", "cpu")

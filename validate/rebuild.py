@@ -143,22 +143,28 @@ class PendingRebuild:
 
     def __init__(self, directory: Path, private: Path, manifest: dict, scratch: Path, model_bytes: int):
         self.directory, self.private, self.scratch, self.manifest = directory, private, scratch, manifest
+        self.model_bytes = model_bytes
         scratch.mkdir(mode=0o700, exist_ok=True)
-        self.sandbox = Sandbox(rebuild_limits(model_bytes), directory / MODEL, private)
+        self.sandbox = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the exporter in its sandbox, writing into `scratch`."""
+        self.sandbox = Sandbox(rebuild_limits(self.model_bytes), self.directory / MODEL, self.private)
         self.sandbox.submit(
             "rebuilding it with the exporter",
             rebuild_in_child,
-            manifest,
-            str(private / WEIGHTS),
-            str(scratch),
+            self.manifest,
+            str(self.private / WEIGHTS),
+            str(self.scratch),
         )
 
-    def verify(self) -> dict[str, int]:
-        """The rebuild's op counts, once the artifact's model.onnx (and model.onnx.data) are proven to be
-        its bytes; ArtifactError (or LimitExceeded) naming the artifact's file otherwise."""
+    def built(self) -> dict:
+        """Wait for the rebuild: its {op_counts, taps}, its files in `scratch`; ArtifactError (or
+        LimitExceeded) naming the artifact's file when the exporter cannot rebuild it."""
         try:
             with stage(STAGE_REBUILD):
-                built = self.sandbox.result()
+                return self.sandbox.result()
         except SandboxedError as e:  # the exporter's own failure on this model: not what it wrote
             raise ArtifactError(
                 f"{show(self.directory / MODEL)}: the exporter cannot rebuild it: {e}"
@@ -168,7 +174,12 @@ class PendingRebuild:
         except ArtifactError as e:
             raise ArtifactError(f"{show(self.directory / MODEL)}: {e}") from None
         finally:
-            self.sandbox.close()
+            self.cancel()
+
+    def verify(self) -> dict[str, int]:
+        """The rebuild's op counts, once the artifact's model.onnx (and model.onnx.data) are proven to be
+        its bytes; ArtifactError (or LimitExceeded) naming the artifact's file otherwise."""
+        built = self.built()
         versions = ", ".join(f"{k} {v}" for k, v in exporter_versions().items())
         with stage(STAGE_COMPARE):
             for rel in (MODEL, MODEL + ".data"):
@@ -192,4 +203,5 @@ class PendingRebuild:
         return built["op_counts"]
 
     def cancel(self) -> None:
-        self.sandbox.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
