@@ -1,10 +1,10 @@
 """Accuracy next to speed: every contender's outputs against the float64 oracle, by the accuracy contract
-(qkv_onnx.contract) on the benchmark's own random tokens and, for a checkpoint with a tokenizer, on real
-sentences it was never calibrated on."""
+(qkv_onnx.accuracy_contract) on the benchmark's own random tokens and, for a checkpoint with a tokenizer, on
+real sentences it was never calibrated on."""
 
 from pathlib import Path
 
-from ..contract import judge, worst_values
+from ..accuracy_contract import judge, worst_values
 from .contenders import EAGER, bert_inputs, torch_runner
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "docs" / "attention" / "sentences.txt"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..contract import judge, worst_values
+from ..accuracy_contract import judge, worst_values
 from ..errors import ExportError
 from ..graph_edit import expose
 from ..stages import stage

@@ -8,7 +8,7 @@ needs no torch: the artifact format, the errors and exit codes, the input genera
 
 from pathlib import Path as _Path
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # pyproject.toml maps the sibling folders model_defs/, export/, validate/ and benchmarks/ into this package
 # when it is installed. In a source checkout that is not installed, find them there too.

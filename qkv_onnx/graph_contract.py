@@ -1,8 +1,9 @@
 """The graph contract: what model.onnx must be, checked without torch.
 
 Where the exporter cannot rebuild the graph (no torch, other exporter versions), validation holds the
-graph to what the exporter is known to write for the artifact's model (`graph_table`, derived from real
-exports by `python -m qkv_onnx.export.contract` and checked against them in the tests):
+graph to what the exporter is known to write for the artifact's model (`graph_table.json`, a data file
+derived from real exports by `python -m qkv_onnx.export.derive_graph_table`, schema-checked when read, and
+checked against real exports in the tests):
 
 - the vocabulary: no op an export never writes (control flow, ConstantOfShape, local functions, custom
   domains, training graphs, sparse or subgraph tensors), refused before any checker or runtime sees it;
@@ -23,7 +24,9 @@ table, not code here. Torch-free: numpy and onnx only.
 """
 
 import hashlib
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,7 +42,9 @@ from .artifact_format import (
     op_key,
     stored_weight_dtype,
 )
-from .graph_table import EXPORTER, ROWS, SMALL_CONSTANT
+
+TABLE_FILE = "graph_table.json"
+SMALL_CONSTANT = 16  # a constant the exporter writes itself (a shape, a scalar): at most this many elements
 
 # Ops a qkv-onnx export never writes and that would cost without bound to check or run: refused by name
 # first, with that reason, whatever the table says.
@@ -301,3 +306,54 @@ def table_versions() -> dict:
 
 def weight_dtype(dtype: str) -> np.dtype:
     return np_dtype(stored_weight_dtype(dtype))
+
+
+class TableError(RuntimeError):
+    """graph_table.json is not the table derive_graph_table writes: a broken installation (exit 3, a bug)."""
+
+
+def _counts(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
+
+
+def read_table(path: Path) -> tuple[dict, dict]:
+    """(exporter versions, rows keyed by (architecture, features, backend, dtype, opset)) of the table file,
+    every row checked against the schema derive_graph_table writes."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TableError(f"{path}: cannot read the graph table ({e})") from None
+    if not isinstance(doc, dict) or doc.get("small_constant") != SMALL_CONSTANT:
+        raise TableError(f"{path}: not a graph table for small constants of {SMALL_CONSTANT} elements")
+    rows = {}
+    for row in doc.get("rows") or [None]:
+        ok = (
+            isinstance(row, dict)
+            and all(isinstance(row.get(k), str) for k in ("architecture", "backend", "dtype"))
+            and type(row.get("opset")) is int
+            and isinstance(row.get("features"), list)
+            and all(isinstance(f, str) for f in row["features"])
+            and isinstance(row.get("ops"), dict)
+            and all(isinstance(k, str) and _counts(v) for k, v in row["ops"].items())
+            and _counts(row.get("constants"))
+            and isinstance(row.get("domains"), dict)
+            and all(isinstance(k, str) and type(v) is int for k, v in row["domains"].items())
+        )
+        if not ok:
+            raise TableError(
+                f"{path}: a row that is not {{architecture, features, backend, dtype, opset, ...}}"
+            )
+        key = (row["architecture"], tuple(row["features"]), row["backend"], row["dtype"], row["opset"])
+        if key in rows:
+            raise TableError(f"{path}: two rows for {key}")
+        rows[key] = {
+            "ops": {k: tuple(v) for k, v in row["ops"].items()},
+            "constants": tuple(row["constants"]),
+            "domains": row["domains"],
+        }
+    if not isinstance(doc.get("exporter"), dict):
+        raise TableError(f"{path}: no exporter versions")
+    return doc["exporter"], rows
+
+
+EXPORTER, ROWS = read_table(Path(__file__).with_name(TABLE_FILE))

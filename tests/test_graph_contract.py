@@ -14,6 +14,7 @@ from helpers import ROOT, SMALL_MODELS, tree_bytes
 
 from qkv_onnx.artifact_format import BACKENDS, DTYPES, model_io
 from qkv_onnx.graph_contract import (
+    EXPORTER,
     ROWS,
     ContractError,
     check_structure,
@@ -22,14 +23,13 @@ from qkv_onnx.graph_contract import (
     quantized_ops,
     row_key,
 )
-from qkv_onnx.graph_table import EXPORTER
 from qkv_onnx.validate.artifact import load_artifact
 from qkv_onnx.versions import exporter_versions
 
 
 def test_table_was_derived_with_the_installed_exporter():
     """The table is what this exporter writes; another torch/onnxscript may write other graphs: rerun
-    `python -m qkv_onnx.export.contract` after upgrading them (the tests below would say where)."""
+    `python -m qkv_onnx.export.derive_graph_table` after upgrading them (the tests below would say where)."""
     assert EXPORTER == exporter_versions()
 
 

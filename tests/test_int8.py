@@ -216,7 +216,7 @@ def test_when_no_setting_meets_the_contract_the_export_fails_and_writes_nothing(
 ):
     """An unreachable contract (a cosine above 1): exit 1, the line says what the best setting got, no
     artifact and no temporary directory left."""
-    from qkv_onnx import contract
+    from qkv_onnx import accuracy_contract as contract
 
     monkeypatch.setitem(contract.LIMITS, "token_cosine_min", (">=", 1.5))
     assert export_main(["--model", "mha", "--dtype", "int8", "--out", str(tmp_path / "art")]) == 1

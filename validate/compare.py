@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from ..contract import judge
+from ..accuracy_contract import judge
 from .results import Comparison, Metrics
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..accuracy_contract import RELATIVE_ERROR_MAX
 from ..artifact_format import QUANTIZED, io_dtype, side_files, tap_label, tap_stages
-from ..contract import RELATIVE_ERROR_MAX
 from ..errors import ArtifactError, ProviderError, first_line
 from ..graph_edit import expose, save_beside
 from . import oracle

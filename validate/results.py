@@ -5,7 +5,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from ..contract import ContractResult
+from ..accuracy_contract import ContractResult
 
 
 @dataclass(frozen=True)

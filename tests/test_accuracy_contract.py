@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qkv_onnx.contract import LIMITS, ContractResult, cosines, judge, spearman
+from qkv_onnx.accuracy_contract import LIMITS, ContractResult, cosines, judge, spearman
 from qkv_onnx.validate.compare import compare_contract
 
 ROOT = Path(__file__).resolve().parents[1]
