@@ -40,6 +40,11 @@ class ProviderError(QkvError):
     exit_code = EXIT_INVALID
 
 
+class BrokenEnvironment(ProviderError):
+    """Something installed here cannot even be imported (a broken torch build, a missing shared library): a
+    fact about this machine, never about the artifact."""
+
+
 class ExportError(QkvError):
     """The export failed: the exporter errored or the fusion check refused the graph."""
 

@@ -215,10 +215,12 @@ CLI_MEMORY = 6 << 30  # RLIMIT_AS of a qkv-validate run in a subprocess: bert-ti
 CLI_TIMEOUT = 600
 
 
-def run_capped(*args, memory: int = CLI_MEMORY, timeout: float = CLI_TIMEOUT, code: str | None = None):
+def run_capped(
+    *args, memory: int = CLI_MEMORY, timeout: float = CLI_TIMEOUT, code: str | None = None, env=None
+):
     """qkv-validate in a subprocess under an address-space cap and a timeout (an attack must be refused, not
     endured) -> CompletedProcess with text stdout/stderr. `code`: a `python -c` program to run instead of
-    the CLI (it gets the arguments in sys.argv[1:])."""
+    the CLI (it gets the arguments in sys.argv[1:]); `env`: variables to set in its environment."""
     import resource
     import subprocess
     import sys
@@ -234,6 +236,7 @@ def run_capped(*args, memory: int = CLI_MEMORY, timeout: float = CLI_TIMEOUT, co
         text=True,
         timeout=timeout,
         preexec_fn=cap,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -784,3 +784,62 @@ def test_limit_flags_hit_is_exit_2_naming_the_file_and_limit(flag, value, words,
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines and all(show(d / "model.onnx") in line and words in line for line in lines), proc.stderr
+
+
+# --- a broken environment is not an invalid artifact ------------------------------------------------------
+
+
+@pytest.mark.real_rebuild
+def test_torch_that_cannot_be_imported_in_the_rebuild_child_is_not_an_invalid_artifact(
+    artifact_copy, monkeypatch, capsys
+):
+    """torch installed (its metadata says so) but its import failing in the rebuild's child: one note naming
+    the import error, the graph judged by the structural contract instead, exit 0 for an honest artifact;
+    never "invalid" and never a memory limit."""
+    from helpers import run_cli
+
+    from qkv_onnx.validate import sandbox
+
+    d = artifact_copy("bert-tiny")
+    monkeypatch.setattr(
+        sandbox, "_BOOTSTRAP", "import sys; sys.modules['torch'] = None; " + sandbox._BOOTSTRAP
+    )
+    code, out, err, _ = run_cli(capsys, d, "--providers", "cpu")
+    assert code == 0, err
+    assert "memory limit" not in out + err and "invalid" not in err
+    assert (
+        "not rebuilt: the exporter cannot run here (rebuilding it with the exporter: ModuleNotFoundError: "
+        "import of torch halted" in out
+    )
+
+
+@pytest.mark.real_rebuild
+def test_a_broken_torch_build_is_named_and_the_artifact_still_validates(artifact_copy, tmp_path):
+    """A torch whose import fails everywhere (a missing shared library): the live PyTorch comparison says so
+    and is skipped, the rebuild falls back to the structural contract, the honest artifact passes."""
+    d = artifact_copy("bert-tiny")
+    fake = tmp_path / "broken-site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ImportError('libtorch_cpu.so: cannot open shared object file: No such file or directory')\n"
+    )
+    proc = run_capped(d, "--providers", "cpu", env={"PYTHONPATH": str(fake.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "is installed but cannot be imported (ImportError: libtorch_cpu.so: cannot open shared" in proc.stdout
+    )
+    assert "not rebuilt: the exporter cannot run here" in proc.stdout and "memory limit" not in proc.stdout
+
+
+@pytest.mark.real_rebuild
+def test_a_real_memory_cap_on_the_rebuild_still_reads_as_one(artifact_copy, monkeypatch, capsys):
+    """The rebuild's child under a cap too small to map torch's libraries: exit 2, the memory limit named."""
+    from helpers import run_cli
+
+    from qkv_onnx.validate import rebuild
+
+    d = artifact_copy("bert-tiny")
+    monkeypatch.setattr(rebuild, "rebuild_limits", lambda model_bytes: Limits(300 << 20, 120.0))
+    code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
+    assert code == 2, err
+    assert "rebuilding it with the exporter ran past the memory limit of 0.293 GiB" in err

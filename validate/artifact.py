@@ -38,7 +38,7 @@ from ..artifact_format import (
     signed,
     strict_json,
 )
-from ..errors import ArtifactError, first_line, show
+from ..errors import ArtifactError, BrokenEnvironment, first_line, show
 from ..graph_contract import ContractError, check_structure, check_vocabulary, weight_dtype
 from ..stages import stage
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
@@ -72,7 +72,14 @@ class Artifact:
         graph to be its bytes; ArtifactError otherwise. Nothing may open the model before this returns."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            counts = pending.verify()
+            try:
+                counts = pending.verify()
+            except BrokenEnvironment as e:  # the exporter cannot run here: the structural contract judges
+                self.foreign_ops = check_structural(
+                    self.path, self.private, self.manifest, self.weights, self.limits
+                )
+                self.graph_check = structural_check(f"the exporter cannot run here ({e})")
+                return
             self.foreign_ops = tuple(sorted(k for k in counts if "::" in k))
 
     @property
@@ -105,6 +112,14 @@ class Artifact:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+
+def structural_check(why: str) -> str:
+    """The report's line for a graph judged by the structural contract, and why it was not rebuilt."""
+    return (
+        "graph: structural contract (vocabulary, op counts, inputs and outputs, initializers = weights.npz) "
+        f"and onnx.checker; not rebuilt: {why}"
+    )
 
 
 def read_manifest(directory: Path) -> dict:
@@ -469,10 +484,7 @@ def load_artifact(
             graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
-            graph_check = (
-                "graph: structural contract (vocabulary, op counts, inputs and outputs, initializers = "
-                f"weights.npz) and onnx.checker; not rebuilt: {why}"
-            )
+            graph_check = structural_check(why)
     except BaseException:
         if pending is not None:
             pending.cancel()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype
-from ..errors import ArtifactError, LimitExceeded, ProviderError, first_line, show
+from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import make_inputs
 from ..stages import stage
 from . import oracle
@@ -260,6 +260,9 @@ def validate_artifact(
         report.notes.append(peer_note)
         _run_cases(artifact, cases, expected, sessions, report)
         artifact.verify_graph()  # nothing above counts unless the graph is the exporter's
+        if artifact.graph_check != report.graph_check:  # the rebuild could not run: structural instead
+            report.notes[report.notes.index(report.graph_check)] = artifact.graph_check
+            report.graph_check = artifact.graph_check
     finally:
         for session in opening:
             session.close()
@@ -272,13 +275,13 @@ def _references(
     """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle; and the note
     saying whether PyTorch ran."""
     m = artifact.manifest
+    why = "disabled by --no-torch" if not use_torch else "torch is not installed"
     with stage(STAGE_PEER):
-        peer = load_torch_peer(m, artifact.weights) if use_torch else None
-    note = "live PyTorch comparison: " + (
-        "ran"
-        if peer
-        else "not run (" + ("torch is not installed" if use_torch else "disabled by --no-torch") + ")"
-    )
+        try:
+            peer = load_torch_peer(m, artifact.weights) if use_torch else None
+        except BrokenEnvironment as e:
+            peer, why = None, str(e)
+    note = "live PyTorch comparison: " + ("ran" if peer else f"not run ({why})")
     out_names = [o["name"] for o in m["outputs"]]
     weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
     out = []

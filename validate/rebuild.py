@@ -14,7 +14,7 @@ import filecmp
 from pathlib import Path
 
 from ..artifact_format import MANIFEST, MODEL, QUANTIZED, WEIGHTS, io_dtype, sha256_file
-from ..errors import ArtifactError, ExportError, LimitExceeded, first_line, show
+from ..errors import ArtifactError, BrokenEnvironment, ExportError, LimitExceeded, first_line, show
 from ..stages import stage
 from ..versions import EXPORTER_PACKAGES, exporter_versions
 from .sandbox import GIB, Limits, Sandbox, SandboxedError
@@ -169,7 +169,7 @@ class PendingRebuild:
             raise ArtifactError(
                 f"{show(self.directory / MODEL)}: the exporter cannot rebuild it: {e}"
             ) from None
-        except LimitExceeded:
+        except (LimitExceeded, BrokenEnvironment):
             raise
         except ArtifactError as e:
             raise ArtifactError(f"{show(self.directory / MODEL)}: {e}") from None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ..errors import ArtifactError, LimitExceeded, ProviderError, QkvError, show
+from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, QkvError, show
 
 GIB = 1 << 30
 BASE_MEMORY = 2 * GIB  # an interpreter with numpy and a runtime, before the model (OpenVINO's is the largest)
@@ -106,12 +106,19 @@ def _main(reader: int, writer: int, memory: int) -> None:
     _serve(Connection(reader, writable=False), answers)
 
 
+# What an ImportError says when the address-space cap, not the installation, stopped it (glibc's loader
+# cannot map a shared library's segments).
+CAPPED_IMPORT = ("failed to map segment", "cannot allocate memory", "out of memory")
+
+
 def _kind(e: BaseException) -> str:
-    """How the parent should read a failure: a memory limit (MemoryError; an ImportError, which under the
-    cap is a shared library that could not be mapped: the parent imported the runtime before), a runtime's
-    ProviderError, another QkvError about the artifact, or anything else."""
-    if isinstance(e, MemoryError | ImportError):
+    """How the parent should read a failure: a memory limit (MemoryError; an ImportError of a library the
+    cap kept from being mapped), a broken installation (any other ImportError: nothing about the
+    artifact), a runtime's ProviderError, another QkvError about the artifact, or anything else."""
+    if isinstance(e, MemoryError):
         return "memory"
+    if isinstance(e, ImportError):
+        return "memory" if any(w in str(e).lower() for w in CAPPED_IMPORT) else "environment"
     if isinstance(e, ProviderError):
         return "provider"
     return "artifact" if isinstance(e, QkvError) else "error"
@@ -260,6 +267,9 @@ class Sandbox:
         _, kind, type_name, message, peak = answer
         if self.private is not None:  # the child read the private copy: name the artifact's file instead
             message = message.replace(str(self.private), str(self.shown_path))
+        if kind == "environment":
+            self.close()
+            raise BrokenEnvironment(f"{what}: {type_name}: {message}")
         near = peak >= 0.9 * self.limits.memory
         if kind == "memory" or near or any(w in message.lower() for w in MEMORY_WORDS):
             self.close()

@@ -5,19 +5,26 @@ from collections.abc import Callable
 import numpy as np
 
 from ..artifact_format import io_dtype
+from ..errors import BrokenEnvironment, first_line
+from ..versions import exporter_versions
 
 
 def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | None:
     """A callable inputs -> outputs running the source module in the artifact's dtype, or None without
-    torch."""
+    torch; BrokenEnvironment when torch is installed but its import fails."""
     try:
         import torch
 
         from ..model_defs.config import EncoderConfig
         from ..model_defs.numpy_io import from_numpy, to_numpy
         from ..model_defs.registry import build_for_weights
-    except ImportError:
-        return None
+    except ImportError as e:
+        if exporter_versions()["torch"] is None:
+            return None
+        raise BrokenEnvironment(
+            f"torch {exporter_versions()['torch']} is installed but cannot be imported "
+            f"({type(e).__name__}: {first_line(e)})"
+        ) from None
     model = manifest["model"]
     module = build_for_weights(
         model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
