@@ -36,7 +36,8 @@ from .writer import publish, save_test_data_set, save_weights_npz, temporary_dir
 PROTOBUF_LIMIT = 2**31 - 1
 # (batch, seq, real tokens per row): padded rows, a row that is all padding, a single token.
 GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
-CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]  # int8 search: seeded, not validation's
+# int8: the search's seeded token batches; the held-out ones have these shapes and other seeds
+CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]
 STAGE_SOURCE = "build module + weights"
 STAGE_WEIGHTS, STAGE_GOLDEN, STAGE_MANIFEST, STAGE_PUBLISH = (
     "write weights.npz",
@@ -193,21 +194,34 @@ def export_artifact(
 
 
 def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], seed: int, checkpoint) -> dict:
-    """tmp/model.onnx: the int8 graph of float_dir/model.onnx, found by the sensitivity search on calibration
-    inputs (seeded tokens; the bundled sentences too for a checkpoint with a tokenizer). Returns the
-    manifest's quantization record, with the sha256 of the float32 graph it came from."""
-    from ..text import CALIBRATION_SENTENCES, TOKENIZER_FILES, tokenize
-    from .quantize import search
+    """tmp/model.onnx: the int8 graph of float_dir/model.onnx, found by the sensitivity search (seeded tokens,
+    and for a checkpoint with a tokenizer the bundled search sentences) and accepted on held-out inputs
+    (other seeds, the held-out sentences) with margin. Returns the manifest's quantization record, with the
+    sha256 of the float32 graph it came from."""
+    from ..text import TOKENIZER_FILES, corpus, tokenize
+    from .quantize import Calibration, search
 
     records, cfg = spec.input_records("float32"), spec.config.to_dict()
     mask_at = next(k for k, i in enumerate(spec.inputs) if i.role == "padding_mask")
-    cases = []
-    for n, (batch, seq, lengths) in enumerate(CALIBRATION_CASES):
-        inputs = make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, 1000 + n]))
-        cases.append({"inputs": inputs, "mask": inputs[mask_at], "sentences": False})
-    if checkpoint and any((checkpoint["directory"] / f).is_file() for f in TOKENIZER_FILES):
-        feeds = tokenize(checkpoint["directory"], CALIBRATION_SENTENCES, max_length=spec.config.max_positions)
+
+    def tokens(n: int, shape) -> dict:
+        batch, seq, lengths = shape
+        inputs = make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, n]))
+        return {"inputs": inputs, "mask": inputs[mask_at], "sentences": False}
+
+    def text(sentences) -> dict:
+        feeds = tokenize(checkpoint["directory"], sentences, max_length=spec.config.max_positions)
         inputs = [feeds[i.name] for i in spec.inputs]
-        cases.append({"inputs": inputs, "mask": inputs[mask_at], "sentences": True})
-    record = search(float_dir / MODEL, tmp / MODEL, spec.architecture, cfg, taps, cases)
+        return {"inputs": inputs, "mask": inputs[mask_at], "sentences": True}
+
+    search_cases = [tokens(1000 + n, shape) for n, shape in enumerate(CALIBRATION_CASES)]
+    halves = ([tokens(2000 + n, shape)] for n, shape in enumerate(CALIBRATION_CASES))
+    calibration = Calibration(search_cases, tuple(halves))
+    if checkpoint and any((checkpoint["directory"] / f).is_file() for f in TOKENIZER_FILES):
+        held = corpus("holdout")
+        calibration.search.append(text(corpus("search")))
+        calibration.holdout[0].append(text(held[0::2]))
+        calibration.holdout[1].append(text(held[1::2]))
+        calibration.holdout_whole.append(text(held))
+    record = search(float_dir / MODEL, tmp / MODEL, spec.architecture, cfg, taps, calibration)
     return {**record, "float32_graph_sha256": sha256_file(float_dir / MODEL)}

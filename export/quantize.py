@@ -15,12 +15,13 @@ before it to the tap after it. While the contract fails, the group that adds the
 import logging
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..accuracy_contract import judge, worst_values
+from ..accuracy_contract import LIMITS, judge, within, worst_values
 from ..errors import ExportError
 from ..graph_edit import expose
 from ..stages import stage
@@ -150,16 +151,62 @@ def _growth(taps: list[dict], groups: list[str], values, reference) -> dict[str,
     return out
 
 
+@dataclass
+class Calibration:
+    """The inputs the search runs: `search` chooses what stays float32; the result is accepted only if the
+    contract holds with margin on `holdout`, never used to choose: its two disjoint halves `holdout[0]` and
+    `holdout[1]` (lists of cases) and `holdout_whole` (the halves' sentences as one batch, or None)."""
+
+    search: list
+    holdout: tuple[list, list]
+    holdout_whole: list = field(default_factory=list)
+
+    def holdout_cases(self) -> list:
+        return [*self.holdout[0], *self.holdout[1], *self.holdout_whole]
+
+
+def _judge_all(cases: list, outputs: list, references: list) -> list:
+    return [
+        judge(got, ref, case["mask"], case["sentences"] and i == 0)
+        for case, outs, refs in zip(cases, outputs, references)
+        for i, (got, ref) in enumerate(zip(outs, refs))
+    ]
+
+
+def holdout_verdict(results_a: list, results_b: list, results_whole: list) -> dict:
+    """The contract on held-out inputs, with a margin: for each metric, its worst value over everything, and
+    the margin it must clear the limit by: how far apart its worst values on the two disjoint halves are
+    (the metric's own sampling error at this sample size: a user's sentences are another such sample).
+    Passed when every worst value is within its limit by at least its margin."""
+    half_a, half_b = worst_values(results_a), worst_values(results_b)
+    worst = worst_values([*results_a, *results_b, *results_whole])
+    out = {"worst": {}, "margin": {}, "failed": []}
+    for key, value in worst.items():
+        op, limit = LIMITS[key]
+        margin = abs(half_a.get(key, value) - half_b.get(key, value))
+        out["worst"][key], out["margin"][key] = round(value, 6), round(margin, 6)
+        effective = value - margin if op == ">=" else value + margin
+        if not within(effective, op, limit):
+            out["failed"].append(key)
+    out["passed"] = not out["failed"]
+    return out
+
+
 def search(
-    float_path: Path, out_path: Path, architecture: str, cfg: dict, taps: list[dict], cases: list
+    float_path: Path, out_path: Path, architecture: str, cfg: dict, taps: list[dict], calibration: Calibration
 ) -> dict:
     """Quantize `float_path` to `out_path`, keeping the fewest sublayers' products in float32 that make the
-    contract hold on `cases` ([{inputs, mask, sentences}]) against the float32 graph. Returns the manifest's
+    contract hold on the calibration's search cases ({inputs, mask, sentences}) against the float32 graph,
+    and then on its held-out cases with margin (holdout_verdict); while either fails, the sublayer whose
+    products add the most error on the search cases goes back to float32. Returns the manifest's
     quantization record; ExportError with the best result when no setting meets the contract."""
     model = onnx.load(str(float_path), load_external_data=False)
     groups = product_groups(model, architecture, cfg["num_layers"] if architecture == "bert" else 1)
+    cases, held = calibration.search, calibration.holdout_cases()
+    n_a, n_b = len(calibration.holdout[0]), len(calibration.holdout[1])
     reference_out, reference_taps = _run_with_taps(float_path, taps, cases)
     reference_taps = [{k: v.astype(np.float64) for k, v in r.items()} for r in reference_taps]
+    held_reference = None
     kept: list[str] = []
     steps = []
     with stage(STAGE_SEARCH), tempfile.TemporaryDirectory(prefix="qkv-int8-") as tmp:
@@ -167,27 +214,41 @@ def search(
             trial = Path(tmp) / f"step{len(steps)}.onnx"
             quantize(float_path, trial, [n for g in kept for n in groups[g]])
             outputs, values = _run_with_taps(trial, taps, cases)
-            results = [
-                judge(got, ref, case["mask"], case["sentences"] and i == 0)
-                for case, outs, refs in zip(cases, outputs, reference_out)
-                for i, (got, ref) in enumerate(zip(outs, refs))
-            ]
+            results = _judge_all(cases, outputs, reference_out)
             worst = {k: round(v, 6) for k, v in worst_values(results).items()}
-            steps.append(
-                {"float32_groups": list(kept), "contract": worst, "passed": all(r.passed for r in results)}
-            )
-            if steps[-1]["passed"]:
-                trial.replace(out_path)
-                break
+            step = {"float32_groups": list(kept), "contract": worst, "passed": all(r.passed for r in results)}
+            steps.append(step)
+            if step["passed"]:
+                if held_reference is None:
+                    held_reference = _run_with_taps(float_path, [], held)[0]
+                per_case = [
+                    _judge_all([c], [o], [r])
+                    for c, o, r in zip(held, _run_with_taps(trial, [], held)[0], held_reference)
+                ]
+                verdict = holdout_verdict(
+                    [r for case in per_case[:n_a] for r in case],
+                    [r for case in per_case[n_a : n_a + n_b] for r in case],
+                    [r for case in per_case[n_a + n_b :] for r in case],
+                )
+                step["holdout"] = verdict
+                step["passed"] = verdict["passed"]
+                if verdict["passed"]:
+                    trial.replace(out_path)
+                    break
             candidates = [g for g in groups if g not in kept]
             if not candidates:
+                what = "on held-out inputs, with margin" if "holdout" in step else "on the search inputs"
+                got = step.get("holdout", {}).get("worst", worst)
                 raise ExportError(
-                    f"int8: no setting meets the accuracy contract; with every product in float32 "
-                    f"it got {', '.join(f'{k} {v:.4f}' for k, v in worst.items())}"
+                    f"int8: no setting meets the accuracy contract {what}; with every product in float32 "
+                    f"it got {', '.join(f'{k} {v:.4f}' for k, v in got.items())}"
                 )
             growth = _growth(taps, candidates, values, reference_taps)
             kept.append(max(candidates, key=growth.get))
     float_nodes = [{"node": n, "why": KEPT, "group": g} for g in kept for n in groups[g]]
+    sentences = sum(
+        len(c["mask"]) for c in [*calibration.holdout[0], *calibration.holdout[1]] if c["sentences"]
+    )
     return {
         **SETTINGS,
         "onnxruntime": _ort_version(),
@@ -198,6 +259,13 @@ def search(
             "calibration_cases": len(cases),
             "steps": steps,
             "reference": "the float32 graph (ORT CPU)",
+        },
+        "holdout": {
+            **steps[-1]["holdout"],
+            "cases": len(held),
+            "sentences": sentences,
+            "limits": {k: list(LIMITS[k]) for k in steps[-1]["holdout"]["worst"]},
+            "margin_rule": "each worst value within its limit by |worst(half A) - worst(half B)|",
         },
     }
 

@@ -36,7 +36,7 @@ class ContractResult:
 
     @property
     def failed(self) -> list[str]:
-        return [k for k, v in self.values.items() if not _within(v, *LIMITS[k])]
+        return [k for k, v in self.values.items() if not within(v, *LIMITS[k])]
 
     @property
     def passed(self) -> bool:
@@ -57,7 +57,7 @@ class ContractResult:
         }
 
 
-def _within(value: float, op: str, limit: float) -> bool:
+def within(value: float, op: str, limit: float) -> bool:
     return bool(np.isfinite(value)) and (value >= limit if op == ">=" else value <= limit)
 
 

@@ -25,26 +25,16 @@ SAMPLE_SENTENCES = (
     "The stock market fell sharply.",
 )
 
-# Sentences the int8 sensitivity search calibrates on (qkv-export --dtype int8): bundled, and disjoint from
-# SAMPLE_SENTENCES and docs/attention/sentences.txt, on which the artifacts are then judged.
-CALIBRATION_SENTENCES = (
-    "How do I reset my password if I no longer have access to my email?",
-    "The train to the airport leaves every fifteen minutes from platform four.",
-    "Tomatoes grow best in warm weather with plenty of sunlight and regular watering.",
-    "The museum's new exhibition covers three centuries of Japanese woodblock printing.",
-    "Interest rates rose for the third time this year, pushing mortgage costs higher.",
-    "My grandmother still writes letters by hand and sends them every Sunday.",
-    "The goalkeeper saved two penalties and his team won the championship.",
-    "Please bring a valid passport and a printed copy of your booking confirmation.",
-    "A sudden storm knocked out power to thousands of homes along the coast.",
-    "The recipe calls for two cups of flour, a pinch of salt and three eggs.",
-    "Scientists observed a distant galaxy that formed shortly after the big bang.",
-    "Our team meeting has been moved from Tuesday morning to Thursday afternoon.",
-    "He learned to play the violin at the age of forty and now performs in a quartet.",
-    "The city plans to replace its old diesel buses with electric ones by next year.",
-    "This laptop's battery lasts about ten hours under normal use.",
-    "Volunteers cleaned the beach and collected more than two hundred bags of plastic.",
-)
+# The int8 corpus (qkv-export --dtype int8), written for this project and shipped with it: the sensitivity
+# search chooses on `search`, and the result is accepted only if it also holds on `holdout`, which the search
+# never sees. Disjoint from each other, from SAMPLE_SENTENCES, from docs/attention/sentences.txt and from the
+# tests' unseen sentences (tests/data/unseen_sentences.txt), on which artifacts are then judged.
+CORPUS = Path(__file__).with_name("corpus")
+
+
+def corpus(name: str) -> list[str]:
+    """The sentences of corpus file `name` ('search' or 'holdout'), one per line."""
+    return [line for line in (CORPUS / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line]
 
 
 class TextError(UsageError):

@@ -210,6 +210,24 @@ def await_sessions(
     return sessions
 
 
+def holdout_note(quantization: dict) -> str:
+    """What the exporter recorded of its held-out check (an int8 artifact's margin), as the report's note:
+    figures from the manifest, shown as recorded (validation judges the artifact itself, by the contract)."""
+    held = quantization.get("holdout")
+    numbers = (
+        isinstance(held, dict)
+        and all(isinstance(held.get(k), dict) for k in ("worst", "margin"))
+        and all(type(v) is float and k in held["margin"] for k, v in held["worst"].items())
+        and all(type(v) is float for v in held["margin"].values())
+    )
+    if not numbers:
+        return "int8 held-out check at export: not recorded (an artifact from before qkv-onnx 0.3)"
+    figures = ", ".join(f"{k} {v:.4f} (margin {held['margin'][k]:.4f})" for k, v in held["worst"].items())
+    size = held.get("sentences")
+    on = f"{size} held-out sentences and seeded tokens" if type(size) is int and size else "seeded tokens"
+    return f"int8 held-out check at export, as the manifest records it ({on}; worst values): {figures}"
+
+
 def _judged_dtype(dtype: str, session) -> str:
     """The dtype whose tolerance judges a session: the artifact's, or for a non-gating runtime the
     coarser precision it computes in. A quantized artifact is judged by the accuracy contract on every
@@ -251,6 +269,8 @@ def validate_artifact(
             "sandbox limits (each runtime, and onnx.checker in structural mode): "
             + artifact.limits.describe()
         )
+    if m["dtype"] in QUANTIZED:
+        report.notes.append(holdout_note(m["quantization"]))
     cases = build_cases(artifact, seed, sentences)
     expected, peer_note = _references(artifact, cases, use_torch, report)
     opening = start_sessions(artifact, providers, skip_unsupported, report)
