@@ -105,7 +105,7 @@ def render(rows: dict) -> str:
     """The table as graph_contract.read_table reads it: canonical JSON, one row per key."""
     return canonical_json(
         {
-            "generated_by": f"python -m qkv_onnx.export.derive_graph_table ({__name__})",
+            "generated_by": "python -m qkv_onnx.export.derive_graph_table",
             "exporter": exporter_versions(),
             "small_constant": SMALL_CONSTANT,
             "rows": [
