@@ -195,56 +195,68 @@ def holdout_verdict(results_a: list, results_b: list, results_whole: list) -> di
 def search(
     float_path: Path, out_path: Path, architecture: str, cfg: dict, taps: list[dict], calibration: Calibration
 ) -> dict:
-    """Quantize `float_path` to `out_path`, keeping the fewest sublayers' products in float32 that make the
-    contract hold on the calibration's search cases ({inputs, mask, sentences}) against the float32 graph,
-    and then on its held-out cases with margin (holdout_verdict); while either fails, the sublayer whose
-    products add the most error on the search cases goes back to float32. Returns the manifest's
-    quantization record; ExportError with the best result when no setting meets the contract."""
+    """Quantize `float_path` to `out_path`, keeping in float32 the products of the fewest sublayers, in order
+    of the error they add, that make the contract hold on the calibration's search cases ({inputs, mask,
+    sentences}) against the float32 graph and then on its held-out cases with margin (holdout_verdict).
+    The order comes from the all-int8 trial (the growth of the taps' error across each sublayer); how many of
+    them stay float32 is found by bisection. Returns the manifest's quantization record; ExportError with
+    the best result when no setting meets the contract."""
     model = onnx.load(str(float_path), load_external_data=False)
     groups = product_groups(model, architecture, cfg["num_layers"] if architecture == "bert" else 1)
     cases, held = calibration.search, calibration.holdout_cases()
     n_a, n_b = len(calibration.holdout[0]), len(calibration.holdout[1])
     reference_out, reference_taps = _run_with_taps(float_path, taps, cases)
     reference_taps = [{k: v.astype(np.float64) for k, v in r.items()} for r in reference_taps]
-    held_reference = None
-    kept: list[str] = []
-    steps = []
+    held_reference = []
+    steps, trials = [], {}
+
+    def trial(kept: list[str], directory: Path) -> dict:
+        path = directory / f"step{len(steps)}.onnx"
+        quantize(float_path, path, [n for g in kept for n in groups[g]])
+        outputs, values = _run_with_taps(path, taps, cases)
+        results = _judge_all(cases, outputs, reference_out)
+        worst = {k: round(v, 6) for k, v in worst_values(results).items()}
+        step = {"float32_groups": list(kept), "contract": worst, "passed": all(r.passed for r in results)}
+        if step["passed"]:
+            if not held_reference:
+                held_reference.extend(_run_with_taps(float_path, [], held)[0])
+            per_case = [
+                _judge_all([c], [o], [r])
+                for c, o, r in zip(held, _run_with_taps(path, [], held)[0], held_reference)
+            ]
+            step["holdout"] = holdout_verdict(
+                [r for case in per_case[:n_a] for r in case],
+                [r for case in per_case[n_a : n_a + n_b] for r in case],
+                [r for case in per_case[n_a + n_b :] for r in case],
+            )
+            step["passed"] = step["holdout"]["passed"]
+        steps.append(step)
+        trials[len(kept)] = (step, path)
+        return step, values
+
     with stage(STAGE_SEARCH), tempfile.TemporaryDirectory(prefix="qkv-int8-") as tmp:
-        while True:
-            trial = Path(tmp) / f"step{len(steps)}.onnx"
-            quantize(float_path, trial, [n for g in kept for n in groups[g]])
-            outputs, values = _run_with_taps(trial, taps, cases)
-            results = _judge_all(cases, outputs, reference_out)
-            worst = {k: round(v, 6) for k, v in worst_values(results).items()}
-            step = {"float32_groups": list(kept), "contract": worst, "passed": all(r.passed for r in results)}
-            steps.append(step)
-            if step["passed"]:
-                if held_reference is None:
-                    held_reference = _run_with_taps(float_path, [], held)[0]
-                per_case = [
-                    _judge_all([c], [o], [r])
-                    for c, o, r in zip(held, _run_with_taps(trial, [], held)[0], held_reference)
-                ]
-                verdict = holdout_verdict(
-                    [r for case in per_case[:n_a] for r in case],
-                    [r for case in per_case[n_a : n_a + n_b] for r in case],
-                    [r for case in per_case[n_a + n_b :] for r in case],
-                )
-                step["holdout"] = verdict
-                step["passed"] = verdict["passed"]
-                if verdict["passed"]:
-                    trial.replace(out_path)
-                    break
-            candidates = [g for g in groups if g not in kept]
-            if not candidates:
+        first, values = trial([], Path(tmp))
+        growth = _growth(taps, list(groups), values, reference_taps)
+        order = sorted(groups, key=lambda g: -growth[g])
+        if not first["passed"]:
+            fails, passes = 0, len(order)
+            step = trial(order, Path(tmp))[0]
+            if not step["passed"]:
                 what = "on held-out inputs, with margin" if "holdout" in step else "on the search inputs"
-                got = step.get("holdout", {}).get("worst", worst)
+                got = step.get("holdout", {}).get("worst", step["contract"])
                 raise ExportError(
                     f"int8: no setting meets the accuracy contract {what}; with every product in float32 "
                     f"it got {', '.join(f'{k} {v:.4f}' for k, v in got.items())}"
                 )
-            growth = _growth(taps, candidates, values, reference_taps)
-            kept.append(max(candidates, key=growth.get))
+            while passes - fails > 1:
+                middle = (fails + passes) // 2
+                if trial(order[:middle], Path(tmp))[0]["passed"]:
+                    passes = middle
+                else:
+                    fails = middle
+        kept = order[: min(k for k, (step, _) in trials.items() if step["passed"])]
+        final, path = trials[len(kept)]
+        path.replace(out_path)
     float_nodes = [{"node": n, "why": KEPT, "group": g} for g in kept for n in groups[g]]
     sentences = sum(
         len(c["mask"]) for c in [*calibration.holdout[0], *calibration.holdout[1]] if c["sentences"]
@@ -261,10 +273,10 @@ def search(
             "reference": "the float32 graph (ORT CPU)",
         },
         "holdout": {
-            **steps[-1]["holdout"],
+            **final["holdout"],
             "cases": len(held),
             "sentences": sentences,
-            "limits": {k: list(LIMITS[k]) for k in steps[-1]["holdout"]["worst"]},
+            "limits": {k: list(LIMITS[k]) for k in final["holdout"]["worst"]},
             "margin_rule": "each worst value within its limit by |worst(half A) - worst(half B)|",
         },
     }

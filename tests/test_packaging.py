@@ -88,6 +88,8 @@ def test_wheel_holds_only_qkv_onnx_and_runs_from_a_fresh_venv(tmp_path):
     tops = {p.split("/")[0] for p in paths}
     assert tops == {"qkv_onnx", record.split("/")[0]}, tops
     assert "qkv_onnx/validate/runtimes/ort.py" in paths and "qkv_onnx/artifact_format.py" in paths
+    data = {"qkv_onnx/graph_table.json", "qkv_onnx/corpus/search.txt", "qkv_onnx/corpus/holdout.txt"}
+    assert data <= set(paths), data - set(paths)
 
     env = tmp_path / "venv"
     venv.create(env, with_pip=False)
