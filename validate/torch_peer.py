@@ -11,7 +11,7 @@ from ..versions import exporter_versions
 
 def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | None:
     """A callable inputs -> outputs running the source module in the artifact's dtype, or None without
-    torch; BrokenEnvironment when torch is installed but its import fails."""
+    torch; BrokenEnvironment when torch is there but fails inside its import."""
     try:
         import torch
 
@@ -19,8 +19,8 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
         from ..model_defs.numpy_io import from_numpy, to_numpy
         from ..model_defs.registry import build_for_weights
     except ImportError as e:
-        if exporter_versions()["torch"] is None:
-            return None
+        if exporter_versions()["torch"] is None or getattr(e, "name", None) == "torch":
+            return None  # absent (a stale record of it, or blocked in sys.modules, is absent too)
         raise BrokenEnvironment(
             f"torch {exporter_versions()['torch']} is installed but cannot be imported "
             f"({type(e).__name__}: {first_line(e)})"
