@@ -27,6 +27,7 @@ an interrupted export leaves no partial artifact and an existing one untouched."
 
 
 def parse_args(argv) -> argparse.Namespace:
+    from ..model_defs.families import FAMILIES
     from ..model_defs.registry import CHECKPOINT_MODELS, MODELS
 
     backends = "\n".join(f"  {b.name:<15} {b.summary}" for b in BACKENDS.values())
@@ -48,8 +49,10 @@ def parse_args(argv) -> argparse.Namespace:
         "--weights",
         type=Path,
         metavar="DIR",
-        help="a Hugging Face BERT checkpoint directory (config.json + model.safetensors, tokenizer files "
-        "optional) to export instead of a registry model",
+        help="a Hugging Face encoder checkpoint directory (config.json + model.safetensors, tokenizer "
+        "files optional) to export instead of a registry model; its model_type one of: "
+        + ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+        + " (docs/families.md: what each changes; a task head such as classifier.* is refused)",
     )
     p.add_argument(
         "--backend",

@@ -44,6 +44,21 @@ VARIANTS = [
         bert_spec("bert", replace(_BERT, num_layers=2, with_pooler=False)),
     ),
 ]
+# What each family of model_defs/families.py changes in the graph, at _BERT's size (gelu_tanh: ELECTRA's and
+# others' gelu_new; relu: DistilBERT's option).
+FAMILY_VARIANTS = [
+    dict(positions="from-ids", pad_token_id=1, type_vocab_size=1),  # roberta, xlm-roberta
+    dict(embedding_size=64, with_pooler=False),  # electra
+    dict(embedding_size=64, with_pooler=False, hidden_act="gelu_tanh"),
+    dict(type_vocab_size=0, with_pooler=False),  # distilbert
+    dict(type_vocab_size=0, with_pooler=False, hidden_act="relu"),
+    dict(positions="from-ids", pad_token_id=1, type_vocab_size=0, relative_attention_buckets=32),  # mpnet
+    dict(hidden_act="gelu_tanh"),
+]
+VARIANTS += [
+    (bert_spec("bert", replace(_BERT, **v)), bert_spec("bert", replace(_BERT, num_layers=2, **v)))
+    for v in FAMILY_VARIANTS
+]
 OPSETS = {name: sorted({b.default_opset, b.min_opset}) for name, b in BACKENDS.items()}
 
 

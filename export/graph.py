@@ -40,7 +40,7 @@ def _dynamic_shapes(spec: ModelSpec) -> tuple:
             if isinstance(d, str):
                 bounded = spec.architecture == "bert" and d != "batch"
                 dims.setdefault(
-                    d, torch.export.Dim(d, min=1, max=spec.config.max_positions if bounded else None)
+                    d, torch.export.Dim(d, min=1, max=spec.config.max_sequence if bounded else None)
                 )
                 axes[axis] = dims[d]
         shapes.append(axes)

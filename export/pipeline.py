@@ -39,6 +39,16 @@ GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
 # int8: the search's seeded token batches; the held-out ones have these shapes and other seeds
 CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]
 STAGE_SOURCE = "build module + weights"
+
+
+def fit(shape: tuple, longest: int) -> tuple:
+    """A (batch, seq, lengths) case shortened to the model's longest sequence, lengths in proportion."""
+    batch, seq, lengths = shape
+    if seq <= longest:
+        return shape
+    return batch, longest, [min(longest, -(-n * longest // seq)) for n in lengths]
+
+
 STAGE_WEIGHTS, STAGE_GOLDEN, STAGE_MANIFEST, STAGE_PUBLISH = (
     "write weights.npz",
     "write golden data",
@@ -54,7 +64,7 @@ def source_model(model: str, weights_dir, seed: int) -> tuple[ModelSpec, torch.n
         if weights_dir is None and model not in CHECKPOINT_MODELS:
             spec = get_model(model)
             return spec, spec.random(seed), None
-        from ..model_defs.checkpoint import load_hf_model
+        from ..model_defs.checkpoint import family_of, load_hf_model
 
         directory = Path(weights_dir) if weights_dir is not None else checkpoint_dir(model)
         cfg, module = load_hf_model(directory)
@@ -64,7 +74,9 @@ def source_model(model: str, weights_dir, seed: int) -> tuple[ModelSpec, torch.n
             if p.suffix in (".json", ".safetensors")
         }
         origin = str(directory) if weights_dir is not None else CHECKPOINT_MODELS[model]
-        return bert_spec(model, cfg), module, {"directory": directory, "origin": origin, "sha256": files}
+        family = family_of(directory / "config.json")[0].name
+        described = {"directory": directory, "origin": origin, "sha256": files, "family": family}
+        return bert_spec(model, cfg), module, described
 
 
 def _golden_sets(tmp: Path, spec: ModelSpec, module, dtype: str, seed: int, checkpoint: dict | None) -> int:
@@ -73,12 +85,17 @@ def _golden_sets(tmp: Path, spec: ModelSpec, module, dtype: str, seed: int, chec
     records, cfg = spec.input_records(dtype), spec.config.to_dict()
     feeds = [
         make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, n]))
-        for n, (batch, seq, lengths) in enumerate(GOLDEN_CASES)
+        for n, (batch, seq, lengths) in enumerate(fit(c, spec.config.max_sequence) for c in GOLDEN_CASES)
     ]
     if checkpoint and _copy_tokenizer(checkpoint["directory"], tmp / TOKENIZER_DIR):
         from ..text import SAMPLE_SENTENCES, tokenize
 
-        text = tokenize(tmp / TOKENIZER_DIR, SAMPLE_SENTENCES, max_length=spec.config.max_positions)
+        text = tokenize(
+            tmp / TOKENIZER_DIR,
+            SAMPLE_SENTENCES,
+            max_length=spec.config.max_sequence,
+            pad_id=spec.config.pad_token_id,
+        )
         feeds.append([text[i.name] for i in spec.inputs])
     names = [i.name for i in spec.inputs]
     with torch.no_grad():
@@ -176,6 +193,7 @@ def export_artifact(
             manifest["quantization"] = quantization
         if checkpoint:
             manifest["checkpoint"] = {
+                "family": checkpoint["family"],
                 "origin": checkpoint["origin"],
                 "sha256": checkpoint["sha256"],
                 "tokenizer": TOKENIZER_DIR if (tmp / TOKENIZER_DIR).is_dir() else None,
@@ -205,12 +223,17 @@ def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], see
     mask_at = next(k for k, i in enumerate(spec.inputs) if i.role == "padding_mask")
 
     def tokens(n: int, shape) -> dict:
-        batch, seq, lengths = shape
+        batch, seq, lengths = fit(shape, spec.config.max_sequence)
         inputs = make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, n]))
         return {"inputs": inputs, "mask": inputs[mask_at], "sentences": False}
 
     def text(sentences) -> dict:
-        feeds = tokenize(checkpoint["directory"], sentences, max_length=spec.config.max_positions)
+        feeds = tokenize(
+            checkpoint["directory"],
+            sentences,
+            max_length=spec.config.max_sequence,
+            pad_id=spec.config.pad_token_id,
+        )
         inputs = [feeds[i.name] for i in spec.inputs]
         return {"inputs": inputs, "mask": inputs[mask_at], "sentences": True}
 

@@ -98,7 +98,8 @@ def find_taps(model: onnx.ModelProto, architecture: str, cfg: dict, outputs: lis
             _tap("attention_block", 0, post_attention),
             _tap("block", 0, outputs[0]),
         ]
-    taps = [_tap("embeddings", None, _norm_out(g, "embeddings.norm"))]
+    embedded = g.last_in("embeddings.project").output[0] if cfg["embedding_size"] else None
+    taps = [_tap("embeddings", None, embedded or _norm_out(g, "embeddings.norm"))]
     layers = cfg["num_layers"]
     for k in range(layers):
         block = f"blocks.{k}"

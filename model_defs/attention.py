@@ -9,9 +9,10 @@ def combine_masks(key_padding_mask, attn_mask, is_causal, batch, q_len, kv_len, 
     """Fold padding, causal and explicit masks into one SDPA mask (or None).
 
     key_padding_mask: (B, Lk) bool, True = attend. attn_mask: bool (True = attend) or
-    additive float, broadcastable to (B, H, Lq, Lk). Returns (mask, is_causal) for SDPA,
-    which does not take a mask and is_causal together. A padding mask is expanded to the
-    full (B, 1, Lq, Lk): some runtimes reject the broadcast form (B, 1, 1, Lk).
+    additive float (a position bias), broadcastable to (B, H, Lq, Lk). Returns (mask, is_causal,
+    allowed) for SDPA, which does not take a mask and is_causal together; `allowed` is the bool
+    (B, 1, Lq, Lk) of keys a query may attend to, or None. A padding mask is expanded to the full
+    (B, 1, Lq, Lk): some runtimes reject the broadcast form (B, 1, 1, Lk).
     """
     masks = []
     if key_padding_mask is not None:
@@ -26,9 +27,9 @@ def combine_masks(key_padding_mask, attn_mask, is_causal, batch, q_len, kv_len, 
         allowed = m if allowed is None else allowed & m
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         if allowed is None:
-            return attn_mask, is_causal
-        return attn_mask.masked_fill(~allowed, float("-inf")), is_causal
-    return allowed, is_causal
+            return attn_mask, is_causal, None
+        return attn_mask.masked_fill(~allowed, float("-inf")), is_causal, allowed
+    return allowed, is_causal, allowed
 
 
 class MultiHeadAttention(nn.Module):
@@ -73,7 +74,7 @@ class MultiHeadAttention(nn.Module):
         v = (
             self.v_proj(context).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         )  # (B, Hkv, Lk, d)
-        mask, is_causal = combine_masks(key_padding_mask, attn_mask, is_causal, B, Lq, Lk, x.device)
+        mask, is_causal, allowed = combine_masks(key_padding_mask, attn_mask, is_causal, B, Lq, Lk, x.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -84,6 +85,6 @@ class MultiHeadAttention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, Hq, Lq, d)
         y = y.transpose(1, 2).reshape(B, Lq, D)
-        if self.zero_empty_rows and mask is not None and mask.dtype == torch.bool:
-            y = torch.where(mask.any(-1).transpose(1, 2), y, 0)  # (B, Lq, 1): query has a key to attend to
+        if self.zero_empty_rows and allowed is not None:
+            y = torch.where(allowed.any(-1).transpose(1, 2), y, 0)  # (B, Lq, 1): query has a key to attend to
         return self.out_proj(y)

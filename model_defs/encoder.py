@@ -1,4 +1,8 @@
-"""BERT-style encoder: embeddings, encoder blocks, pooler."""
+"""BERT-family encoder: embeddings, encoder blocks, pooler. What a family changes is in its config
+(model_defs/families.py): the activation, how positions are counted, an embedding projection, token types or
+none, a relative position bias."""
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -7,15 +11,23 @@ from torch import nn
 from .attention import MultiHeadAttention
 from .config import EncoderConfig
 
+ACTIVATION = {
+    "gelu": F.gelu,  # exact (erf) GELU, as BERT
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # transformers' gelu_new / gelu_pytorch_tanh
+    "relu": F.relu,
+}
+RELATIVE_MAX_DISTANCE = 128  # MPNet's: distances past it share the last bucket
+
 
 class FeedForward(nn.Module):
-    def __init__(self, hidden_size, ffn_size):
+    def __init__(self, hidden_size, ffn_size, act="gelu"):
         super().__init__()
+        self.act = ACTIVATION[act]
         self.fc1 = nn.Linear(hidden_size, ffn_size)
         self.fc2 = nn.Linear(ffn_size, hidden_size)
 
     def forward(self, x):  # (B, L, D) -> (B, L, D)
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as BERT
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class EncoderBlock(nn.Module):
@@ -26,28 +38,70 @@ class EncoderBlock(nn.Module):
         self.pre_layer_norm = cfg.pre_layer_norm
         self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.hidden_act)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, key_padding_mask=None):  # x (B, L, D), key_padding_mask (B, L) bool
+    def forward(self, x, key_padding_mask=None, bias=None):
+        """x (B, L, D), key_padding_mask (B, L) bool, bias: additive scores (1, H, L, L) or None."""
         if self.pre_layer_norm:
-            x = x + self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask)
+            x = x + self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask, attn_mask=bias)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x, key_padding_mask=key_padding_mask))
+        x = self.attn_norm(x + self.attn(x, key_padding_mask=key_padding_mask, attn_mask=bias))
         return self.ffn_norm(x + self.ffn(x))
+
+
+def positions(input_ids, cfg: EncoderConfig):
+    """Position ids (B, L): 0..L-1, or (from-ids) each non-padding id's count so far plus pad_token_id, and
+    pad_token_id itself at padding (transformers' create_position_ids_from_input_ids)."""
+    if cfg.positions == "absolute":
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    real = input_ids.ne(cfg.pad_token_id).long()
+    return torch.cumsum(real, dim=1) * real + cfg.pad_token_id
 
 
 class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.cfg, width = cfg, cfg.embedding_width
+        self.word = nn.Embedding(cfg.vocab_size, width)
+        self.position = nn.Embedding(cfg.max_positions, width)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, width) if cfg.type_vocab_size else None
+        self.norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.project = nn.Linear(width, cfg.hidden_size) if cfg.embedding_size else None
 
-    def forward(self, input_ids, token_type_ids):  # (B, L) int64 each -> (B, L, D)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.norm(self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids))
+    def forward(self, input_ids, token_type_ids=None):  # (B, L) int64 each -> (B, L, D)
+        x = self.word(input_ids) + self.position(positions(input_ids, self.cfg))
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids)
+        x = self.norm(x)
+        return x if self.project is None else self.project(x)
+
+
+def relative_buckets(relative, num_buckets: int, max_distance: int = RELATIVE_MAX_DISTANCE):
+    """MPNet's bucket of each relative position (key - query): half the buckets for each direction, exact
+    below a quarter of them, then logarithmic up to max_distance."""
+    half = num_buckets // 2
+    n = -relative
+    bucket = (n < 0).long() * half
+    n = n.abs()
+    exact = half // 2
+    log = torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)
+    large = torch.clamp(exact + log.long(), max=half - 1)
+    return bucket + torch.where(n < exact, n, large)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per (bucketed key - query distance, head), shared by every layer (MPNet)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.num_buckets = cfg.relative_attention_buckets
+        self.weight = nn.Parameter(torch.empty(cfg.relative_attention_buckets, cfg.num_heads))
+
+    def forward(self, length: int, device):  # -> (1, H, L, L)
+        position = torch.arange(length, device=device)
+        buckets = relative_buckets(position[None, :] - position[:, None], self.num_buckets)
+        return F.embedding(buckets, self.weight).permute(2, 0, 1).unsqueeze(0)
 
 
 class BertModel(nn.Module):
@@ -57,6 +111,7 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
+        self.relative_bias = RelativePositionBias(cfg) if cfg.relative_attention_buckets else None
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = (
             nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
@@ -68,10 +123,22 @@ class BertModel(nn.Module):
         Returns hidden (B, L, D)[, pooled (B, D)]."""
         x = self.embeddings(input_ids, token_type_ids)
         key_padding_mask = attention_mask.bool()
+        bias = None if self.relative_bias is None else self.relative_bias(input_ids.shape[1], x.device)
         for block in self.blocks:
-            x = block(x, key_padding_mask)
+            x = block(x, key_padding_mask, bias)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.pooler is None:
             return (x,)
         return x, torch.tanh(self.pooler(x[:, 0]))
+
+
+class BertModelWithoutTokenTypes(BertModel):
+    """A family without token types (DistilBERT, MPNet): its inputs are input_ids and attention_mask."""
+
+    def forward(self, input_ids, attention_mask):
+        return super().forward(input_ids, None, attention_mask)
+
+
+def encoder_class(cfg: EncoderConfig) -> type[BertModel]:
+    return BertModel if cfg.type_vocab_size else BertModelWithoutTokenTypes

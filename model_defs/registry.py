@@ -10,7 +10,7 @@ from ..artifact_format import model_io
 from ..inputs import make_inputs
 from .attention import MultiHeadAttention
 from .config import PRESETS, EncoderConfig
-from .encoder import BertModel, EncoderBlock
+from .encoder import EncoderBlock, RelativePositionBias, encoder_class
 from .numpy_io import from_numpy
 
 
@@ -91,7 +91,7 @@ def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Mod
     if architecture == "encoder-block":
         return BlockLayer(cfg)
     if architecture == "bert":
-        return BertModel(cfg)
+        return encoder_class(cfg)(cfg)
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
@@ -195,6 +195,8 @@ def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
         elif isinstance(m, nn.LayerNorm):
             m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
             m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        elif isinstance(m, RelativePositionBias):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g))
     return module
 
 

@@ -221,6 +221,12 @@ def _positive_int(v) -> bool:
     return type(v) is int and v > 0
 
 
+def _buckets(v) -> bool:
+    """A relative-bias bucket count: 0 (none), or an even count of at least 4 (half per direction, a quarter
+    of them exact)."""
+    return type(v) is int and (v == 0 or 4 <= v <= MAX_BUCKETS and not v % 2)
+
+
 CONFIG_FIELDS = {  # what the oracle, the tolerance policy and the PyTorch rebuild read
     "num_layers": _positive_int,
     "hidden_size": _positive_int,
@@ -229,11 +235,44 @@ CONFIG_FIELDS = {  # what the oracle, the tolerance policy and the PyTorch rebui
     "ffn_size": _positive_int,
     "vocab_size": _positive_int,
     "max_positions": _positive_int,
-    "type_vocab_size": _positive_int,
+    "type_vocab_size": lambda v: type(v) is int and v >= 0,
     "layer_norm_eps": lambda v: type(v) is float and 0 < v < 1,
     "pre_layer_norm": lambda v: type(v) is bool,
     "with_pooler": lambda v: type(v) is bool,
+    "hidden_act": lambda v: v in ACTIVATIONS,
+    "positions": lambda v: v in POSITIONS,
+    "pad_token_id": lambda v: type(v) is int and v >= 0,
+    "embedding_size": lambda v: v is None or _positive_int(v),
+    "relative_attention_buckets": lambda v: (
+        type(v) is int and (v == 0 or 4 <= v <= MAX_BUCKETS and not v % 2)
+    ),
 }
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # as model_defs.config has them (tests check they agree)
+POSITIONS = ("absolute", "from-ids")
+MAX_BUCKETS = 1024
+
+
+# Config fields added with the BERT families (qkv-onnx 0.3), and the value an older manifest means by leaving
+# them out: BERT's.
+FAMILY_DEFAULTS = {
+    "hidden_act": "gelu",
+    "positions": "absolute",
+    "pad_token_id": 0,
+    "embedding_size": None,
+    "relative_attention_buckets": 0,
+}
+
+
+def with_defaults(manifest: dict) -> None:
+    """Give a manifest written before the families (its digest already checked) their BERT defaults."""
+    model = manifest.get("model")
+    if isinstance(model, dict) and isinstance(model.get("config"), dict):
+        model["config"] = {**FAMILY_DEFAULTS, **model["config"]}
+
+
+def max_sequence(cfg: dict) -> int:
+    """The longest sequence a config's position table covers (from-ids positions start after the pad id)."""
+    return cfg["max_positions"] - (cfg["pad_token_id"] + 1 if cfg["positions"] == "from-ids" else 0)
 
 
 def manifest_problem(m: dict) -> str | None:
@@ -271,6 +310,11 @@ def manifest_problem(m: dict) -> str | None:
     kv = cfg["num_kv_heads"] or cfg["num_heads"]
     if cfg["hidden_size"] % cfg["num_heads"] or cfg["num_heads"] % kv:
         return f"model config has an impossible head layout: {cfg['hidden_size']}/{cfg['num_heads']}/{kv}"
+    if max_sequence(cfg) < 1 or cfg["pad_token_id"] >= cfg["vocab_size"]:
+        return (
+            f"model config pad_token_id {cfg['pad_token_id']} does not fit its vocab_size "
+            f"{cfg['vocab_size']} and max_positions {cfg['max_positions']}"
+        )
     if not isinstance(m["backend"], str) or m["backend"] not in BACKENDS:
         return f"unknown backend {m['backend']!r}; known: {', '.join(BACKENDS)}"
     if m["dtype"] not in ARTIFACT_DTYPES:
@@ -493,7 +537,7 @@ def model_io(architecture: str, cfg: dict, options: dict, dtype: str) -> tuple[l
         ids = ("batch", "seq")
         inputs = [
             value("input_ids", ids, "token_ids"),
-            value("token_type_ids", ids, "segment_ids"),
+            *([value("token_type_ids", ids, "segment_ids")] if cfg["type_vocab_size"] else []),
             value("attention_mask", ids, "padding_mask"),
         ]
         outputs = [value("last_hidden_state", ("batch", "seq", h))]
@@ -552,10 +596,14 @@ def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
         return attention
     if architecture == "encoder-block":
         return block
-    tensors = 5 + cfg["num_layers"] * block[0] + 2 * cfg["pre_layer_norm"] + 2 * cfg["with_pooler"]
+    e, types, buckets = cfg["embedding_size"] or h, cfg["type_vocab_size"], cfg["relative_attention_buckets"]
+    tensors = 4 + (types > 0) + 2 * bool(cfg["embedding_size"]) + (buckets > 0)
+    tensors += cfg["num_layers"] * block[0] + 2 * cfg["pre_layer_norm"] + 2 * cfg["with_pooler"]
     elements = (
-        (cfg["vocab_size"] + cfg["max_positions"] + cfg["type_vocab_size"]) * h
-        + 2 * h
+        (cfg["vocab_size"] + cfg["max_positions"] + types) * e
+        + 2 * e
+        + (e * h + h) * bool(cfg["embedding_size"])
+        + buckets * cfg["num_heads"]
         + cfg["num_layers"] * block[1]
         + 2 * h * cfg["pre_layer_norm"]
         + (h * h + h) * cfg["with_pooler"]
@@ -571,12 +619,16 @@ def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]
     if architecture == "encoder-block":
         return _block_weights("block", cfg)
     h = cfg["hidden_size"]
+    e = cfg["embedding_size"] or h
     out = {
-        "embeddings.word.weight": (cfg["vocab_size"], h),
-        "embeddings.position.weight": (cfg["max_positions"], h),
-        "embeddings.token_type.weight": (cfg["type_vocab_size"], h),
-        **_norm("embeddings.norm", h),
+        "embeddings.word.weight": (cfg["vocab_size"], e),
+        "embeddings.position.weight": (cfg["max_positions"], e),
+        **({"embeddings.token_type.weight": (cfg["type_vocab_size"], e)} if cfg["type_vocab_size"] else {}),
+        **_norm("embeddings.norm", e),
+        **(_linear("embeddings.project", h, e) if cfg["embedding_size"] else {}),
     }
+    if cfg["relative_attention_buckets"]:
+        out["relative_bias.weight"] = (cfg["relative_attention_buckets"], cfg["num_heads"])
     for i in range(cfg["num_layers"]):
         out.update(_block_weights(f"blocks.{i}", cfg))
     if cfg["pre_layer_norm"]:

@@ -68,7 +68,19 @@ def features(model: dict) -> tuple[str, ...]:
         out.append("pre-ln")
     if arch == "bert" and not cfg["with_pooler"]:
         out.append("no-pooler")
+    if arch == "bert":  # what the BERT families change (model_defs/families.py)
+        out += [f for f, on in FAMILY_FEATURES.items() if on(cfg)]
+    if arch in ("encoder-block", "bert") and cfg.get("hidden_act", "gelu") != "gelu":
+        out.append(cfg["hidden_act"])
     return tuple(sorted(out))
+
+
+FAMILY_FEATURES = {
+    "ids-positions": lambda cfg: cfg["positions"] == "from-ids",
+    "no-token-types": lambda cfg: not cfg["type_vocab_size"],
+    "projection": lambda cfg: bool(cfg["embedding_size"]),
+    "relative-bias": lambda cfg: bool(cfg["relative_attention_buckets"]),
+}
 
 
 def row_key(manifest: dict) -> tuple:

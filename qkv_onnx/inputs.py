@@ -22,10 +22,12 @@ def make_inputs(
     """Seeded inputs in graph order for `inputs` (manifest records: name, role, dtype, shape with symbolic
     'batch', 'seq', 'kv_seq'). `lengths[b]` real tokens in row b of the padding mask, 0 = a row that is all
     padding; cross-attention keys are `kv_seq` long (default seq + KV_EXTRA). Hidden states are standard
-    normal in the input's dtype; token and segment ids uniform over the config's vocabularies."""
+    normal in the input's dtype; token and segment ids uniform over the config's vocabularies, and the
+    config's pad_token_id where the padding mask is 0 (as a tokenizer pads)."""
     if len(lengths) != batch:
         raise ValueError(f"{len(lengths)} row lengths for batch {batch}")
     dims = {"batch": batch, "seq": seq, "kv_seq": seq + KV_EXTRA if kv_seq is None else kv_seq}
+    real = np.arange(dims["seq"])[None, :] < np.asarray(lengths)[:, None]
     out = []
     for spec in inputs:
         shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
@@ -34,6 +36,7 @@ def make_inputs(
             x = rng.standard_normal(shape).astype(np_dtype(spec["dtype"]))
         elif role == "token_ids":
             x = rng.integers(0, config["vocab_size"], shape, dtype=np.int64)
+            x[~real] = config.get("pad_token_id", 0)
         elif role == "segment_ids":
             x = rng.integers(0, config["type_vocab_size"], shape, dtype=np.int64)
         elif role == "padding_mask":

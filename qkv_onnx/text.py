@@ -102,14 +102,15 @@ def _load_tokenizer(tokenizer_dir: Path):
     raise TextError(f"{show(tokenizer_dir)}: no tokenizer files (tokenizer.json or vocab.txt)")
 
 
-def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
+def tokenize(tokenizer_dir, sentences, max_length: int | None = None, pad_id: int | None = None) -> dict:
     """Encode `sentences` as one batch: {'input_ids', 'token_type_ids', 'attention_mask'}, int64 (batch, seq).
 
     Each sentence becomes [CLS] tokens [SEP] (the tokenizer's own post-processor), segment 0,
     padded on the right with the tokenizer's pad token to the longest sentence in the batch
     (the tokenizer file's own padding/truncation settings are replaced: MiniLM's pads to a
     fixed 128). Sentences longer than `max_length` tokens (special tokens included) are
-    truncated to it; with max_length None nothing is truncated.
+    truncated to it; with max_length None nothing is truncated. `pad_id`: the model's pad token (its
+    config's pad_token_id; RoBERTa's is 1, <pad>), else the tokenizer's own or [PAD].
     """
     sentences = list(sentences)
     if not sentences:
@@ -121,8 +122,13 @@ def tokenize(tokenizer_dir, sentences, max_length: int | None = None) -> dict:
     tok = _load_tokenizer(tokenizer_dir)
     try:  # the tokenizer file drives the library from here on: any failure, a panic included, is its
         pad = tok.padding or {}
-        pad_token = pad.get("pad_token", "[PAD]")
-        pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
+        if pad_id is not None:
+            pad_token = tok.id_to_token(pad_id)
+            if pad_token is None:
+                raise TextError(f"{show(tokenizer_dir)}: the tokenizer has no token {pad_id} (pad_token_id)")
+        else:
+            pad_token = pad.get("pad_token", "[PAD]")
+            pad_id = pad.get("pad_id", tok.token_to_id(pad_token))
         if pad_id is None:
             raise TextError(f"{show(tokenizer_dir)}: the tokenizer has no pad token {pad_token!r}")
         tok.enable_padding(

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from qkv_onnx.artifact_format import (
+    FAMILY_DEFAULTS,
     FORMAT,
     JsonProblem,
     expected_weights,
@@ -41,6 +42,7 @@ MHA = {
     "layer_norm_eps": 1e-12,
     "pre_layer_norm": False,
     "with_pooler": True,
+    **FAMILY_DEFAULTS,
 }
 
 
@@ -79,9 +81,11 @@ CONFIGS = st.fixed_dictionaries(
         "ffn_size": st.integers(1, 64),
         "vocab_size": st.integers(1, 100),
         "max_positions": st.integers(1, 64),
-        "type_vocab_size": st.integers(1, 3),
+        "type_vocab_size": st.integers(0, 3),
         "pre_layer_norm": st.booleans(),
         "with_pooler": st.booleans(),
+        "embedding_size": st.sampled_from([None, 1, 5]),
+        "relative_attention_buckets": st.sampled_from([0, 2, 32]),
     }
 )
 

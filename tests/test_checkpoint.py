@@ -290,7 +290,7 @@ def test_unexpected_key_refused(mdir, hf_tensors, tmp_path):
         load_hf_checkpoint(_rewrite(mdir, tmp_path / "unexpected", tensors))
     tensors = {**hf_tensors, "encoder.layer.6.output.dense.bias": np.zeros(384, np.float32)}  # a 7th layer
     with pytest.raises(
-        CheckpointError, match=r"6-layer BERT .*unexpected key\(s\): encoder\.layer\.6\.output"
+        CheckpointError, match=r"6-layer bert .*unexpected key\(s\): encoder\.layer\.6\.output"
     ):
         load_hf_checkpoint(_rewrite(mdir, tmp_path / "layer6", tensors))
 
@@ -298,8 +298,9 @@ def test_unexpected_key_refused(mdir, hf_tensors, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "roberta"}, "model_type 'roberta' is not supported"),
-        ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' is not supported"),
+        ({"model_type": "deberta-v2"}, "model_type 'deberta-v2' is not supported"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"hidden_act": "silu"}, "hidden_act 'silu' is not supported"),
         (
             {"position_embedding_type": "relative_key"},
             "position_embedding_type 'relative_key' is not supported",

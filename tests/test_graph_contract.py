@@ -12,7 +12,7 @@ import onnx
 import pytest
 from helpers import ROOT, SMALL_MODELS, tree_bytes
 
-from qkv_onnx.artifact_format import BACKENDS, DTYPES, model_io
+from qkv_onnx.artifact_format import BACKENDS, DTYPES, FAMILY_DEFAULTS, model_io
 from qkv_onnx.graph_contract import (
     EXPORTER,
     ROWS,
@@ -113,7 +113,11 @@ def test_contract_names_what_differs(exported):
 
 
 def test_features_key_the_variants():
-    cfg = {"num_heads": 8, "num_kv_heads": 2, "pre_layer_norm": True, "with_pooler": False}
+    cfg = {
+        **FAMILY_DEFAULTS,
+        **{"num_heads": 8, "num_kv_heads": 2, "pre_layer_norm": True, "with_pooler": False},
+        "type_vocab_size": 2,
+    }
     assert features(
         {"architecture": "attention", "config": cfg, "options": {"causal": True, "cross": False}}
     ) == (
@@ -124,6 +128,20 @@ def test_features_key_the_variants():
     assert features(
         {"architecture": "encoder-block", "config": {**cfg, "num_kv_heads": None}, "options": {}}
     ) == ("pre-ln",)
+    mpnet = {**cfg, "num_kv_heads": None, "positions": "from-ids", "type_vocab_size": 0}
+    mpnet.update(relative_attention_buckets=32, pre_layer_norm=False, with_pooler=True)
+    assert features({"architecture": "bert", "config": mpnet, "options": {}}) == (
+        "ids-positions",
+        "no-token-types",
+        "relative-bias",
+    )
+    electra = {**cfg, "num_kv_heads": None, "embedding_size": 16, "hidden_act": "gelu_tanh"}
+    assert features({"architecture": "bert", "config": electra, "options": {}}) == (
+        "gelu_tanh",
+        "no-pooler",
+        "pre-ln",
+        "projection",
+    )
 
 
 def _checkout_copy(target: Path) -> Path:

@@ -226,7 +226,10 @@ def test_when_no_setting_meets_the_contract_the_export_fails_and_writes_nothing(
     monkeypatch.setitem(contract.LIMITS, "token_cosine_min", (">=", 1.5))
     assert export_main(["--model", "mha", "--dtype", "int8", "--out", str(tmp_path / "art")]) == 1
     line = single_error_line(capsys.readouterr().err, "qkv-export")
-    assert "int8: no setting meets the accuracy contract on the search inputs; with every product in float32 it got" in line
+    assert (
+        "int8: no setting meets the accuracy contract on the search inputs; with every product in float32 it got"
+        in line
+    )
     assert "token_cosine_min 1.0000" in line and list(tmp_path.iterdir()) == []
 
 

@@ -37,6 +37,7 @@ from ..artifact_format import (
     manifest_problem,
     signed,
     strict_json,
+    with_defaults,
 )
 from ..errors import ArtifactError, BrokenEnvironment, first_line, show
 from ..graph_contract import ContractError, check_structure, check_vocabulary, weight_dtype
@@ -153,6 +154,7 @@ def read_manifest(directory: Path) -> dict:
         raise ArtifactError(f"{show(path)}: content does not match its {DIGEST_KEY} (edited or corrupt)")
     if signed(manifest).encode() != raw:
         raise ArtifactError(f"{show(path)}: not in the canonical form qkv-export writes (edited or corrupt)")
+    with_defaults(manifest)
     problem = manifest_problem(manifest)
     if problem:
         raise ArtifactError(f"{show(path)}: {problem}")

@@ -18,6 +18,7 @@ from ..artifact_format import (
     file_role,
     golden_file,
     io_dtype,
+    max_sequence,
     np_dtype,
     stored_weight_dtype,
     weight_totals,
@@ -39,7 +40,7 @@ PROTO_BYTES_PER_ELEMENT = 10  # the largest encoding of one element in a TensorP
 def max_seq(manifest: dict) -> int:
     """Longest sequence (and key sequence) golden data may have: the position table of a BERT, else 512."""
     cfg = manifest["model"]["config"]
-    return cfg["max_positions"] if manifest["model"]["architecture"] == "bert" else DEFAULT_MAX_SEQ
+    return max_sequence(cfg) if manifest["model"]["architecture"] == "bert" else DEFAULT_MAX_SEQ
 
 
 def weights_bytes(manifest: dict) -> tuple[int, int]:

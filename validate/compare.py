@@ -16,6 +16,8 @@ number of sequential sublayers (2 per encoder block, +2 for embeddings and poole
   bfloat16: tol = u_bf16 * 8 * S, the float16 argument with an 8-bit mantissa.
 The provider enters only through the accumulation precision, float32 on every runtime judged
 (ORT CPU; ORT CUDA with TF32 off, which its sessions force; NumPy), so one policy per dtype.
+An output that ends in a contraction (the pooler's tanh) is judged at the scale of its pre-activation:
+its error is that accumulation's, passed on undiminished while tanh shrinks the values.
 Against PyTorch (golden data or a live run) or a sibling backend, which have their own
 rounding, the tolerance is doubled. NaN or Inf in either side never passes.
 """
@@ -73,8 +75,10 @@ def first_nonfinite(a: np.ndarray) -> str:
     return f"{a[idx]} at index {idx} ({int((~np.isfinite(a)).sum())} non-finite values)"
 
 
-def compare_outputs(actual, reference, tol: float) -> Comparison:
-    """Metrics of `actual` against `reference` and the verdict under `tol` (see module docstring)."""
+def compare_outputs(actual, reference, tol: float, scale_floor: float = 0.0) -> Comparison:
+    """Metrics of `actual` against `reference` and the verdict under `tol` (see module docstring).
+    `scale_floor`: the scale of the value the output's last accumulation produced, where a contraction
+    follows it (tanh is 1-Lipschitz: it passes that accumulation's error on while shrinking the values)."""
     actual, reference = np.asarray(actual), np.asarray(reference)
     if actual.shape != reference.shape:
         return Comparison(tol, error=f"shape {list(actual.shape)}, expected {list(reference.shape)}")
@@ -86,7 +90,7 @@ def compare_outputs(actual, reference, tol: float) -> Comparison:
     if not r.size:
         return Comparison(tol, Metrics(0.0, 0.0, 0.0, 1.0, 0.0, 0.0))
     diff = np.abs(a - r)
-    scale = float(np.abs(r).max())
+    scale = max(float(np.abs(r).max()), scale_floor)
     floor = max(scale * 1e-6, np.finfo(np.float64).tiny)
     norms = np.linalg.norm(a) * np.linalg.norm(r)
     cosine = float((a.ravel() @ r.ravel()) / norms) if norms > 0 else float(np.array_equal(a, r))

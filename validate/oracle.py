@@ -26,10 +26,11 @@ def softmax(x, axis=-1):
     return e / np.where(empty, 1.0, total)
 
 
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, bias=None):
     """ONNX Attention on 4-D inputs: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> (B, Hq, Lq, dv).
 
-    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk); `bias`: one more
+    additive float (a relative position bias) beside a bool mask.
     is_causal: query i sees keys j <= i (top-left aligned). Grouped-query attention when
     Hkv < Hq: q head h uses kv head h // (Hq / Hkv). `probs`: a list that receives the
     attention probabilities (B, Hq, Lq, Lk).
@@ -53,6 +54,8 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None):
             allowed &= attn_mask
         else:
             scores = scores + attn_mask.astype(np.float64)
+    if bias is not None:
+        scores = scores + np.asarray(bias, dtype=np.float64)
     p = softmax(np.where(allowed, scores, -np.inf))
     if probs is not None:
         probs.append(p)
@@ -73,13 +76,58 @@ def gelu(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
+def gelu_tanh(x):
+    """GELU's tanh approximation (Hendrycks and Gimpel): transformers' gelu_new."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+ACTIVATIONS = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu}
+
+
+def positions(input_ids, cfg):
+    """Position ids: 0..L-1, or (from-ids) 1, 2, ... over the ids that are not pad_token_id, offset by it, and
+    pad_token_id itself at padding."""
+    ids = np.asarray(input_ids)
+    if cfg["positions"] == "absolute":
+        return np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    real = ids != cfg["pad_token_id"]
+    return np.cumsum(real, axis=1) * real + cfg["pad_token_id"]
+
+
+def relative_bucket(relative, num_buckets, max_distance=128):
+    """MPNet's bucket of a relative position (key - query), from its definition: num_buckets / 2 buckets per
+    direction (keys after the query in the upper half), exact distances below a quarter of the buckets, then
+    logarithmic in the distance up to max_distance, beyond which all share the last bucket."""
+    half = num_buckets // 2
+    exact = half // 2
+    distance = np.abs(relative)
+    upper = np.where(relative > 0, half, 0)
+    scaled = exact + np.floor(
+        np.log(np.maximum(distance, 1) / exact) / math.log(max_distance / exact) * (half - exact)
+    )
+    return upper + np.where(distance < exact, distance, np.minimum(scaled, half - 1)).astype(np.int64)
+
+
+def relative_bias(w, cfg, length):
+    """The bias every layer adds to its scores: (1, H, L, L) from the learned (buckets, H) table."""
+    position = np.arange(length)
+    buckets = relative_bucket(position[None, :] - position[:, None], cfg["relative_attention_buckets"])
+    return w["relative_bias.weight"][buckets].transpose(2, 0, 1)[None]
+
+
 class Trace:
     """What a forward pass records when asked: the taps (values at sublayer boundaries, keyed by (tap,
-    layer) as in the manifest) and each attention's probabilities (B, H, Lq, Lk), keyed by layer."""
+    layer) as in the manifest) and each attention's probabilities (B, H, Lq, Lk), keyed by layer; `scales`:
+    for an output that ends in a contraction (the pooler's tanh), the scale of the value before it."""
 
     def __init__(self, probs: bool = False):
         self.taps: dict[tuple[str, int | None], np.ndarray] = {}
         self.probs: dict[int, np.ndarray] | None = {} if probs else None
+        self.scales: dict[int, float] = {}
 
     def keep(self, tap: str, layer: int | None, value: np.ndarray) -> np.ndarray:
         self.taps[tap, layer] = value
@@ -97,6 +145,7 @@ def multi_head_attention(
     is_causal=False,
     scale=None,
     probs=None,
+    bias=None,
 ):
     """Projections, attention per head, output projection. key_padding_mask (B, Lk): True/1 = attend.
     `probs`: a list that receives the attention probabilities."""
@@ -113,12 +162,13 @@ def multi_head_attention(
     mask = (
         None if key_padding_mask is None else np.asarray(key_padding_mask).astype(bool).reshape(b, 1, 1, lk)
     )
-    y = attention(q, k, v, mask, is_causal, scale, probs)  # (B, H, Lq, d)
+    y = attention(q, k, v, mask, is_causal, scale, probs, bias)  # (B, H, Lq, d)
     return linear(y.transpose(0, 2, 1, 3).reshape(b, lq, width), w, prefix + ".out_proj")
 
 
-def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0):
-    """BERT post-LN block, or pre-LN when cfg['pre_layer_norm']. `trace` records its taps as `layer`."""
+def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0, bias=None):
+    """BERT post-LN block, or pre-LN when cfg['pre_layer_norm']. `trace` records its taps as `layer`; `bias`:
+    scores added in attention (relative positions)."""
     eps = cfg["layer_norm_eps"]
     kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
     trace = trace or Trace()
@@ -126,14 +176,23 @@ def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0)
 
     def attn(t):
         y = multi_head_attention(
-            t, w, prefix + ".attn", cfg["num_heads"], kv_heads, key_padding_mask=key_padding_mask, probs=probs
+            t,
+            w,
+            prefix + ".attn",
+            cfg["num_heads"],
+            kv_heads,
+            key_padding_mask=key_padding_mask,
+            probs=probs,
+            bias=bias,
         )
         if probs:
             trace.probs[layer] = probs[0]
         return trace.keep("attention", layer, y)
 
+    act = ACTIVATIONS[cfg.get("hidden_act", "gelu")]
+
     def ffn(t):
-        return linear(gelu(linear(t, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
+        return linear(act(linear(t, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
 
     if cfg["pre_layer_norm"]:
         x = trace.keep("attention_block", layer, x + attn(layer_norm(x, w, prefix + ".attn_norm", eps)))
@@ -142,23 +201,29 @@ def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0)
     return trace.keep("block", layer, layer_norm(x + ffn(x), w, prefix + ".ffn_norm", eps))
 
 
-def bert(w, cfg, input_ids, token_type_ids, attention_mask, trace=None):
-    """Embeddings, blocks, optional final LayerNorm and tanh pooler. Returns a tuple of outputs."""
+def bert(w, cfg, *inputs, trace=None):
+    """Embeddings, blocks, optional final LayerNorm and tanh pooler of a BERT-family encoder; inputs
+    (input_ids, [token_type_ids,] attention_mask). Returns a tuple of outputs."""
     trace = trace or Trace()
+    input_ids, attention_mask = inputs[0], inputs[-1]
     eps, length = cfg["layer_norm_eps"], input_ids.shape[1]
-    x = (
-        w["embeddings.word.weight"][input_ids]
-        + w["embeddings.position.weight"][:length]
-        + w["embeddings.token_type.weight"][token_type_ids]
-    ).astype(np.float64)
-    x = trace.keep("embeddings", None, layer_norm(x, w, "embeddings.norm", eps))
+    x = w["embeddings.word.weight"][input_ids] + w["embeddings.position.weight"][positions(input_ids, cfg)]
+    if cfg["type_vocab_size"]:
+        x = x + w["embeddings.token_type.weight"][inputs[1]]
+    x = layer_norm(x.astype(np.float64), w, "embeddings.norm", eps)
+    if cfg["embedding_size"]:
+        x = linear(x, w, "embeddings.project")
+    x = trace.keep("embeddings", None, x)
+    bias = relative_bias(w, cfg, length) if cfg["relative_attention_buckets"] else None
     for i in range(cfg["num_layers"]):
-        x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask, trace, i)
+        x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask, trace, i, bias)
     if cfg["pre_layer_norm"]:
         x = trace.keep("final_norm", None, layer_norm(x, w, "final_norm", eps))
     if not cfg["with_pooler"]:
         return (x,)
-    return x, trace.keep("pooler", None, np.tanh(linear(x[:, 0], w, "pooler")))
+    pre = linear(x[:, 0], w, "pooler")
+    trace.scales[1] = float(np.abs(pre).max()) if pre.size else 0.0
+    return x, trace.keep("pooler", None, np.tanh(pre))
 
 
 def as_float64(weights):

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype
+from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype, max_sequence
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import make_inputs
 from ..stages import stage
 from . import oracle
 from .artifact import Artifact, input_problem
+from .caps import max_seq
 from .compare import (
     UNIT_ROUNDOFF,
     compare_contract,
@@ -45,6 +46,7 @@ class Case:
     inputs: list[np.ndarray]
     golden: list[np.ndarray] | None = None  # PyTorch outputs written at export time
     trace: oracle.Trace | None = None  # the oracle's taps on this case, kept until localization is done
+    scales: dict[int, float] = field(default_factory=dict)  # oracle.Trace.scales, kept for every comparison
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,9 @@ def text_case(artifact: Artifact, sentences: list[str]) -> Case:
         artifact.private / tokenizer,
         artifact.path / tokenizer,
         sentences,
-        m["model"]["config"]["max_positions"],
+        max_sequence(m["model"]["config"]),
         artifact.limits,
+        m["model"]["config"]["pad_token_id"],
     )
     inputs = [feeds[i["name"]] for i in m["inputs"]]
     for x, spec in zip(inputs, m["inputs"]):
@@ -140,8 +143,10 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
     if sentences:
         cases.append(text_case(artifact, sentences))
     m = artifact.manifest
+    longest = max_seq(m)
     for n, (batch, seq, lengths) in enumerate(VALIDATION_CASES):
         rng = np.random.default_rng([seed, n])
+        seq, lengths = min(seq, longest), [min(k, longest) for k in lengths]  # a short position table
         cases.append(
             Case(f"b{batch}xs{seq}", make_inputs(m["inputs"], m["model"]["config"], batch, seq, lengths, rng))
         )
@@ -317,6 +322,7 @@ def _references(
                 case.inputs,
                 case.trace,
             )
+            case.scales = case.trace.scales
         tol = tolerance(io_dtype(m["dtype"]), k, stages)  # PyTorch's (float32 for a quantized artifact)
         if case.golden is not None:
             report.checks += _compare(
@@ -427,7 +433,7 @@ def _compare(
                 if isinstance(tol, Contract):
                     comparison = compare_contract(got[i], ref_outputs[i], tol.mask, tol.sentences)
                 else:
-                    comparison = compare_outputs(got[i], ref_outputs[i], tol)
+                    comparison = compare_outputs(got[i], ref_outputs[i], tol, case.scales.get(i, 0.0))
                 checks.append(Check(runtime, case.name, name, ref_name, comparison, gating))
     return checks
 

@@ -162,10 +162,10 @@ def _check(path: str) -> None:
     onnx.checker.check_model(path, full_check=True)
 
 
-def _tokenize(directory: str, sentences: list, max_length: int) -> dict:
+def _tokenize(directory: str, sentences: list, max_length: int, pad_id: int) -> dict:
     from ..text import tokenize
 
-    return tokenize(directory, sentences, max_length=max_length)
+    return tokenize(directory, sentences, max_length=max_length, pad_id=pad_id)
 
 
 # --- the parent --------------------------------------------------------------------------------------
@@ -356,14 +356,14 @@ class SandboxedRuntime:
 
 
 def tokenize_sandboxed(
-    directory: Path, shown: Path, sentences: list, max_length: int, limits: Limits
+    directory: Path, shown: Path, sentences: list, max_length: int, limits: Limits, pad_id: int = 0
 ) -> dict:
     """`qkv_onnx.text.tokenize` of an artifact's tokenizer files (`directory`, errors naming `shown`) in a
     sandbox: the tokenizers library runs the files' regexes and can panic, hang or allocate on them."""
     sandbox = Sandbox(limits, shown, directory)
     try:
         return sandbox.call(
-            "tokenizing the sentences", "_tokenize", str(directory), list(sentences), max_length
+            "tokenizing the sentences", "_tokenize", str(directory), list(sentences), max_length, pad_id
         )
     except SandboxedError as e:
         raise ArtifactError(f"{show(shown)}: the tokenizer fails ({e})") from None
