@@ -227,8 +227,8 @@ def test_when_no_setting_meets_the_contract_the_export_fails_and_writes_nothing(
     assert export_main(["--model", "mha", "--dtype", "int8", "--out", str(tmp_path / "art")]) == 1
     line = single_error_line(capsys.readouterr().err, "qkv-export")
     assert (
-        "int8: no setting meets the accuracy contract on the search inputs; with every product in float32 it got"
-        in line
+        "int8: no setting meets the accuracy contract on the search inputs; "
+        "with every product in float32 it got" in line
     )
     assert "token_cosine_min 1.0000" in line and list(tmp_path.iterdir()) == []
 
