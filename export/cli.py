@@ -51,7 +51,7 @@ def parse_args(argv) -> argparse.Namespace:
         metavar="DIR",
         help="a Hugging Face encoder checkpoint directory (config.json + model.safetensors, tokenizer "
         "files optional) to export instead of a registry model; its model_type one of: "
-        + ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+        + ", ".join(FAMILIES)
         + " (docs/families.md: what each changes; a task head such as classifier.* is refused)",
     )
     p.add_argument(

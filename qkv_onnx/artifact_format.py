@@ -243,12 +243,10 @@ CONFIG_FIELDS = {  # what the oracle, the tolerance policy and the PyTorch rebui
     "positions": lambda v: v in POSITIONS,
     "pad_token_id": lambda v: type(v) is int and v >= 0,
     "embedding_size": lambda v: v is None or _positive_int(v),
-    "relative_attention_buckets": lambda v: (
-        type(v) is int and (v == 0 or 4 <= v <= MAX_BUCKETS and not v % 2)
-    ),
+    "relative_attention_buckets": _buckets,
 }
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # as model_defs.config has them (tests check they agree)
-POSITIONS = ("absolute", "from-ids")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")  # exact erf GELU; its tanh approximation (gelu_new); ReLU
+POSITIONS = ("absolute", "from-ids")  # 0..L-1; or counted over the non-padding ids from pad_token_id + 1
 MAX_BUCKETS = 1024
 
 

@@ -50,3 +50,11 @@ def make_inputs(
 def full_rows(batch: int, seq: int) -> list[int]:
     """Row lengths of a batch without padding."""
     return [seq] * batch
+
+
+def fit(shape: tuple, longest: int) -> tuple:
+    """A (batch, seq, lengths) case shortened to a model's longest sequence, its lengths in proportion."""
+    batch, seq, lengths = shape
+    if seq <= longest:
+        return shape
+    return batch, longest, [min(longest, -(-n * longest // seq)) for n in lengths]

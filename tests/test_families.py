@@ -212,6 +212,7 @@ def test_a_family_we_do_not_serve_is_refused(model_type, tmp_path, capsys):
         ({"model_type": "distilbert", "activation": "silu"}, "activation 'silu'"),
         ({"model_type": "electra", "hidden_act": "swish"}, "hidden_act 'swish'"),
         ({"model_type": "roberta", "is_decoder": True}, "is_decoder True"),
+        ({"model_type": ["bert"]}, "model_type ['bert'] is not supported"),  # a hostile config.json
     ],
 )
 def test_an_option_we_do_not_compute_is_refused_by_name(change, named, tmp_path, capsys):

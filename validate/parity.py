@@ -9,7 +9,7 @@ import numpy as np
 
 from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype, max_sequence
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
-from ..inputs import make_inputs
+from ..inputs import fit, make_inputs
 from ..stages import stage
 from . import oracle
 from .artifact import Artifact, input_problem
@@ -143,10 +143,9 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
     if sentences:
         cases.append(text_case(artifact, sentences))
     m = artifact.manifest
-    longest = max_seq(m)
-    for n, (batch, seq, lengths) in enumerate(VALIDATION_CASES):
+    for n, shape in enumerate(VALIDATION_CASES):
         rng = np.random.default_rng([seed, n])
-        seq, lengths = min(seq, longest), [min(k, longest) for k in lengths]  # a short position table
+        batch, seq, lengths = fit(shape, max_seq(m))  # a short position table
         cases.append(
             Case(f"b{batch}xs{seq}", make_inputs(m["inputs"], m["model"]["config"], batch, seq, lengths, rng))
         )
