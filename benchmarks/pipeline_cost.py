@@ -1,8 +1,9 @@
-"""Wall time of `qkv-export` then `qkv-validate` on one model, per stage.
+"""Wall time of `qkv-export` then `qkv-validate` on one model (or a checkpoint directory), per stage.
 
-Both CLIs' `main` run in one fresh process (`python -m qkv_onnx.benchmarks.pipeline_cost MODEL DIR` prints one
-JSON line) while a StageClock listens to the stages the pipeline announces (`qkv_onnx.stages`). Times are
-exclusive: a stage entered inside another is taken out of its caller's time. What no stage covers is 'other'.
+Both CLIs' `main` run in one fresh process (`python -m qkv_onnx.benchmarks.pipeline_cost MODEL DIR
+[WEIGHTS]` prints one JSON line) while a StageClock listens to the stages the pipeline announces
+(`qkv_onnx.stages`). Times are exclusive: a stage entered inside another is taken out of its caller's
+time. What no stage covers is 'other'.
 """
 
 import json
@@ -43,7 +44,7 @@ def _timed_main(main, argv) -> dict:
     return {"exit_code": code, "total_s": total, "stages_s": clock.totals}
 
 
-def _child(model: str, directory: str) -> dict:
+def _child(model: str, directory: str, weights: str | None = None) -> dict:
     t0 = time.perf_counter()
     import contextlib
     import io
@@ -55,17 +56,26 @@ def _child(model: str, directory: str) -> dict:
     imports = time.perf_counter() - t0
     out = f"{directory}/{model}"
     with contextlib.redirect_stdout(io.StringIO()):
-        exported = _timed_main(export_cli.main, ["--model", model, "--out", out])
+        source = ["--weights", weights] if weights else ["--model", model]
+        exported = _timed_main(export_cli.main, [*source, "--out", out])
         validated = _timed_main(validate_cli.main, [out, "--report", f"{directory}/validate.md"])
     return {"imports_s": imports, "export": exported, "validate": validated}
 
 
-def measure(model: str, directory, timeout: float = 900) -> dict:
-    """Export `model` (default backend) into `directory` and validate it, in a fresh process; the stage
-    times, and 'process_s': the whole process's wall time (interpreter start and imports included)."""
+def measure(model: str, directory, timeout: float = 900, weights=None) -> dict:
+    """Export `model` (default backend; with `weights`, that checkpoint directory, `model` naming the output)
+    into `directory` and validate it, in a fresh process; the stage times, and 'process_s': the whole
+    process's wall time (interpreter start and imports included)."""
     t0 = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, "-m", "qkv_onnx.benchmarks.pipeline_cost", model, str(directory)],
+        [
+            sys.executable,
+            "-m",
+            "qkv_onnx.benchmarks.pipeline_cost",
+            model,
+            str(directory),
+            *([str(weights)] if weights else []),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -77,4 +87,4 @@ def measure(model: str, directory, timeout: float = 900) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1], sys.argv[2])))
+    print(json.dumps(_child(*sys.argv[1:4])))

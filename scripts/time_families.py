@@ -1,15 +1,15 @@
 """Time qkv-export --weights and qkv-validate of a bert-base-sized checkpoint of every family (random weights,
-saved as a user's checkpoint): the table of docs/families.md.
+saved as a user's checkpoint), with the benchmarks' pipeline cost: the table of docs/families.md.
 Run: .venv/bin/python scripts/time_families.py"""
 
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
+
+from qkv_onnx.benchmarks.pipeline_cost import measure
 
 VOCAB = 30522
 BASE = dict(
@@ -28,14 +28,6 @@ CONFIGS = {
 }
 
 
-def timed(*args: str) -> float:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(args)}: exit {done.returncode}\n{(done.stdout + done.stderr)[-2000:]}")
-    return time.perf_counter() - start
-
-
 def main() -> None:
     totals = {}
     for name, config in CONFIGS.items():
@@ -43,11 +35,15 @@ def main() -> None:
             d = Path(tmp)
             torch.manual_seed(0)
             transformers.AutoModel.from_config(config).eval().save_pretrained(d / "ckpt")
-            export = timed("qkv_onnx.export", "--weights", str(d / "ckpt"), "--out", str(d / "art"))
-            validate = timed("qkv_onnx.validate", str(d / "art"))
-        totals[name] = export + validate
+            cost = measure(name, d, weights=d / "ckpt")
+        if "error" in cost or cost["export"]["exit_code"] or cost["validate"]["exit_code"]:
+            sys.exit(f"{name}: {cost}")
+        totals[name] = cost["process_s"]
+        export, validate = cost["export"]["total_s"], cost["validate"]["total_s"]
         ratio = totals[name] / totals["bert"]
-        print(f"| {name} | {export:.1f} s | {validate:.1f} s | {ratio:.2f} |", flush=True)
+        print(
+            f"| {name} | {export:.1f} s | {validate:.1f} s | {totals[name]:.1f} s | {ratio:.2f} |", flush=True
+        )
 
 
 if __name__ == "__main__":
