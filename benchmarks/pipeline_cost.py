@@ -67,15 +67,9 @@ def measure(model: str, directory, timeout: float = 900, weights=None) -> dict:
     into `directory` and validate it, in a fresh process; the stage times, and 'process_s': the whole
     process's wall time (interpreter start and imports included)."""
     t0 = time.perf_counter()
+    args = [model, str(directory), *([str(weights)] if weights else [])]
     p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qkv_onnx.benchmarks.pipeline_cost",
-            model,
-            str(directory),
-            *([str(weights)] if weights else []),
-        ],
+        [sys.executable, "-m", "qkv_onnx.benchmarks.pipeline_cost", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
