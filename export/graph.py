@@ -69,17 +69,13 @@ def build_graph(
     spec: ModelSpec, module, backend: str, dtype: str, opset: int
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of `module` (in eval mode and `dtype`) for `backend`, and the
-    tensors of initializers that keep their bytes outside it (model_file.write_model). A model of three or
-    more layers is stitched from the export of its two-layer version (export/stitch.py; the same bytes as
-    exporting it whole), anything else exported whole."""
+    tensors of initializers that keep their bytes outside it (model_file.write_model). A model of two or
+    more layers is stitched from the export of its two-layer version with probe weights (export/stitch.py;
+    the same bytes as exporting it whole), anything else exported whole."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    if layers(spec) >= 3:
+    if layers(spec) >= 2:
         two = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
-        probe = two.random(PROBE_SEED).eval().to(getattr(torch, dtype))
-        probe_state = {k: v.detach() for k, v in probe.state_dict().items()}
-        template = _export(two, probe, backend, dtype, opset)
-        with stage(STAGE_CANONICAL):
-            canonicalize(template, probe_state)
+        template, probe_state = _template(two, backend, dtype, opset)
         try:
             with stage(STAGE_STITCH):
                 return stitch(template, probe_state, layers(spec), state)
@@ -89,6 +85,35 @@ def build_graph(
     with stage(STAGE_CANONICAL):
         canonicalize(graph, state)
     return graph, {}
+
+
+_templates: dict[tuple, tuple[onnx.ModelProto, dict]] = {}  # the most recent TEMPLATES_KEPT, oldest first
+TEMPLATES_KEPT = 4
+
+
+def _template(two: ModelSpec, backend: str, dtype: str, opset: int) -> tuple[onnx.ModelProto, dict]:
+    """(canonical graph, probe weights) of the two-layer model `two` with the probe weights: a function of
+    the model's description alone (never of anyone's weights), so a process exports it once and stitches
+    every model of that shape from it (stitch() only reads it)."""
+    key = (
+        two.name,
+        two.architecture,
+        repr(two.config),
+        repr(sorted(two.options.items())),
+        backend,
+        dtype,
+        opset,
+    )
+    if key not in _templates:
+        probe = two.random(PROBE_SEED).eval().to(getattr(torch, dtype))
+        probe_state = {k: v.detach() for k, v in probe.state_dict().items()}
+        template = _export(two, probe, backend, dtype, opset)
+        with stage(STAGE_CANONICAL):
+            canonicalize(template, probe_state)
+        while len(_templates) >= TEMPLATES_KEPT:
+            del _templates[next(iter(_templates))]
+        _templates[key] = template, probe_state
+    return _templates[key]
 
 
 def _export(spec: ModelSpec, module, backend: str, dtype: str, opset: int) -> onnx.ModelProto:

@@ -67,6 +67,10 @@ CASES = [
     ("ort-contrib", "float32", replace(SMALL, pre_layer_norm=True, num_layers=4), "transformers"),
     ("ort-contrib", "float16", replace(SMALL, with_pooler=False), "random"),
     ("decomposed", "float32", replace(SMALL, pre_layer_norm=True), "some zeros"),
+    # two layers: the template's own shape, its probe weights replaced (bert-tiny, the families' checkpoints)
+    ("onnx-attention", "float32", replace(SMALL, num_layers=2), "some zeros"),
+    ("ort-contrib", "float16", replace(SMALL, num_layers=2), "transformers"),
+    ("decomposed", "float32", replace(SMALL, num_layers=2, pre_layer_norm=True), "random"),
 ]
 
 

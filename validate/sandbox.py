@@ -132,16 +132,32 @@ def _serve(requests: Connection, answers: Connection) -> None:
         except (EOFError, OSError):
             return
         except BaseException as e:  # unpickling the request under the cap
-            answers.send(("error", _kind(e), type(e).__name__, str(e), _peak_memory()))
+            answers.send(_error(e))
             continue
         try:
-            fn = getattr(importlib.import_module(module), name)
-            answers.send(("ok", fn(*args)))
-        except BaseException as e:  # everything goes back to the parent, which decides what it means
+            answers.send(answer(_call, module, name, args))
+        except BaseException as e:  # the answer cannot be sent (pickled): that is the answer
             try:
-                answers.send(("error", _kind(e), type(e).__name__, str(e), _peak_memory()))
+                answers.send(_error(e))
             except BaseException:
                 return
+
+
+def _call(module: str, name: str, args: tuple):
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def _error(e: BaseException) -> tuple:
+    return ("error", _kind(e), type(e).__name__, str(e), _peak_memory())
+
+
+def answer(function, *args) -> tuple:
+    """What the child sends for `function(*args)`: ('ok', result), or ('error', kind, type, message, peak
+    memory): everything goes back to the parent, which decides what it means (Sandbox.answered)."""
+    try:
+        return ("ok", function(*args))
+    except BaseException as e:
+        return _error(e)
 
 
 def _open(module: str, qualname: str, model_path: str) -> dict:
@@ -262,6 +278,10 @@ class Sandbox:
             raise ArtifactError(
                 f"{self.shown}: {what} ended the sandboxed process (exit code {code})"
             ) from None
+        return self.answered(what, answer)
+
+    def answered(self, what: str, answer: tuple):
+        """The result an answer carries, or the error it reports, as this sandbox's caller sees it."""
         if answer[0] == "ok":
             return answer[1]
         _, kind, type_name, message, peak = answer
