@@ -38,6 +38,22 @@ VALIDATE_WITH_CACHE = (
 )
 
 
+def rotation(primary: list, *others: list) -> list:
+    """The cross product primary x others as pytest params: the default run keeps one cell per primary value,
+    the n-th taking others' values (d[n % len(d)] for each d), so every value of every axis is met when
+    primary is at least as long as each other axis; every other cell is marked `matrix` (pytest -m matrix,
+    which CI runs too). Deterministic: the same cells every run."""
+    import itertools
+
+    import pytest
+
+    chosen = {(p, *(d[n % len(d)] for d in others)) for n, p in enumerate(primary)}
+    return [
+        pytest.param(*cell, marks=() if cell in chosen else pytest.mark.matrix)
+        for cell in itertools.product(primary, *others)
+    ]
+
+
 def snapshot(directory: Path) -> dict:
     """Every entry under `directory`, symlinks and special files included: what 'nothing changed' means.
     Regular files by sha256, symlinks by target, others by file type."""

@@ -17,6 +17,7 @@ from helpers import (
     SMALL_MODELS,
     openvino_native_bf16,
     rehash,
+    rotation,
     run_cli,
     single_error_line,
 )
@@ -87,8 +88,7 @@ def test_cross_attention_and_gqa_become_contrib_multi_head_attention(exported):
         assert counts.get("com.microsoft::MultiHeadAttention") == 1 and "Softmax" not in counts
 
 
-@pytest.mark.parametrize("backend", ["ort-contrib", "decomposed"])
-@pytest.mark.parametrize("model", SMALL_MODELS)
+@pytest.mark.parametrize(("model", "backend"), rotation(SMALL_MODELS, ["ort-contrib", "decomposed"]))
 def test_every_mask_form_of_every_backend_passes_on_ort_cpu(exported, model, backend):
     """Each model's masks (padding, causal + padding, cross-attention padding, an all-padding row,
     seq 1) run on ORT CPU and agree with the oracle and golden data on all validation cases."""

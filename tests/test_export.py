@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, SMALL_MODELS, tree_bytes
+from helpers import ROOT, SMALL_MODELS, rotation, tree_bytes
 from onnx import numpy_helper
 
 from qkv_onnx.export.backends import export_onnx
@@ -82,8 +82,7 @@ def test_golden_data_is_pytorch_output_in_onnx_layout(exported):
     )
 
 
-@pytest.mark.parametrize("model", SMALL_MODELS)
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(("model", "dtype"), rotation(SMALL_MODELS, ["float32", "float16"]))
 def test_every_mask_form_runs_on_ort_cpu(exported, model, dtype):
     """Each model's padding mask (padded rows, an all-padding row, seq 1, unpadded) runs on ORT CPU,
     finite."""

@@ -19,7 +19,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import ROOT, edit_manifest, edit_model, rehash, rewrite, run_cli, single_error_line, snapshot
+from helpers import (
+    ROOT,
+    edit_manifest,
+    edit_model,
+    rehash,
+    rewrite,
+    rotation,
+    run_cli,
+    single_error_line,
+    snapshot,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -688,9 +698,14 @@ def test_moderately_scaled_inputs_within_policy(exported):
         assert compare_outputs(got, ref, tolerance("float32", k, stages)).passed
 
 
-@pytest.mark.parametrize("backend", ["onnx-attention", "ort-contrib", "decomposed"])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("model", ["mha", "mha-causal", "mha-cross"])
+@pytest.mark.parametrize(
+    ("model", "dtype", "backend"),
+    rotation(
+        ["mha", "mha-causal", "mha-cross"],
+        ["float32", "float16"],
+        ["onnx-attention", "ort-contrib", "decomposed"],
+    ),
+)
 def test_fully_masked_row_is_exactly_the_output_bias(exported, model, dtype, backend):
     """A row whose keys are all masked attends to nothing: attention gives 0, so the output is exactly
     out_proj.bias, on ORT CPU as in the oracle; never NaN. In every backend: com.microsoft kernels and

@@ -17,6 +17,7 @@ from helpers import (
     SMALL_MODELS,
     edit_manifest,
     openvino_native_bf16,
+    rotation,
     run_cli,
     scale_attention,
     single_error_line,
@@ -77,8 +78,7 @@ def test_taps_are_recorded_in_computation_order_and_name_graph_values(exported, 
 # --- every unfaulted model, backend and runtime passes every tap --------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("model", SMALL_MODELS)
+@pytest.mark.parametrize(("model", "backend"), rotation(SMALL_MODELS, list(BACKENDS)))
 def test_every_tap_passes_on_every_runtime(exported, tmp_path, capsys, model, backend):
     """--locate on honest artifacts: each runtime of --providers auto runs every case with the taps exposed,
     and every tap is within the policy's tolerance for its depth (the tap tolerances are not too tight)."""
