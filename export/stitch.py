@@ -152,12 +152,14 @@ def stitch(
             return shift(x, offset)
         return x
 
-    nodes, source = list(g.node[:start]), {}
+    nodes, source = (
+        [_copy(n) for n in g.node[:start]],
+        {},
+    )  # the template is never changed (a process reuses it)
     copies = [(g.node[start:end], k - 1, k == n_layers - 1) for k in range(1, n_layers)]
     for run, offset, last in [*copies, (g.node[end:], n_layers - 2, True)]:
         for node in run:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
+            copy = _copy(node)
             copy.name = shift(node.name, offset)
             copy.input[:] = [rename(x, offset, last) for x in node.input]
             copy.output[:] = [rename(o, offset, last) if o else o for o in node.output]
@@ -224,6 +226,12 @@ def stitch(
         listed.append(v)
     out.graph.value_info.extend(listed)
     return out, {x: e.data for x, e in made.items() if e.data is not None}
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 @dataclass

@@ -433,6 +433,9 @@ README_TEST_COMMAND = re.search(
 )[1]
 
 
+MATRIX_COMMAND = ".venv/bin/python -m pytest -q -m matrix"  # every cell the default run samples
+
+
 def _tool(name: str) -> str:
     """A tool the test extra installs beside this interpreter (pip install '.[test]')."""
     path = Path(sys.executable).parent / name
@@ -491,8 +494,8 @@ def test_actionlint_reports_a_broken_workflow(tmp_path):
 
 
 def test_repository_ci_runs_the_readme_test_command_on_each_supported_python():
-    """ci.yml: the README's test command, as .ci/run runs it, on Linux with the Pythons requires-python
-    admits from its floor to 3.12, with pip's cache."""
+    """ci.yml: the README's test command, then the full cross products (-m matrix), as .ci/run runs them, on
+    Linux with the Pythons requires-python admits from its floor to 3.12, with pip's cache."""
     flow = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
     [job] = flow["jobs"].values()
     assert job["runs-on"] == "ubuntu-latest"
@@ -503,8 +506,9 @@ def test_repository_ci_runs_the_readme_test_command_on_each_supported_python():
     )
     assert setup["with"]["cache-dependency-path"].split() == ["pyproject.toml", "scripts/setup.sh"]
     runs = [s["run"].strip() for s in job["steps"] if "run" in s]
-    assert runs == [README_TEST_COMMAND]
-    assert (ROOT / ".ci/run").read_text().strip().endswith("\n" + README_TEST_COMMAND)
+    assert runs == [README_TEST_COMMAND, MATRIX_COMMAND]
+    ci_run = (ROOT / ".ci/run").read_text().strip().splitlines()
+    assert ci_run[-2:] == [README_TEST_COMMAND, MATRIX_COMMAND]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'requires-python = ">=3.10"' in pyproject and 'target-version = "py310"' in pyproject
 

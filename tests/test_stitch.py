@@ -208,3 +208,19 @@ def test_external_data_goes_to_the_side_file_and_loads_back(tmp_path):
     assert set(written) == {"m.onnx", "m.onnx.data"} and written["m.onnx.data"]["bytes"] == big.nbytes
     loaded = onnx.load(str(tmp_path / "m.onnx"))
     assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), big)
+
+
+@pytest.mark.slow
+def test_stitching_leaves_the_shared_template_as_it_was():
+    """A process exports each two-layer template once and stitches every model of that shape from it: a
+    stitch whose value-dependent rewrites fire (merges, a dropped Gemm bias) must not change it, or the next
+    model of that shape would get the last one's rewrites."""
+    both_ways(SMALL, "onnx-attention", "float32", weights("random"))
+    [(template, probe)] = [
+        v for k, v in export_graph._templates.items() if k[2] == repr(replace(SMALL, num_layers=2))
+    ]
+    before = template.SerializeToString()
+    for kind in ("transformers", "some zeros"):
+        whole, stitched = both_ways(SMALL, "onnx-attention", "float32", weights(kind))
+        assert stitched == whole, kind
+        assert template.SerializeToString() == before, kind
