@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from helpers import ROOT, SMALL_MODELS, rotation, tree_bytes
 from onnx import numpy_helper
 
+from qkv_onnx.artifact_format import BACKENDS
 from qkv_onnx.export.backends import export_onnx
 from qkv_onnx.export.cli import main as export_main
 from qkv_onnx.export.fusion import FusionError, check_fusion, count_ops
@@ -142,31 +143,16 @@ def test_fusion_check_counts_attention_modules(exported):
         check_fusion(model, "onnx-attention", 3)
 
 
-@pytest.mark.parametrize("backend", ["onnx-attention", "ort-contrib", "decomposed"])
-def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path, backend):
-    """Same model, weights and options: same bytes, from another process and hash seed, under another name
-    (ort-contrib included: onnxscript's rewriter runs after the exporter)."""
-    first = exported("bert-tiny", backend=backend)
-    other = tmp_path / "another-name"
+def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path):
+    """Same model, weights and options: same bytes, from another process and hash seed, under another name,
+    for every backend (ort-contrib included: onnxscript's rewriter runs after the exporter). One process
+    writes all three (--backend all), each from its own export."""
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qkv_onnx.export",
-            "--model",
-            "bert-tiny",
-            "--backend",
-            backend,
-            "--out",
-            str(other),
-        ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    assert tree_bytes(first) == tree_bytes(other)
+    command = [sys.executable, "-m", "qkv_onnx.export", "--model", "bert-tiny", "--backend", "all"]
+    subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, env=env, check=True, capture_output=True)
+    for backend in BACKENDS:
+        other = tmp_path / f"bert-tiny-{backend}-float32"
+        assert tree_bytes(exported("bert-tiny", backend=backend)) == tree_bytes(other), backend
 
 
 @pytest.mark.slow
