@@ -213,12 +213,15 @@ def test_swapped_taps_fail_where_they_were_swapped(artifact_copy, tmp_path, caps
 # --- faults planted by third-party runtimes ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fault, tap", [("weight", "block"), ("mask", "attention"), ("scale", "attention")])
-def test_a_fault_at_layer_1_is_located_at_layer_1(exported, faults_site, tmp_path, backend, fault, tap):
+@pytest.mark.parametrize(
+    ("fault_tap", "backend"),
+    rotation([("weight", "block"), ("mask", "attention"), ("scale", "attention")], list(BACKENDS)),
+)
+def test_a_fault_at_layer_1_is_located_at_layer_1(exported, faults_site, tmp_path, backend, fault_tap):
     """A runtime that computes layer 1 of bert-tiny wrong (a perturbed feed-forward weight, an inverted
     mask, a doubled attention scale): exit 1, and the first divergence names layer 1 and the tap the fault
     is in; every tap before it passes on every case."""
+    fault, tap = fault_tap
     json_path = tmp_path / "r.json"
     code, out, err = validate_with_plugins(
         faults_site,
