@@ -225,7 +225,7 @@ def test_external_data_goes_to_the_side_file_and_loads_back(tmp_path):
 def test_stitching_leaves_the_shared_template_as_it_was(monkeypatch):
     """A process exports each two-layer template once and stitches every model of that shape from it: a
     stitch whose value-dependent rewrites fire (merges, a dropped Gemm bias) must not change it, or the next
-    model of that shape would get the last one's rewrites."""
+    model of that shape would get the last one's rewrites (seen: 'some zeros' after 'transformers')."""
     monkeypatch.setattr(export_graph, "_templates", {})
     both_ways(SMALL, "onnx-attention", "float32", weights("random"))
     [(template, _)] = export_graph._templates.values()
