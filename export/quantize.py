@@ -45,8 +45,8 @@ STAGE_SEARCH = "int8 sensitivity search"
 
 
 def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -> dict[str, list[str]]:
-    """The weight-carrying MatMul / Gemm nodes by sublayer, in depth order: 'layer k attention' (Q, K, V and
-    output projections), 'layer k feed-forward', 'pooler'."""
+    """The weight-carrying MatMul / Gemm nodes by sublayer, in depth order: 'embeddings' (a projection),
+    'layer k attention' (Q, K, V and output projections), 'layer k feed-forward', 'pooler'."""
     g = _Scopes(model)
     weights = {i.name for i in model.graph.initializer}
     prefixes = ["attn", "block"] if architecture != "bert" else [f"blocks.{k}" for k in range(num_layers)]
@@ -60,15 +60,16 @@ def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -
                 f"int8: {node.op_type} {node.name!r} belongs to no sublayer ({SCOPES_KEY} missing?)"
             )
         groups.setdefault(group, []).append(node.name)
-    order = [f"layer {k} {part}" for k in range(num_layers) for part in ("attention", "feed-forward")] + [
-        "pooler"
-    ]
+    layers = [f"layer {k} {part}" for k in range(num_layers) for part in ("attention", "feed-forward")]
+    order = ["embeddings", *layers, "pooler"]
     return {name: groups[name] for name in order if name in groups}
 
 
 def _group(paths: set[str], architecture: str, prefixes: list[str]) -> str | None:
     if "pooler" in paths:
         return "pooler"
+    if "embeddings" in paths:  # ELECTRA's projection of the embeddings to the hidden size
+        return "embeddings"
     if architecture == "attention":
         return "layer 0 attention" if "attn" in paths else None
     for k, prefix in enumerate(prefixes if architecture == "bert" else ["block"]):
@@ -140,6 +141,8 @@ def _growth(taps: list[dict], groups: list[str], values, reference) -> dict[str,
     for group in groups:
         if group == "pooler":
             before, after = stream[-1] if stream else None, ("pooler", None)
+        elif group == "embeddings":  # the embeddings tap is the projection's output
+            before, after = None, ("embeddings", None)
         else:
             k, part = int(group.split()[1]), group.split(" ", 2)[2]
             after = ("attention_block", k) if part == "attention" else ("block", k)

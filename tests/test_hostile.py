@@ -19,6 +19,7 @@ from helpers import (
     edit_model,
     rehash,
     rewrite,
+    rotation,
     run_capped,
     single_error_line,
     snapshot,
@@ -213,8 +214,7 @@ GRAPH_ATTACKS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("attack", GRAPH_ATTACKS)
+@pytest.mark.parametrize(("attack", "mode"), rotation(list(GRAPH_ATTACKS), list(MODES)))
 def test_graph_attack_refused(attack, mode, artifact_copy):
     """A graph the exporter never writes, re-signed: refused (structural: the vocabulary or the op counts,
     before onnx.checker or any runtime sees it; rebuild: the vocabulary screen before any runtime sees it,
