@@ -152,10 +152,8 @@ def stitch(
             return shift(x, offset)
         return x
 
-    nodes, source = (
-        [_copy(n) for n in g.node[:start]],
-        {},
-    )  # the template is never changed (a process reuses it)
+    nodes = [_copy(n) for n in g.node[:start]]  # copies: a process reuses its template unchanged
+    source = {}
     copies = [(g.node[start:end], k - 1, k == n_layers - 1) for k in range(1, n_layers)]
     for run, offset, last in [*copies, (g.node[end:], n_layers - 2, True)]:
         for node in run:

@@ -259,7 +259,7 @@ class Sandbox:
                 f"{self.shown}: {what} ran past the time limit of {self.limits.seconds:g} s (--time-limit)"
             )
         try:
-            answer = _load_answer(self.conn.recv_bytes())
+            reply = _load_answer(self.conn.recv_bytes())
         except pickle.UnpicklingError as e:
             self.close()
             raise ArtifactError(f"{self.shown}: {what}: {e}") from None
@@ -278,7 +278,7 @@ class Sandbox:
             raise ArtifactError(
                 f"{self.shown}: {what} ended the sandboxed process (exit code {code})"
             ) from None
-        return self.answered(what, answer)
+        return self.answered(what, reply)
 
     def answered(self, what: str, answer: tuple):
         """The result an answer carries, or the error it reports, as this sandbox's caller sees it."""
