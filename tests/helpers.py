@@ -9,8 +9,10 @@ from pathlib import Path
 import onnx
 
 from qkv_onnx.artifact_format import DIGEST_KEY, canonical_json, manifest_digest, sha256_file
+from qkv_onnx.errors import show
 from qkv_onnx.validate.cli import main as validate_main
 from qkv_onnx.validate.runtimes import RUNTIMES, Reference, parse_providers
+from qkv_onnx.validate.sandbox import Sandbox, answer
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTO = parse_providers("auto")[0]
@@ -191,19 +193,13 @@ def cached_rebuild(cache: Path):
     from qkv_onnx.validate import rebuild
 
     class CachedRebuild(rebuild.PendingRebuild):
+        SANDBOX = InProcessSandbox
+
         def start(self):
             self.entry = cache / rebuild_key(self.manifest)
             self.hit = (self.entry / "built.json").is_file()
             if not self.hit:
-                limits = rebuild.rebuild_limits(self.model_bytes)
-                self.sandbox = in_process_sandbox()(limits, self.directory / "model.onnx", self.private)
-                self.sandbox.submit(
-                    "rebuilding it with the exporter",
-                    rebuild.rebuild_in_child,
-                    self.manifest,
-                    str(self.private / "weights.npz"),
-                    str(self.scratch),
-                )
+                super().start()
                 return
             for f in self.entry.iterdir():
                 if f.name != "built.json":
@@ -228,28 +224,23 @@ def cached_rebuild(cache: Path):
     return CachedRebuild
 
 
-def in_process_sandbox():
-    """A Sandbox without the child: the call runs here, warm (torch imported, the exporter's templates
-    built), and its answer is read as the child's would be. The session's first rebuild of each artifact
-    runs so; tests marked `real_rebuild` see the sandboxed child."""
-    from qkv_onnx.errors import show
-    from qkv_onnx.validate.sandbox import Sandbox, answer
+class InProcessSandbox(Sandbox):
+    """A Sandbox without the child: the call runs here, warm (torch imported, the exporter's templates built),
+    and its answer is read as the child's would be. The session's first rebuild of each artifact runs so;
+    tests marked `real_rebuild` see the sandboxed child."""
 
-    class InProcessSandbox(Sandbox):
-        def __init__(self, limits, shown: Path, private: Path | None = None):
-            self.limits, self.shown_path, self.private, self.shown = limits, shown, private, show(shown)
+    def __init__(self, limits, shown: Path, private: Path | None = None):
+        self.limits, self.shown_path, self.private, self.shown = limits, shown, private, show(shown)
 
-        def submit(self, what: str, function, *args) -> None:
-            reply = answer(function, *args)  # this process's peak memory is not the call's: 0
-            self.what, self.reply = what, (*reply[:4], 0) if reply[0] == "error" else reply
+    def submit(self, what: str, function, *args) -> None:
+        reply = answer(function, *args)  # this process's peak memory is not the call's: 0
+        self.what, self.reply = what, (*reply[:4], 0) if reply[0] == "error" else reply
 
-        def result(self):
-            return self.answered(self.what, self.reply)
+    def result(self):
+        return self.answered(self.what, self.reply)
 
-        def close(self) -> None:
-            pass
-
-    return InProcessSandbox
+    def close(self) -> None:
+        pass
 
 
 def install_rebuild_cache(cache: Path) -> None:
