@@ -18,11 +18,14 @@ import onnx
 import torch
 
 from ..artifact_format import BACKENDS
+from ..decoder_format import DECODER
 from ..errors import ExportError, first_line
 from ..model_defs.attention import MultiHeadAttention
 from ..stages import stage
+from .cache import fold_cache, to_group_query_attention
 
 STAGE_EXPORT, STAGE_FUSE = "torch.onnx.export (dynamo)", "onnxscript optimize_for_ort"
+STAGE_CACHE = "KV cache into the attention ops"
 
 
 def export_onnx(
@@ -33,10 +36,11 @@ def export_onnx(
     dynamic_shapes,
     backend: str,
     opset: int | None = None,
+    architecture: str = "attention",
 ) -> onnx.ModelProto:
     """The graph of `module(*args)` for `backend`, as the exporter (and for ort-contrib, onnxscript's ORT
     fusions) writes it, first setting each MultiHeadAttention's `zero_empty_rows` as the backend needs."""
-    b = BACKENDS[backend]
+    b = BACKENDS[backend].for_architecture(architecture)
     opset = b.default_opset if opset is None else opset
     problem = b.opset_problem(opset)
     if problem:
@@ -71,4 +75,20 @@ def export_onnx(
                 raise ExportError(f"onnxscript optimize_for_ort failed: {type(e).__name__}: {e}") from e
     import onnx_ir
 
-    return onnx_ir.serde.serialize_model(program.model)
+    model = onnx_ir.serde.serialize_model(program.model)
+    if architecture == DECODER and b.attention_ops:
+        _cache_into_attention(model, module, b)
+    return model
+
+
+def _cache_into_attention(model: onnx.ModelProto, module: torch.nn.Module, backend) -> None:
+    """A decoder's cache read and written by its fused ops (export/cache.py), as `backend` writes them."""
+    cfg = module.config
+    with stage(STAGE_CACHE):
+        if fold_cache(model) != cfg.num_layers:
+            raise ExportError(
+                "the exporter's graph does not concatenate each layer's cache before its Attention"
+            )
+        if backend.attention_ops == (("com.microsoft", "GroupQueryAttention"),):
+            dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+            to_group_query_attention(model, cfg.num_heads, cfg.kv_heads, dtype)

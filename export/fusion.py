@@ -4,7 +4,7 @@ from collections import Counter
 
 import onnx
 
-from ..artifact_format import BACKENDS, all_nodes, op_key
+from ..artifact_format import BACKENDS, all_nodes, every_attention_op, op_key
 from ..errors import ExportError
 
 
@@ -32,7 +32,9 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict[str, int]:
+def check_fusion(
+    model: onnx.ModelProto, backend: str, expected: int, architecture: str = "attention"
+) -> dict[str, int]:
     """Raise FusionError unless the graph's attention is what `backend` promises for `expected`
     attention modules; returns the op counts.
 
@@ -40,8 +42,8 @@ def check_fusion(model: onnx.ModelProto, backend: str, expected: int) -> dict[st
     MatMul. `decomposed`: no fused attention node of any kind and one Softmax per module.
     """
     counts = count_ops(model)
-    own = [op_key(*op) for op in BACKENDS[backend].attention_ops]
-    every = {op_key(*op) for b in BACKENDS.values() for op in b.attention_ops}
+    own = [op_key(*op) for op in BACKENDS[backend].for_architecture(architecture).attention_ops]
+    every = every_attention_op()
     problems = []
     stray = {k: counts[k] for k in sorted(every - set(own)) if counts.get(k)}
     if stray:

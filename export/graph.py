@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..artifact_format import BACKENDS, graph_io
+from ..artifact_format import BACKENDS, graph_io, model_layers
 from ..model_defs.registry import (
     ModelSpec,
     count_attention_modules,
@@ -24,6 +24,9 @@ from .stitch import StitchError, stitch
 from .taps import find_taps
 
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
+TRACE_PAST = 3  # a decoder's cached tokens in the trace (not 0 or 1 either)
+STITCHED = ("bert",)  # architectures stitched from a two-layer template (export/stitch.py); others whole
+TAPPED = ("attention", "encoder-block", "bert")  # architectures whose graphs have taps (export/taps.py)
 TRACE_SEED = 0  # the trace's input values: fixed, so the graph depends on the model and options only
 PROBE_SEED = 1  # the two-layer export's weights: any seeded, all-distinct values
 STAGE_READ_BACK, STAGE_FUSION_CHECK = "onnx.load (read graph back)", "fusion check"
@@ -31,7 +34,8 @@ STAGE_STITCH, STAGE_SAVE, STAGE_CANONICAL = "stitch the layers", "save model.onn
 
 
 def _dynamic_shapes(spec: ModelSpec) -> tuple:
-    """One torch.export Dim per symbolic name; sequences of a BERT model are bounded by its positions."""
+    """One torch.export Dim per symbolic name; sequences of a BERT model are bounded by its positions, a
+    decoder's cache may be empty. A decoder's cache inputs are its forward's *past: one nested tuple."""
     dims = {}
     shapes = []
     for inp in spec.inputs:
@@ -40,10 +44,16 @@ def _dynamic_shapes(spec: ModelSpec) -> tuple:
             if isinstance(d, str):
                 bounded = spec.architecture == "bert" and d != "batch"
                 dims.setdefault(
-                    d, torch.export.Dim(d, min=1, max=spec.config.max_sequence if bounded else None)
+                    d,
+                    torch.export.Dim(
+                        d, min=0 if d == "past" else 1, max=spec.config.max_sequence if bounded else None
+                    ),
                 )
                 axes[axis] = dims[d]
         shapes.append(axes)
+    cache = [k for k, i in enumerate(spec.inputs) if i.role in ("past_key", "past_value")]
+    if cache:
+        return (*shapes[: cache[0]], tuple(shapes[cache[0] :]))
     return tuple(shapes)
 
 
@@ -62,7 +72,7 @@ class ExportedGraph:
 
 def layers(spec: ModelSpec) -> int:
     """How many times the model repeats its block (1 for a model without blocks)."""
-    return spec.config.num_layers if spec.architecture == "bert" else 1
+    return model_layers(spec.architecture, spec.config.to_dict())
 
 
 def build_graph(
@@ -73,7 +83,7 @@ def build_graph(
     more layers is stitched from the export of its two-layer version with probe weights (export/stitch.py;
     the same bytes as exporting it whole), anything else exported whole."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    if layers(spec) >= 2:
+    if layers(spec) >= 2 and spec.architecture in STITCHED:
         two = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
         template, probe_state = _template(two, backend, dtype, opset)
         try:
@@ -117,10 +127,17 @@ def _template(two: ModelSpec, backend: str, dtype: str, opset: int) -> tuple[onn
 
 
 def _export(spec: ModelSpec, module, backend: str, dtype: str, opset: int) -> onnx.ModelProto:
-    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype)
+    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype, past=TRACE_PAST)
     names = [i.name for i in spec.inputs]
     return export_onnx(
-        module, tuple(trace.values()), names, spec.outputs, _dynamic_shapes(spec), backend, opset
+        module,
+        tuple(trace.values()),
+        names,
+        spec.outputs,
+        _dynamic_shapes(spec),
+        backend,
+        opset,
+        spec.architecture,
     )
 
 
@@ -143,8 +160,8 @@ def describe(
     """What the manifest records of `graph`, after the fusion check; `taps` when already found (an int8
     graph's are its float32 source's)."""
     with stage(STAGE_FUSION_CHECK):
-        op_counts = check_fusion(graph, backend, n_attention)
-        if taps is None:
+        op_counts = check_fusion(graph, backend, n_attention, spec.architecture)
+        if taps is None and spec.architecture in TAPPED:
             taps = find_taps(graph, spec.architecture, spec.config.to_dict(), list(spec.outputs))
     fusions = {k: v for k, v in op_counts.items() if k.startswith("com.microsoft::")}
     return ExportedGraph(

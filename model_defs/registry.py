@@ -6,10 +6,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifact_format import model_io
+from ..artifact_format import FLOAT_ROLES, model_io
 from ..inputs import make_inputs
 from .attention import MultiHeadAttention
 from .config import PRESETS, EncoderConfig
+from .decoder import DECODER_PRESETS, CachedAttention, DecoderConfig, DecoderModel, RMSNorm
 from .encoder import EncoderBlock, RelativePositionBias, encoder_class
 from .numpy_io import from_numpy
 
@@ -48,18 +49,18 @@ class BlockLayer(nn.Module):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input. role: 'hidden' (float), 'token_ids', 'segment_ids' or 'padding_mask' (int64)."""
+    """One graph input. role: one of artifact_format.INPUT_ROLES (FLOAT_ROLES are float, the rest int64)."""
 
     name: str
     role: str
-    shape: tuple  # symbolic dims are strings: 'batch', 'seq', 'kv_seq'; ints are fixed
+    shape: tuple  # symbolic dims are strings (artifact_format.DIMS); ints are fixed
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     architecture: str  # 'attention', 'encoder-block' or 'bert': what the oracle must compute
-    config: EncoderConfig
+    config: EncoderConfig | DecoderConfig
     inputs: tuple
     outputs: tuple
     options: dict = field(default_factory=dict)  # attention options: causal, cross
@@ -77,7 +78,7 @@ class ModelSpec:
             {
                 "name": i.name,
                 "role": i.role,
-                "dtype": dtype if i.role == "hidden" else "int64",
+                "dtype": dtype if i.role in FLOAT_ROLES else "int64",
                 "shape": list(i.shape),
             }
             for i in self.inputs
@@ -92,6 +93,8 @@ def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Mod
         return BlockLayer(cfg)
     if architecture == "bert":
         return encoder_class(cfg)(cfg)
+    if architecture == "decoder":
+        return DecoderModel(cfg)
     raise ValueError(f"unknown architecture {architecture!r}")
 
 
@@ -152,6 +155,7 @@ MODELS = {
             EncoderConfig(**{**_BLOCK.to_dict(), "pre_layer_norm": True}),
         ),
         *(bert_spec(name, cfg) for name, cfg in PRESETS.items()),
+        *(spec_for(name, "decoder", cfg) for name, cfg in DECODER_PRESETS.items()),
     ]
 }
 
@@ -174,8 +178,11 @@ def get_model(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+ATTENTION_MODULES = (MultiHeadAttention, CachedAttention)  # what the exporter fuses into one op each
+
+
 def count_attention_modules(module: nn.Module) -> int:
-    return sum(isinstance(m, MultiHeadAttention) for m in module.modules())
+    return sum(isinstance(m, ATTENTION_MODULES) for m in module.modules())
 
 
 @torch.no_grad()
@@ -189,12 +196,15 @@ def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
         elif isinstance(m, nn.Embedding):
             m.weight.copy_(torch.randn(m.weight.shape, generator=g))
         elif isinstance(m, nn.LayerNorm):
             m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
             m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        elif isinstance(m, RMSNorm):
+            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
         elif isinstance(m, RelativePositionBias):
             m.weight.copy_(torch.randn(m.weight.shape, generator=g))
     return module
@@ -208,6 +218,7 @@ def example_inputs(
     seed: int,
     dtype: str = "float32",
     kv_seq: int | None = None,
+    past: int = 0,
 ) -> dict:
     """Seeded torch inputs for `spec` from the shared generator (`qkv_onnx.inputs`); `lengths[b]` real tokens
     in row b (0 = a row that is all padding)."""
@@ -219,5 +230,6 @@ def example_inputs(
         lengths,
         np.random.default_rng(seed),
         kv_seq,
+        past,
     )
     return {i.name: from_numpy(a) for i, a in zip(spec.inputs, arrays, strict=True)}

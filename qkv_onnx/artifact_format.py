@@ -8,13 +8,14 @@ domains each backend emits, and the graph walks both halves need.
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import onnx
 
+from . import decoder_format
 from .errors import first_line
 
 FORMAT = "qkv-onnx-artifact/1"
@@ -29,9 +30,10 @@ DTYPES = ("float32", "float16", "bfloat16")  # float artifacts: weights, activat
 QUANTIZED = ("int8",)  # quantized artifacts: int8 weights, activations quantized at run time, float32 IO
 ARTIFACT_DTYPES = DTYPES + QUANTIZED
 TEXT_GOLDEN_SET = 3  # golden set of real sentences (checkpoints with a tokenizer), after the seeded ones
-INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask")
-ARCHITECTURES = ("attention", "encoder-block", "bert")
-DIMS = ("batch", "seq", "kv_seq")  # the symbolic dims validation knows how to size
+INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask", "position_ids", "past_key", "past_value")
+FLOAT_ROLES = ("hidden", "past_key", "past_value")  # in the artifact's float dtype; the other roles are int64
+ARCHITECTURES = ("attention", "encoder-block", "bert", decoder_format.DECODER)
+DIMS = ("batch", "seq", "kv_seq", "past", "total")  # the symbolic dims validation knows how to size
 STANDARD_DOMAINS = ("", "ai.onnx")
 REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
 MAX_LAYERS = 128  # BERT-style encoders have 2 to 48; each layer costs nodes to export, check and run
@@ -55,6 +57,19 @@ class Backend:
     ort_fusions: bool = False  # onnxscript's optimize_for_ort runs after the export
     zero_empty_rows: bool = False  # the graph writes "a query with no key outputs 0" itself
     summary: str = ""
+    decoder: tuple = ()  # (opset, fused ops) of a decoder's graph, its cache read by the op; () no decoders
+
+    def for_architecture(self, architecture: str) -> "Backend":
+        """The backend as it writes `architecture`: a decoder's graph has its own opset and attention ops
+        (export/cache.py writes them, not onnxscript's fusions)."""
+        if architecture != decoder_format.DECODER:
+            return self
+        if not self.decoder:
+            raise ValueError(f"backend {self.name} does not write decoders")
+        opset, ops = self.decoder
+        return replace(
+            self, min_opset=opset, max_opset=opset, default_opset=opset, attention_ops=ops, ort_fusions=False
+        )
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -83,6 +98,7 @@ BACKENDS = {
             23,
             (("", "Attention"),),
             summary="ONNX Attention op (opset >= 23): portable runtimes",
+            decoder=(23, (("", "Attention"),)),
         ),
         Backend(
             "ort-contrib",
@@ -93,7 +109,8 @@ BACKENDS = {
             ort_fusions=True,
             zero_empty_rows=True,
             summary="ONNX Runtime com.microsoft Attention/MultiHeadAttention, SkipLayerNormalization, "
-            "BiasGelu",
+            "BiasGelu; decoders: GroupQueryAttention",
+            decoder=(23, (("com.microsoft", "GroupQueryAttention"),)),
         ),
         Backend(
             "decomposed",
@@ -103,6 +120,7 @@ BACKENDS = {
             (),
             zero_empty_rows=True,
             summary="MatMul/Softmax at opset 17/18: runtimes without a fused attention op",
+            decoder=(18, ()),
         ),
     ]
 }
@@ -268,8 +286,16 @@ def with_defaults(manifest: dict) -> None:
         model["config"] = {**FAMILY_DEFAULTS, **model["config"]}
 
 
+def model_layers(architecture: str, cfg: dict) -> int:
+    """How many times a model repeats its block (1 for a model without blocks)."""
+    return cfg["num_layers"] if architecture in ("bert", decoder_format.DECODER) else 1
+
+
 def max_sequence(cfg: dict) -> int:
-    """The longest sequence a config's position table covers (from-ids positions start after the pad id)."""
+    """The longest sequence a config's position table covers (from-ids positions start after the pad id;
+    a decoder's past + seq)."""
+    if "positions" in cfg and cfg["positions"] in decoder_format.POSITIONS:
+        return cfg["max_positions"]
     return cfg["max_positions"] - (cfg["pad_token_id"] + 1 if cfg["positions"] == "from-ids" else 0)
 
 
@@ -289,30 +315,10 @@ def manifest_problem(m: dict) -> str | None:
         return "'model' must hold 'name', 'architecture', 'config' and 'options'"
     if model["architecture"] not in ARCHITECTURES:
         return f"unknown architecture {model['architecture']!r}; known: {', '.join(ARCHITECTURES)}"
-    unknown = sorted(set(model["config"]) - set(CONFIG_FIELDS))
-    if unknown:
-        return f"model config has unknown field {unknown[0]!r}"
-    absent = [k for k in CONFIG_FIELDS if k not in model["config"]]
-    if absent:
-        return f"model config lacks {absent[0]!r}"
-    bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(model["config"].get(k))]
-    if bad:
-        return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
-    wanted = OPTIONS.get(model["architecture"], ())
-    options = model["options"]
-    if sorted(options) != sorted(wanted) or not all(type(v) is bool for v in options.values()):
-        return f"model options {options!r}: architecture {model['architecture']} takes " + (
-            " and ".join(f"{k!r}" for k in wanted) + " (true or false)" if wanted else "none"
-        )
+    problem = _config_problem(model)
+    if problem:
+        return problem
     cfg = model["config"]
-    kv = cfg["num_kv_heads"] or cfg["num_heads"]
-    if cfg["hidden_size"] % cfg["num_heads"] or cfg["num_heads"] % kv:
-        return f"model config has an impossible head layout: {cfg['hidden_size']}/{cfg['num_heads']}/{kv}"
-    if max_sequence(cfg) < 1 or cfg["pad_token_id"] >= cfg["vocab_size"]:
-        return (
-            f"model config pad_token_id {cfg['pad_token_id']} does not fit its vocab_size "
-            f"{cfg['vocab_size']} and max_positions {cfg['max_positions']}"
-        )
     if not isinstance(m["backend"], str) or m["backend"] not in BACKENDS:
         return f"unknown backend {m['backend']!r}; known: {', '.join(BACKENDS)}"
     if m["dtype"] not in ARTIFACT_DTYPES:
@@ -321,7 +327,7 @@ def manifest_problem(m: dict) -> str | None:
     version = opset.get("ai.onnx") if isinstance(opset, dict) else None
     if type(version) is not int:
         return f"'opset' must give the ai.onnx version, got {opset!r}"
-    problem = BACKENDS[m["backend"]].opset_problem(version)
+    problem = BACKENDS[m["backend"]].for_architecture(model["architecture"]).opset_problem(version)
     if problem:
         return problem
     for key in ("inputs", "outputs"):
@@ -349,7 +355,7 @@ def manifest_problem(m: dict) -> str | None:
     )
     if problem:
         return problem
-    if model["architecture"] == "bert" and cfg["num_layers"] > MAX_LAYERS:
+    if model_layers(model["architecture"], cfg) > MAX_LAYERS:
         return f"model config num_layers = {cfg['num_layers']}, more than {MAX_LAYERS}"
     inputs, outputs = model_io(model["architecture"], cfg, model["options"], io_dtype(m["dtype"]))
     for kind, want in (("inputs", inputs), ("outputs", outputs)):
@@ -375,12 +381,45 @@ def manifest_problem(m: dict) -> str | None:
     return None
 
 
+def _config_problem(model: dict) -> str | None:
+    """What is wrong with a manifest model's config and options, or None."""
+    cfg = model["config"]
+    if model["architecture"] == decoder_format.DECODER:
+        problem = decoder_format.config_problem(cfg)
+        options = f"model options {model['options']!r}: a decoder takes none" if model["options"] else None
+        return problem or options
+    unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
+    if unknown:
+        return f"model config has unknown field {unknown[0]!r}"
+    absent = [k for k in CONFIG_FIELDS if k not in cfg]
+    if absent:
+        return f"model config lacks {absent[0]!r}"
+    bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(cfg.get(k))]
+    if bad:
+        return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
+    wanted = OPTIONS.get(model["architecture"], ())
+    options = model["options"]
+    if sorted(options) != sorted(wanted) or not all(type(v) is bool for v in options.values()):
+        return f"model options {options!r}: architecture {model['architecture']} takes " + (
+            " and ".join(f"{k!r}" for k in wanted) + " (true or false)" if wanted else "none"
+        )
+    kv = cfg["num_kv_heads"] or cfg["num_heads"]
+    if cfg["hidden_size"] % cfg["num_heads"] or cfg["num_heads"] % kv:
+        return f"model config has an impossible head layout: {cfg['hidden_size']}/{cfg['num_heads']}/{kv}"
+    if max_sequence(cfg) < 1 or cfg["pad_token_id"] >= cfg["vocab_size"]:
+        return (
+            f"model config pad_token_id {cfg['pad_token_id']} does not fit its vocab_size "
+            f"{cfg['vocab_size']} and max_positions {cfg['max_positions']}"
+        )
+    return None
+
+
 def _taps_problem(m: dict) -> str | None:
     """Taps (optional: 0.1 artifacts have none): a list of {tap, layer, value, add} in computation order."""
     taps, cfg, arch = m["taps"], m["model"]["config"], m["model"]["architecture"]
     if not isinstance(taps, list) or not taps:
         return "'taps' must be a non-empty list"
-    layers = cfg["num_layers"] if arch == "bert" else 1
+    layers = model_layers(arch, cfg)
     for t in taps:
         if not isinstance(t, dict) or set(t) != {"tap", "layer", "value", "add"}:
             return "every tap must be {tap, layer, value, add}"
@@ -423,7 +462,7 @@ def _io_problem(m: dict) -> str | None:
     and masks, shapes (batch, ...) of positive ints and known symbolic dims, a 2-D padding mask."""
     for v in m["inputs"] + m["outputs"]:
         shape, role = v["shape"], v.get("role", "output")
-        want = io_dtype(m["dtype"]) if role in ("hidden", "output") else "int64"
+        want = io_dtype(m["dtype"]) if role in (*FLOAT_ROLES, "output") else "int64"
         if v["dtype"] != want:
             return f"{v['name']!r} is {v['dtype']}, expected {want}"
         if (
@@ -492,6 +531,13 @@ def bodies(model: onnx.ModelProto) -> list:
     return tops + [g for top in tops for g in _subgraphs(top.node)]
 
 
+def every_attention_op() -> set[str]:
+    """'domain::Op' of every fused attention op any backend writes, for encoders or decoders."""
+    return {
+        op_key(*op) for b in BACKENDS.values() for op in b.attention_ops + (b.decoder[1] if b.decoder else ())
+    }
+
+
 def all_nodes(model: onnx.ModelProto):
     """Every node: main graph, model-local functions, and the subgraphs inside them."""
     for body in bodies(model):
@@ -525,6 +571,8 @@ def model_io(architecture: str, cfg: dict, options: dict, dtype: str) -> tuple[l
     """(inputs, outputs) of the reference module of `architecture`, as the manifest lists them: inputs
     {name, role, dtype, shape}, outputs {name, dtype, shape}, symbolic 'batch', 'seq' and 'kv_seq'. What
     the exporter writes for it (model_defs' registry is built from it; the tests compare real exports)."""
+    if architecture == decoder_format.DECODER:
+        return decoder_format.model_io(cfg, dtype)
     h = cfg["hidden_size"]
 
     def value(name, shape, role=None):
@@ -586,6 +634,8 @@ def _block_weights(prefix: str, cfg: dict) -> dict:
 def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
     """(tensors, elements) of expected_weights(architecture, cfg), in closed form: how big weights.npz
     must be, known before anything is read or enumerated (a manifest may claim 10^12 layers)."""
+    if architecture == decoder_format.DECODER:
+        return decoder_format.weight_totals(cfg)
     h, f = cfg["hidden_size"], cfg["ffn_size"]
     kv = h // cfg["num_heads"] * (cfg["num_kv_heads"] or cfg["num_heads"])
     attention = (8, 2 * (h * h + h) + 2 * (kv * h + kv))
@@ -612,6 +662,8 @@ def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
 def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]:
     """Every parameter name and shape the reference module of `architecture` has under `cfg`: the exact
     content of weights.npz (the state_dict of model_defs' module, checked against it in the tests)."""
+    if architecture == decoder_format.DECODER:
+        return decoder_format.expected_weights(cfg)
     if architecture == "attention":
         return _attention_weights("attn", cfg)
     if architecture == "encoder-block":

@@ -33,11 +33,11 @@ import onnx
 from onnx import numpy_helper
 
 from .artifact_format import (
-    BACKENDS,
     DTYPES,
     QUANTIZED,
     STANDARD_DOMAINS,
     all_nodes,
+    every_attention_op,
     np_dtype,
     op_key,
     stored_weight_dtype,
@@ -252,7 +252,7 @@ def expected_ops(row: dict, n_layers: int) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-ATTENTION_OPS = {"Softmax"} | {op_key(*op) for b in BACKENDS.values() for op in b.attention_ops}
+ATTENTION_OPS = {"Softmax"} | every_attention_op()
 
 
 def _difference(got: dict, want: dict) -> str:

@@ -259,4 +259,120 @@ def forward(architecture, cfg, options, weights, inputs, trace=None):
         if probs:
             trace.probs[0] = probs[0]
         return (trace.keep("attention", 0, y),)
+    if architecture == "decoder":
+        input_ids, attention_mask, position_ids, *cache = inputs
+        past = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] or None
+        logits, present = decoder(w, cfg, input_ids, attention_mask, position_ids, past, trace)
+        return (logits, *(t for pair in present for t in pair))
     raise ValueError(f"the oracle does not know architecture {architecture!r}")
+
+
+# --- decoder-only language models (GPT-2 style and Llama style) with a KV cache -----------------------
+
+
+def rms_norm(x, w, prefix, eps):
+    """RMSNorm (Zhang and Sennrich): x / sqrt(mean(x^2) + eps) * weight; no centring, no bias."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w[prefix + ".weight"]
+
+
+def silu(x):
+    """SiLU (swish with beta 1): x * sigmoid(x), written as x / (1 + exp(-x))."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x: x / inf = -0, the limit
+        return x / (1.0 + np.exp(-x))
+
+
+def rope(x, position_ids, theta):
+    """Rotary position embedding (Su et al., RoFormer) of x (B, H, S, d) at position_ids (B, S), in the
+    rotate-half layout: for i < d/2, the pair (x_i, x_{i + d/2}) is rotated in its plane by the angle
+    position * theta^(-2i/d)."""
+    x = np.asarray(x, dtype=np.float64)
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    half = d // 2
+    frequency = theta ** (-2.0 * np.arange(half, dtype=np.float64) / d)  # (d/2,)
+    angle = np.asarray(position_ids, dtype=np.float64)[:, None, :, None] * frequency  # (B, 1, S, d/2)
+    cos, sin = np.cos(angle), np.sin(angle)
+    first, second = x[..., :half], x[..., half:]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def dense(x, w, prefix):
+    """`linear` whose bias may be absent from the weights (attention_bias / mlp_bias off)."""
+    y = np.asarray(x, dtype=np.float64) @ w[prefix + ".weight"].T
+    return y + w[prefix + ".bias"] if prefix + ".bias" in w else y
+
+
+DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": silu}
+
+
+def _decoder_norm(x, w, prefix, cfg):
+    if cfg["norm"] == "rms":
+        return rms_norm(x, w, prefix, cfg["norm_eps"])
+    mean = x.mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + cfg["norm_eps"])
+    y = y * w[prefix + ".weight"]
+    return y + w[prefix + ".bias"] if prefix + ".bias" in w else y
+
+
+def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | None = None, trace=None):
+    """A decoder-only LM (model_defs/decoder.py's DecoderConfig as a dict) over its KV cache.
+
+    input_ids, position_ids (B, S); attention_mask (B, P + S), 1 = a real token; past: a list of (key, value)
+    per layer, each (B, kv_heads, P, head_dim), or None for P = 0. Query i sits at cache index P + i and
+    attends key j iff j <= P + i and attention_mask[b, j] == 1; a query with no such key gets 0. Pre-norm
+    blocks, final norm, LM head (lm_head.weight, or embed.word.weight when absent: tied).
+    Returns (logits (B, S, V), present: a list of (key, value), each (B, kv_heads, P + S, head_dim))."""
+    trace = trace or Trace()
+    input_ids = np.asarray(input_ids)
+    b, s = input_ids.shape
+    heads = cfg["num_heads"]
+    kv_heads = cfg.get("num_kv_heads") or heads
+    d = cfg["hidden_size"] // heads
+    act = DECODER_ACTIVATIONS[cfg["hidden_act"]]
+    past = past or [(np.zeros((b, kv_heads, 0, d)), np.zeros((b, kv_heads, 0, d)))] * cfg["num_layers"]
+    p = past[0][0].shape[2]
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.shape != (b, p + s):
+        raise ValueError(f"attention_mask {mask.shape} is not (batch, past + seq) = {(b, p + s)}")
+    causal = np.arange(p + s)[None, :] <= p + np.arange(s)[:, None]  # (S, P + S)
+    allowed = mask[:, None, None, :] & causal[None, None]  # (B, 1, S, P + S)
+
+    x = w["embed.word.weight"][input_ids].astype(np.float64)
+    if cfg["positions"] == "learned":
+        x = x + w["embed.position.weight"][np.asarray(position_ids)]
+    x = trace.keep("embeddings", None, x)
+
+    def split(t, n):  # (B, S, n*d) -> (B, n, S, d)
+        return t.reshape(b, s, n, d).transpose(0, 2, 1, 3)
+
+    present = []
+    for layer in range(cfg["num_layers"]):
+        prefix = f"blocks.{layer}"
+        h = _decoder_norm(x, w, prefix + ".attn_norm", cfg)
+        q = split(dense(h, w, prefix + ".attn.q_proj"), heads)
+        k = split(dense(h, w, prefix + ".attn.k_proj"), kv_heads)
+        v = split(dense(h, w, prefix + ".attn.v_proj"), kv_heads)
+        if cfg["positions"] == "rope":
+            q, k = rope(q, position_ids, cfg["rope_theta"]), rope(k, position_ids, cfg["rope_theta"])
+        k = np.concatenate([np.asarray(past[layer][0], np.float64), k], axis=2)
+        v = np.concatenate([np.asarray(past[layer][1], np.float64), v], axis=2)
+        present.append((k, v))
+        probs = None if trace.probs is None else []
+        y = attention(q, k, v, allowed, probs=probs)  # (B, H, S, d)
+        if probs:
+            trace.probs[layer] = probs[0]
+        y = dense(y.transpose(0, 2, 1, 3).reshape(b, s, heads * d), w, prefix + ".attn.out_proj")
+        x = x + trace.keep("attention", layer, y)
+        h = _decoder_norm(x, w, prefix + ".ffn_norm", cfg)
+        if cfg["ffn"] == "gated":
+            f = act(dense(h, w, prefix + ".ffn.gate_proj")) * dense(h, w, prefix + ".ffn.up_proj")
+            f = dense(f, w, prefix + ".ffn.down_proj")
+        else:
+            f = dense(act(dense(h, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
+        x = trace.keep("block", layer, x + f)
+    x = trace.keep("final_norm", None, _decoder_norm(x, w, "final_norm", cfg))
+    head = w["lm_head.weight"] if "lm_head.weight" in w else w["embed.word.weight"]
+    return x @ head.T, present
