@@ -76,9 +76,19 @@ def export_onnx(
     import onnx_ir
 
     model = onnx_ir.serde.serialize_model(program.model)
-    if architecture == DECODER and b.attention_ops:
-        _cache_into_attention(model, module, b)
+    if architecture == DECODER:
+        _name_total(model)
+        if b.attention_ops:
+            _cache_into_attention(model, module, b)
     return model
+
+
+def _name_total(model: onnx.ModelProto) -> None:
+    """The present cache's length as the manifest names it: the exporter writes the sum 'past + seq'."""
+    for value in model.graph.output:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param == "past + seq":
+                d.dim_param = "total"
 
 
 def _cache_into_attention(model: onnx.ModelProto, module: torch.nn.Module, backend) -> None:

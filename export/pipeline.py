@@ -17,16 +17,20 @@ from ..artifact_format import (
     io_dtype,
     sha256_file,
 )
+from ..decoder_format import DECODER
+from ..decoder_format import GOLDEN_CASES as DECODER_GOLDEN_CASES
+from ..errors import UsageError
 from ..inputs import fit, make_inputs
 from ..model_defs.config import param_count
+from ..model_defs.decoder import decoder_param_count
 from ..model_defs.numpy_io import from_numpy, to_numpy, weights_to_numpy
 from ..model_defs.registry import (
     CHECKPOINT_MODELS,
     ModelSpec,
-    bert_spec,
     checkpoint_dir,
     count_attention_modules,
     get_model,
+    spec_for,
 )
 from ..stages import stage
 from ..versions import package_versions
@@ -39,6 +43,7 @@ GOLDEN_CASES = [(2, 16, [16, 11]), (3, 7, [7, 3, 0]), (1, 1, [1])]
 # int8: the search's seeded token batches; the held-out ones have these shapes and other seeds
 CALIBRATION_CASES = [(4, 64, [64, 41, 17, 64]), (2, 128, [128, 90])]
 STAGE_SOURCE = "build module + weights"
+PARAM_COUNTS = {"bert": param_count, DECODER: decoder_param_count}  # closed forms, beside the count
 
 
 STAGE_WEIGHTS, STAGE_GOLDEN, STAGE_MANIFEST, STAGE_PUBLISH = (
@@ -57,29 +62,34 @@ def source_model(model: str, weights_dir, seed: int) -> tuple[ModelSpec, torch.n
             spec = get_model(model)
             return spec, spec.random(seed), None
         from ..model_defs.checkpoint import family_of, load_hf_model
+        from ..model_defs.decoder_checkpoint import decoder_family_of, decoder_model_type, load_decoder_model
 
         directory = Path(weights_dir) if weights_dir is not None else checkpoint_dir(model)
-        cfg, module = load_hf_model(directory)
+        decoder = decoder_model_type(directory / "config.json") is not None
+        cfg, module = (load_decoder_model if decoder else load_hf_model)(directory)
         files = {
             p.name: sha256_file(p)
             for p in sorted(directory.iterdir())
             if p.suffix in (".json", ".safetensors")
         }
         origin = str(directory) if weights_dir is not None else CHECKPOINT_MODELS[model]
-        family = family_of(directory / "config.json")[0].name
+        family = (decoder_family_of if decoder else family_of)(directory / "config.json")[0].name
         described = {"directory": directory, "origin": origin, "sha256": files, "family": family}
-        return bert_spec(model, cfg), module, described
+        return spec_for(model, DECODER if decoder else "bert", cfg), module, described
 
 
 def _golden_sets(tmp: Path, spec: ModelSpec, module, dtype: str, seed: int, checkpoint: dict | None) -> int:
     """Write the golden sets (PyTorch outputs on seeded inputs; for a checkpoint with a tokenizer, also on
     real sentences); returns how many."""
     records, cfg = spec.input_records(dtype), spec.config.to_dict()
+    cases = DECODER_GOLDEN_CASES if spec.architecture == DECODER else [(*c, 0) for c in GOLDEN_CASES]
+    longest = spec.config.max_sequence
     feeds = [
-        make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, n]))
-        for n, (batch, seq, lengths) in enumerate(fit(c, spec.config.max_sequence) for c in GOLDEN_CASES)
+        make_inputs(records, cfg, *fit(c[:3], longest), np.random.default_rng([seed, n]), past=c[3])
+        for n, c in enumerate(cases)
     ]
-    if checkpoint and _copy_tokenizer(checkpoint["directory"], tmp / TOKENIZER_DIR):
+    text = spec.architecture != DECODER  # a decoder's sentences are validation's greedy prompts instead
+    if text and checkpoint and _copy_tokenizer(checkpoint["directory"], tmp / TOKENIZER_DIR):
         from ..text import SAMPLE_SENTENCES, tokenize
 
         text = tokenize(
@@ -127,7 +137,9 @@ def export_artifact(
     if dtype not in ARTIFACT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(ARTIFACT_DTYPES)}")
     spec, module, checkpoint = source_model(model, weights_dir, seed)
-    opset = BACKENDS[backend].default_opset if opset is None else opset
+    if spec.architecture == DECODER and dtype in QUANTIZED:
+        raise UsageError(f"{model}: int8 decoders are not exported yet (float32, float16, bfloat16 are)")
+    opset = BACKENDS[backend].for_architecture(spec.architecture).default_opset if opset is None else opset
     float_dtype = io_dtype(dtype)  # int8 is quantized from the float32 export
     module = module.eval().to(getattr(torch, float_dtype))
     weights = weights_to_numpy(module.state_dict())
@@ -162,7 +174,9 @@ def export_artifact(
                 "config": spec.config.to_dict(),
                 "options": spec.options,
                 "parameters": sum(a.size for a in weights.values()),
-                "parameters_closed_form": param_count(spec.config) if spec.architecture == "bert" else None,
+                "parameters_closed_form": PARAM_COUNTS[spec.architecture](spec.config)
+                if spec.architecture in PARAM_COUNTS
+                else None,
                 "attention_modules": n_attention,
             },
             "backend": backend,
@@ -171,8 +185,10 @@ def export_artifact(
             "inputs": [{**v, "role": roles[v["name"]]} for v in graph.inputs],
             "outputs": graph.outputs,
             "op_counts": graph.op_counts,
-            "taps": graph.taps,
-            "fused_attention_ops": n_attention if BACKENDS[backend].attention_ops else 0,
+            **({"taps": graph.taps} if graph.taps is not None else {}),
+            "fused_attention_ops": n_attention
+            if BACKENDS[backend].for_architecture(spec.architecture).attention_ops
+            else 0,
             "ort_fusions": graph.fusions,
             "golden_sets": golden_sets,
             "weights": {"bytes": n_bytes, "external_data": external_data},

@@ -68,6 +68,11 @@ class DecoderConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def max_sequence(self) -> int:
+        """The longest past + seq the model reads (its learned position table, or RoPE's trained length)."""
+        return self.max_positions
+
+    @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
@@ -182,7 +187,7 @@ class FeedForward(nn.Module):
 
 def rope_tables(position_ids, head_dim: int, theta: float, dtype):
     """cos, sin (B, 1, S, head_dim) of the rotary embedding at `position_ids` (B, S), rotate-half layout:
-    dims i and i + head_dim/2 rotate together by angle position * theta^(-2i/head_dim), in float32 at least."""
+    dims i and i + head_dim/2 rotate by angle position * theta^(-2i/head_dim), in float32 at least."""
     wide = torch.promote_types(dtype, torch.float32)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(wide) / head_dim)
     angles = position_ids[:, None, :, None].to(wide) * inv_freq  # (B, 1, S, d/2)

@@ -85,6 +85,11 @@ class ModelSpec:
         ]
 
 
+def config_of(architecture: str, d: dict) -> EncoderConfig | DecoderConfig:
+    """The config record of `architecture` from a manifest's dict."""
+    return (DecoderConfig if architecture == "decoder" else EncoderConfig).from_dict(d)
+
+
 def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
     if architecture == "attention":
         layer = CrossAttentionLayer if options.get("cross") else AttentionLayer

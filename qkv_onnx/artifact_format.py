@@ -282,7 +282,8 @@ FAMILY_DEFAULTS = {
 def with_defaults(manifest: dict) -> None:
     """Give a manifest written before the families (its digest already checked) their BERT defaults."""
     model = manifest.get("model")
-    if isinstance(model, dict) and isinstance(model.get("config"), dict):
+    encoder = isinstance(model, dict) and model.get("architecture") != decoder_format.DECODER
+    if encoder and isinstance(model.get("config"), dict):
         model["config"] = {**FAMILY_DEFAULTS, **model["config"]}
 
 

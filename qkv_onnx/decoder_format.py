@@ -10,6 +10,19 @@ FFNS = ("mlp", "gated")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 
 
+# (batch, seq, real tokens per row over past + seq, past): left-padded prompts (a row of one real token), a
+# decode step with a cache, a chunk read over a cache. No batch > 1 chunk over a cache: ORT's CPU
+# GroupQueryAttention refuses it (batch_size must be 1 when sequence_length > 1 and past context is given).
+GOLDEN_CASES = [(2, 8, [8, 5], 0), (2, 1, [9, 4], 8), (1, 4, [12], 8)]
+VALIDATION_CASES = [
+    (1, 1, [1], 0),
+    (3, 9, [9, 5, 1], 0),
+    (3, 1, [10, 6, 2], 9),
+    (1, 7, [15], 8),
+    (2, 64, [64, 40], 0),
+]
+
+
 def _positive_int(v) -> bool:
     return type(v) is int and v > 0
 

@@ -335,12 +335,17 @@ def load_weights(private: Path, directory: Path, manifest: dict) -> dict[str, np
     return weights
 
 
+EMPTY_DIMS = ("past",)  # symbolic dims that may be 0: a prefill's cache
+
+
 def _fits(shape, declared, dims: dict) -> bool:
-    """Shape matches the declared one, binding symbolic dims consistently across one golden set."""
+    """Shape matches the declared one, binding symbolic dims consistently across one golden set (only a
+    decoder's cache may be empty)."""
     if len(shape) != len(declared):
         return False
     for n, d in zip(shape, declared):
-        if n < 1 or (n != d if isinstance(d, int) else dims.setdefault(d, n) != n):
+        least = 0 if d in EMPTY_DIMS else 1
+        if n < least or (n != d if isinstance(d, int) else dims.setdefault(d, n) != n):
             return False
     return True
 
@@ -406,7 +411,7 @@ def load_golden(private: Path, directory: Path, manifest: dict) -> list:
     GOLDEN_TOKENS positions over all sets); inputs hold valid values for their roles."""
     sets, tokens = [], 0
     seq = max_seq(manifest)
-    caps = {"batch": MAX_GOLDEN_BATCH, "seq": seq, "kv_seq": seq}
+    caps = {"batch": MAX_GOLDEN_BATCH, "seq": seq, "kv_seq": seq, "past": seq, "total": seq}
     config = manifest["model"]["config"]
     for n in range(manifest["golden_sets"]):
         dims = {}
@@ -424,7 +429,12 @@ def load_golden(private: Path, directory: Path, manifest: dict) -> list:
                     for r, spec in zip(rel, specs)
                 ]
             )
-        tokens += dims.get("batch", 1) * max(dims.get("seq", 1), dims.get("kv_seq", 1))
+        if "total" in dims and dims["total"] != dims.get("past", 0) + dims["seq"]:
+            raise ArtifactError(
+                f"{show(directory / golden_file(n, 'input', 0))}: a cache of {dims.get('past', 0)} and "
+                f"{dims['seq']} new tokens under a mask of {dims['total']}"
+            )
+        tokens += dims.get("batch", 1) * max(dims.get(d, 1) for d in ("seq", "kv_seq", "total"))
         if tokens > GOLDEN_TOKENS:
             raise ArtifactError(
                 f"{show(directory / golden_file(n, 'input', 0))}: the golden sets hold more than "

@@ -19,10 +19,12 @@ from ..artifact_format import (
     golden_file,
     io_dtype,
     max_sequence,
+    model_layers,
     np_dtype,
     stored_weight_dtype,
     weight_totals,
 )
+from ..decoder_format import DECODER
 from ..errors import ArtifactError, show
 
 MAX_GOLDEN_BATCH = 8  # export writes batches of 1-3 and one of 6 sentences
@@ -38,9 +40,10 @@ PROTO_BYTES_PER_ELEMENT = 10  # the largest encoding of one element in a TensorP
 
 
 def max_seq(manifest: dict) -> int:
-    """Longest sequence (and key sequence) golden data may have: the position table of a BERT, else 512."""
-    cfg = manifest["model"]["config"]
-    return max_sequence(cfg) if manifest["model"]["architecture"] == "bert" else DEFAULT_MAX_SEQ
+    """Longest sequence (and key sequence, cache) golden data may have: the position table of a BERT or a
+    decoder, else 512."""
+    cfg, architecture = manifest["model"]["config"], manifest["model"]["architecture"]
+    return max_sequence(cfg) if architecture in ("bert", DECODER) else DEFAULT_MAX_SEQ
 
 
 def weights_bytes(manifest: dict) -> tuple[int, int]:
@@ -55,7 +58,7 @@ def graph_bytes(manifest: dict) -> int:
     """Most bytes model.onnx (and its external data together) can have: the parameters in the artifact's
     dtype (int8: at most every product kept in float32 by the search) and the graph around them."""
     _, elements = weight_totals(manifest["model"]["architecture"], manifest["model"]["config"])
-    layers = manifest["model"]["config"]["num_layers"] if manifest["model"]["architecture"] == "bert" else 1
+    layers = model_layers(manifest["model"]["architecture"], manifest["model"]["config"])
     itemsize = np_dtype(io_dtype(manifest["dtype"])).itemsize
     return elements * itemsize + GRAPH_BYTES + layers * GRAPH_BYTES_PER_LAYER
 

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..accuracy_contract import judge
+from ..decoder_format import DECODER
 from .results import Comparison, Metrics
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -43,6 +44,9 @@ def tolerance(dtype: str, accumulation_length: int, stages: int) -> float:
     return UNIT_ROUNDOFF[dtype] * per_stage * stages
 
 
+FFN_IN = ("ffn.fc1.weight", "ffn.up_proj.weight")  # the feed-forward's first product: its width
+
+
 def model_error_terms(manifest: dict, key_length: int, weights: dict | None = None) -> tuple[int, int]:
     """(K, S) of the tolerance policy for the model an artifact holds. With `weights`, from the parameters
     actually present (widths of the projections and the FFN, the number of blocks), not the config: the
@@ -52,10 +56,10 @@ def model_error_terms(manifest: dict, key_length: int, weights: dict | None = No
         hidden, ffn, layers = cfg["hidden_size"], cfg["ffn_size"], cfg["num_layers"]
     else:
         hidden = max(w.shape[0] for k, w in weights.items() if k.endswith("q_proj.weight"))
-        ffn = max((w.shape[0] for k, w in weights.items() if k.endswith("ffn.fc1.weight")), default=0)
+        ffn = max((w.shape[0] for k, w in weights.items() if k.endswith(FFN_IN)), default=0)
         layers = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
     widest = hidden if architecture == "attention" else max(hidden, ffn)
-    stages = 2 * layers + 2 if architecture == "bert" else 2
+    stages = 2 * layers + 2 if architecture in ("bert", DECODER) else 2
     return max(widest, key_length), stages
 
 

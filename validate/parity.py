@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype, max_sequence
+from ..decoder_format import DECODER
+from ..decoder_format import VALIDATION_CASES as DECODER_CASES
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import fit, make_inputs
 from ..stages import stage
@@ -23,6 +25,7 @@ from .compare import (
     padding_mask,
     tolerance,
 )
+from .decode import decode_checks, greedy_check
 from .locate import Localization, locate
 from .results import Check, RuntimeStatus, failed_check
 from .runtimes import RUNTIMES, open_runtime
@@ -143,12 +146,12 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
     if sentences:
         cases.append(text_case(artifact, sentences))
     m = artifact.manifest
-    for n, shape in enumerate(VALIDATION_CASES):
+    decoder = m["model"]["architecture"] == DECODER
+    for n, shape in enumerate(DECODER_CASES if decoder else [(*c, 0) for c in VALIDATION_CASES]):
         rng = np.random.default_rng([seed, n])
-        batch, seq, lengths = fit(shape, max_seq(m))  # a short position table
-        cases.append(
-            Case(f"b{batch}xs{seq}", make_inputs(m["inputs"], m["model"]["config"], batch, seq, lengths, rng))
-        )
+        batch, seq, lengths = fit(shape[:3], max_seq(m) - shape[3])  # a short position table
+        inputs = make_inputs(m["inputs"], m["model"]["config"], batch, seq, lengths, rng, past=shape[3])
+        cases.append(Case(f"b{batch}xs{seq}" + (f"+past{shape[3]}" if shape[3] else ""), inputs))
     return cases
 
 
@@ -276,13 +279,15 @@ def validate_artifact(
     if m["dtype"] in QUANTIZED:
         report.notes.append(holdout_note(m["quantization"]))
     cases = build_cases(artifact, seed, sentences)
-    expected, peer_note = _references(artifact, cases, use_torch, report)
+    expected, peer_note, peer = _references(artifact, cases, use_torch, report)
     opening = start_sessions(artifact, providers, skip_unsupported, report)
     try:
         with stage(STAGE_SESSIONS):
             sessions = await_sessions(artifact, opening, report)
         report.notes.append(peer_note)
         _run_cases(artifact, cases, expected, sessions, report)
+        if m["model"]["architecture"] == DECODER:
+            _decoder_checks(artifact, sessions, report, seed, peer)
         artifact.verify_graph()  # nothing above counts unless the graph is the exporter's
         if artifact.graph_check != report.graph_check:  # the rebuild could not run: structural instead
             report.notes[report.notes.index(report.graph_check)] = artifact.graph_check
@@ -293,11 +298,29 @@ def validate_artifact(
     return report
 
 
+def _decoder_checks(artifact: Artifact, sessions: list, report: Report, seed: int, peer) -> None:
+    """The cache proven on PyTorch and every runtime (validate/decode.py): cached decode against the full
+    sequence, and greedy tokens against PyTorch with its cache (the oracle's without torch)."""
+    m, w = artifact.manifest, artifact.weights
+    weights64 = oracle.as_float64(w)
+
+    def oracle_run(inputs):
+        return list(oracle.forward(DECODER, m["model"]["config"], {}, weights64, inputs))
+
+    reference, reference_run = ("pytorch", peer) if peer else ("oracle", oracle_run)
+    if peer is not None:
+        report.checks += decode_checks("pytorch", peer, m, w, seed)
+    for s in sessions:
+        report.checks += decode_checks(s.name, s.run, m, w, seed, s.gating)
+        if s.gating:  # a non-gating runtime's numbers are reported, not judged: its tokens too
+            report.checks.append(greedy_check(s.name, s.run, reference, reference_run, m, seed))
+
+
 def _references(
     artifact: Artifact, cases: list[Case], use_torch: bool, report: Report
-) -> tuple[list[Expected], str]:
-    """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle; and the note
-    saying whether PyTorch ran."""
+) -> tuple[list[Expected], str, object]:
+    """The oracle's and PyTorch's outputs for every case, PyTorch judged against the oracle; the note
+    saying whether PyTorch ran; and the PyTorch peer (None when it did not)."""
     m = artifact.manifest
     why = "disabled by --no-torch" if not use_torch else "torch is not installed"
     with stage(STAGE_PEER):
@@ -333,7 +356,7 @@ def _references(
                 live = peer(case.inputs)
             report.checks += _compare("pytorch", case, out_names, live, {"oracle": (outputs, tol)})
         out.append(Expected(outputs, live, k, stages))
-    return out, note
+    return out, note, peer
 
 
 def _run_cases(
@@ -442,7 +465,9 @@ def localize(report: Report, artifact: Artifact, everything: bool = False) -> No
     the taps exposed; with `everything` (--locate) every runtime that ran does, on every case. An artifact
     without taps (qkv-onnx 0.1) gets a note instead."""
     if "taps" not in report.manifest:
-        report.notes.append("localization: unavailable, the artifact has no taps (exported by qkv-onnx 0.1)")
+        decoder = report.manifest["model"]["architecture"] == DECODER
+        why = "decoder taps are not recorded yet" if decoder else "the artifact has no taps (qkv-onnx 0.1)"
+        report.notes.append(f"localization: unavailable, {why}")
         return
     ran = {name for name, status in report.runtimes.items() if status.loads}
     failed: dict[str, set[str]] = {}

@@ -59,13 +59,12 @@ def _module(manifest: dict, weights: dict):
     """The manifest's model holding weights.npz's parameters, in the artifact's dtype, in eval mode."""
     import torch
 
-    from ..model_defs.config import EncoderConfig
     from ..model_defs.numpy_io import from_numpy
-    from ..model_defs.registry import build_for_weights
+    from ..model_defs.registry import build_for_weights, config_of
 
     model = manifest["model"]
     module = build_for_weights(
-        model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
+        model["architecture"], config_of(model["architecture"], model["config"]), model["options"]
     )
     module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
     return module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
@@ -76,13 +75,11 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     model and `weights` into `out`; returns its {op_counts, taps}. ArtifactError when the exporter refuses
     it."""
     from ..export.graph import export_model, requantize
-    from ..model_defs.config import EncoderConfig
-    from ..model_defs.registry import count_attention_modules, spec_for
+    from ..model_defs.registry import config_of, count_attention_modules, spec_for
 
     model, dtype = manifest["model"], manifest["dtype"]
-    spec = spec_for(
-        model["name"], model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
-    )
+    config = config_of(model["architecture"], model["config"])
+    spec = spec_for(model["name"], model["architecture"], config, model["options"])
     external = MODEL + ".data" in manifest["files"]
     opset = manifest["opset"]["ai.onnx"]  # manifest_problem checked it against the backend's range
     module = _module(manifest, weights)

@@ -15,9 +15,8 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
     try:
         import torch
 
-        from ..model_defs.config import EncoderConfig
         from ..model_defs.numpy_io import from_numpy, to_numpy
-        from ..model_defs.registry import build_for_weights
+        from ..model_defs.registry import build_for_weights, config_of
     except ImportError as e:
         if exporter_versions()["torch"] is None or getattr(e, "name", None) == "torch":
             return None  # absent (a stale record of it, or blocked in sys.modules, is absent too)
@@ -27,7 +26,7 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
         ) from None
     model = manifest["model"]
     module = build_for_weights(
-        model["architecture"], EncoderConfig.from_dict(model["config"]), model["options"]
+        model["architecture"], config_of(model["architecture"], model["config"]), model["options"]
     )
     module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
     module = module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source

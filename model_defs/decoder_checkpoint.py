@@ -1,0 +1,285 @@
+"""Hugging Face decoder checkpoints (config.json + model.safetensors) -> our DecoderModel.
+
+Only safetensors is read (no pickle). config.json's model_type picks the family (decoder_families.py), whose
+record maps the config onto DecoderConfig and the weight names and layouts onto ours; every key must map or be
+ignored, every parameter of our model must be present (a tied LM head may be left out), and every shape must
+match the config, else CheckpointError with a one-line message naming the file and the key(s).
+"""
+
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    INDEX_FILE,
+    CheckpointError,
+    _listing,
+    _read_json,
+    _weight_files,
+    map_hf_keys,
+    ours_to_hf,
+)
+from .decoder import DecoderConfig, DecoderModel
+from .decoder_families import (
+    ACTIVATIONS,
+    DECODER_FAMILIES,
+    DecoderFamily,
+    checkpoint_shapes,
+    to_our_layout,
+)
+from .families import FAMILIES
+
+FLOATS = ("F32", "F16", "BF16", "F64")
+_ABSENT = object()
+_INTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_size", "vocab_size", "max_positions")
+_FLOATS = ("norm_eps", "rope_theta")
+_BOOLS = ("attention_bias", "mlp_bias", "tie_word_embeddings")
+
+
+def _config_path(path) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
+def _lookup(hf: dict, key: str):
+    """config.json's value at `key` (`a.b`: key b of the object at a), or _ABSENT."""
+    value = hf
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+def _read_config(path: Path) -> dict:
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _served(hf: dict) -> str | None:
+    model_type = hf.get("model_type")
+    return model_type if isinstance(model_type, str) and model_type in DECODER_FAMILIES else None
+
+
+def decoder_model_type(config_json) -> str | None:
+    """config.json's model_type if it is a decoder family we load (gpt2, llama), else None (an encoder family
+    of families.FAMILIES, or anything else). `config_json`: the file or its checkpoint directory.
+    CheckpointError if the file cannot be read as a JSON object."""
+    return _served(_read_config(_config_path(config_json)))
+
+
+def decoder_family_of(config_json) -> tuple[DecoderFamily, dict]:
+    """(family, config.json as a dict) of a decoder checkpoint; CheckpointError for a model_type not
+    served."""
+    path = _config_path(config_json)
+    hf = _read_config(path)
+    model_type = _served(hf)
+    if model_type is None:
+        got = hf.get("model_type")
+        kind = " (an encoder: checkpoint.load_hf_checkpoint loads it)" if got in FAMILIES else ""
+        raise CheckpointError(
+            f"{path}: model_type {got!r} is not a supported decoder{kind}; served: "
+            + ", ".join(DECODER_FAMILIES)
+        )
+    return DECODER_FAMILIES[model_type], hf
+
+
+def decoder_config_from_hf(config_json) -> DecoderConfig:
+    """DecoderConfig from a Hugging Face config.json of a served decoder family (missing keys take the
+    family's transformers defaults). Refuses, naming the key and its value, what our decoder does not
+    compute: an activation outside ACTIVATIONS, and what the family's record requires or checks."""
+    path = _config_path(config_json)
+    family, hf = decoder_family_of(path)
+    merged = {**family.defaults, **hf}
+
+    def get(keys):
+        keys = (keys,) if isinstance(keys, str) else keys
+        values = [_lookup(merged, k) for k in keys]
+        return next((v for v in values if v is not _ABSENT and v is not None), None)
+
+    for key, allowed in family.requires.items():
+        value = _lookup(merged, key)
+        value = allowed[0] if value is _ABSENT else value
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise CheckpointError(
+                f"{path}: {key} {value!r} is not supported for {family.name}; only "
+                + " or ".join(repr(a) for a in allowed)
+            )
+    act_key = family.config["hidden_act"]
+    act = get(act_key)
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{path}: {act_key} {act!r} is not supported; only " + ", ".join(repr(a) for a in ACTIVATIONS)
+        )
+    values = {ours: get(theirs) for ours, theirs in family.config.items()}
+    values["hidden_act"] = ACTIVATIONS[act]
+    for ours, (other, factor) in family.derived.items():
+        if values[ours] is None and isinstance(values[other], int):
+            values[ours] = factor * values[other]
+    values = {**values, **family.fixed}
+    bad = [
+        k
+        for k, v in values.items()
+        if (k in _INTS and not (v is None and k == "num_kv_heads") and not _positive_int(v))
+        or (k in _FLOATS and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0))
+        or (k in _BOOLS and not isinstance(v, bool))
+    ]
+    if bad:
+        shown = ", ".join(f"{_key_name(family.config.get(k, k))} {values[k]!r}" for k in bad)
+        raise CheckpointError(f"{path}: not a usable {family.name} config: {shown}")
+    try:
+        cfg = DecoderConfig(**{k: float(v) if k in _FLOATS else v for k, v in values.items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a usable {family.name} config: {e}") from None
+    for key, attribute in family.checks.items():
+        value = _lookup(hf, key)
+        expected = getattr(cfg, attribute)
+        if value not in (_ABSENT, None) and (value != expected or isinstance(value, bool)):
+            raise CheckpointError(
+                f"{path}: {key} {value!r} is not supported for {family.name}; only {expected!r}, "
+                "as the other keys imply"
+            )
+    return cfg
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _key_name(keys) -> str:
+    return keys if isinstance(keys, str) else keys[0]
+
+
+def _expected_shapes(cfg: DecoderConfig) -> dict:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in DecoderModel(cfg).state_dict().items()}
+
+
+def _safetensors():
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise CheckpointError(
+            "reading Hugging Face checkpoints needs the safetensors library: "
+            "pip install safetensors (or the package's 'export' extra)"
+        ) from None
+    return safe_open, SafetensorError
+
+
+def _read_headers(files: list, where: Path) -> tuple[dict, dict]:
+    """(key -> shape, key -> safetensors dtype) over all files; CheckpointError for a key in two shards."""
+    safe_open, SafetensorError = _safetensors()
+
+    shapes, dtypes, home = {}, {}, {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key in home:
+                        raise CheckpointError(
+                            f"{where}: key {key!r} is in both {home[key].name} and {f.name}"
+                        )
+                    sl = st.get_slice(key)
+                    shapes[key], dtypes[key], home[key] = tuple(sl.get_shape()), sl.get_dtype(), f
+    except SafetensorError as e:
+        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+    return shapes, dtypes
+
+
+def load_decoder_checkpoint(directory) -> tuple:
+    """(DecoderConfig, state dict in our names, float32 tensors) from a Hugging Face gpt2 or llama checkpoint
+    directory: the state dict has exactly the keys of DecoderModel(cfg).state_dict() (a tied head has none:
+    a checkpoint's lm_head.weight must then equal the token embedding, and is dropped).
+
+    Reads config.json and model.safetensors (or a sharded model.safetensors.index.json) with the
+    safetensors library. Keys may carry the family's prefix ('transformer.', 'model.'). Known buffers
+    (GPT-2's attn.bias) are ignored. CheckpointError, naming the file and the keys, on: unexpected keys,
+    missing keys, a shape other than the config implies, a non-floating tensor, a tied LM head that differs
+    from the embedding, or a failed strict load_state_dict into DecoderModel(cfg).
+    """
+    safe_open, _ = _safetensors()
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
+    family, _ = decoder_family_of(directory / "config.json")
+    cfg = decoder_config_from_hf(directory / "config.json")
+    files = _weight_files(directory)
+    where = files[0] if len(files) == 1 else directory / INDEX_FILE
+    shapes, dtypes = _read_headers(files, where)
+
+    mapping, _, unexpected = map_hf_keys(shapes, family, str(where))
+    buffer = re.compile(rf"({re.escape(family.prefix)})?{re.escape(family.layers)}\.\d+\.(.+)")
+    unexpected = [  # a layer's buffers (<prefix><layers>.N.<buffer>) are ignored
+        k for k in unexpected if not ((m := buffer.fullmatch(k)) and m.group(2) in family.buffers)
+    ]
+    ours = _expected_shapes(cfg)
+    # a tied head is no parameter of ours, but a checkpoint may hold it: then it must be the embedding
+    tied = {"lm_head.weight": "embed.word.weight"} if cfg.tie_word_embeddings else {}
+    expected = checkpoint_shapes({**ours, **{k: ours[v] for k, v in tied.items()}}, family)  # their layout
+    unexpected += [k for k, v in mapping.items() if v not in expected]  # e.g. h.6 in a 6-layer config
+    prefix = family.prefix if any(k.startswith(family.prefix) for k in mapping) else ""
+    missing = [_hf_name(k, family, prefix) for k in expected if k not in mapping.values() and k not in tied]
+    if missing or unexpected:
+        problems = ([f"missing key(s): {_listing(missing)}"] if missing else []) + (
+            [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else []
+        )
+        raise CheckpointError(
+            f"{where}: does not match the {cfg.num_layers}-layer {family.name} of config.json: "
+            + "; ".join(problems)
+        )
+    wrong = [
+        f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
+        for k, v in mapping.items()
+        if shapes[k] != expected[v]
+    ]
+    if wrong:
+        more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
+        raise CheckpointError(f"{where}: shape mismatch with config.json: " + "; ".join(wrong[:4]) + more)
+    wrong = [f"{k!r} ({dtypes[k]})" for k in mapping if dtypes[k] not in FLOATS]
+    if wrong:
+        raise CheckpointError(f"{where}: non-floating weight(s): {', '.join(wrong)}")
+
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key in mapping:
+                    state[mapping[key]] = st.get_tensor(key).to(torch.float32)
+    state = to_our_layout(state, family)
+    for name, source in tied.items():
+        head = state.pop(name, None)
+        if head is not None and not torch.equal(head, state[source]):
+            key = next(k for k, v in mapping.items() if v == name)
+            raise CheckpointError(
+                f"{where}: {key!r} differs from {_hf_name(source, family, prefix)!r}, "
+                "but config.json ties them (tie_word_embeddings true)"
+            )
+    try:
+        _module_from(cfg, state)  # the final word: strict load_state_dict into DecoderModel(cfg)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise CheckpointError(f"{where}: load_state_dict refused it: {detail}") from None
+    return cfg, {k: state[k] for k in ours}
+
+
+def _hf_name(name: str, family: DecoderFamily, prefix: str) -> str:
+    """The checkpoint key for one of our names (checkpoint layout), with the prefix the checkpoint uses."""
+    hf = ours_to_hf(name, family)
+    return hf if hf.startswith(family.unprefixed) else prefix + hf
+
+
+def _module_from(cfg: DecoderConfig, state: dict) -> DecoderModel:
+    with torch.device("meta"):  # no random init: every parameter is replaced by the checkpoint's tensor
+        model = DecoderModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def load_decoder_model(directory) -> tuple:
+    """(DecoderConfig, DecoderModel in eval mode holding the checkpoint's weights, float32 on CPU).
+    The module's parameters share memory with load_decoder_checkpoint's tensors (no copy)."""
+    cfg, state = load_decoder_checkpoint(directory)
+    return cfg, _module_from(cfg, state).eval()

@@ -1,0 +1,118 @@
+"""A decoder's cache, proven on every runtime that ran it (beside the full-sequence parity of every artifact):
+
+- decode: a left-padded prompt prefilled, then one token per step with `present` fed back as `past`; at
+  every step the logits, and each layer's cache, equal the runtime's own full-sequence pass at that position
+  (within twice the rounding tolerance: two computations, each within it of the truth). A mismatch names the
+  step ('step 3') and the output ('present.1.key': layer 1).
+- greedy: GREEDY_TOKENS tokens generated greedily from the same prompt with the cache give the same ids as
+  the PyTorch source with its own cache (or, without torch, the NumPy oracle with its cache).
+"""
+
+import numpy as np
+
+from ..artifact_format import io_dtype, np_dtype
+from ..inputs import make_inputs
+from ..stages import stage
+from .compare import compare_outputs, model_error_terms, tolerance
+from .results import Check, failed_check
+
+PROMPT = (2, 8, [8, 5])  # batch, prompt tokens, real ones per row (left padded)
+DECODE_STEPS = 8
+GREEDY_TOKENS = 32
+STAGE_DECODE, STAGE_GREEDY = "cached decode vs full sequence", "greedy generation"
+
+
+class Decoder:
+    """Feeds in graph order for a manifest's decoder; `run(inputs) -> outputs` is a session or a peer."""
+
+    def __init__(self, manifest: dict, run):
+        self.m, self.run = manifest, run
+        self.cfg = manifest["model"]["config"]
+        self.layers = self.cfg["num_layers"]
+        self.dtype = np_dtype(io_dtype(manifest["dtype"]))
+
+    def empty(self, batch: int) -> list:
+        heads = self.cfg["num_kv_heads"] or self.cfg["num_heads"]
+        d = self.cfg["hidden_size"] // self.cfg["num_heads"]
+        return [np.zeros((batch, heads, 0, d), self.dtype) for _ in range(2 * self.layers)]
+
+    def __call__(self, ids, mask, past) -> tuple[np.ndarray, list]:
+        """(logits, present) for new tokens `ids` under `mask` (past + new), positions from the mask."""
+        positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 1)[:, -ids.shape[1] :]
+        out = self.run([ids, mask, positions.astype(np.int64), *past])
+        return out[0], list(out[1:])
+
+
+def prompt(manifest: dict, seed: int, extra: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of the seeded left-padded prompt followed by `extra` real tokens."""
+    batch, k, lengths = PROMPT
+    records = [i for i in manifest["inputs"] if i["role"] in ("token_ids", "padding_mask")]
+    rng = np.random.default_rng([seed, 7])
+    ids, mask = make_inputs(
+        records, manifest["model"]["config"], batch, k + extra, [n + extra for n in lengths], rng, past=0
+    )
+    return ids, mask
+
+
+def decode_checks(name: str, run, manifest: dict, weights: dict, seed: int, gating: bool = True) -> list:
+    """Prefill then DECODE_STEPS single-token steps against the full-sequence pass of the same run."""
+    dec = Decoder(manifest, run)
+    ids, mask = prompt(manifest, seed, DECODE_STEPS)
+    k = PROMPT[1]
+    tol = 2 * tolerance(io_dtype(manifest["dtype"]), *model_error_terms(manifest, ids.shape[1], weights))
+    names = [o["name"] for o in manifest["outputs"]]
+    checks = []
+    with stage(STAGE_DECODE):
+        try:
+            full, full_cache = dec(ids, mask, dec.empty(ids.shape[0]))
+            logits, past = dec(ids[:, :k], mask[:, :k], dec.empty(ids.shape[0]))
+            steps = [("prefill", logits, full[:, :k], past, k)]
+            for i in range(DECODE_STEPS):
+                t = k + i
+                logits, past = dec(ids[:, t : t + 1], mask[:, : t + 1], past)
+                steps.append((f"step {i + 1}", logits, full[:, t : t + 1], past, t + 1))
+        except Exception as e:
+            return [failed_check(name, "cached decode", "logits", "full sequence", f"run failed: {e}", tol)]
+        for case, got, want, cache, length in steps:
+            pairs = [(got, want)] + [(c, f[:, :, :length]) for c, f in zip(cache, full_cache)]
+            checks += [
+                Check(name, case, out, "full sequence", compare_outputs(a, b, tol), gating)
+                for out, (a, b) in zip(names, pairs)
+            ]
+    return checks
+
+
+def greedy(dec: Decoder, ids: np.ndarray, mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (B, n), top-1 minus top-2 logit at each step (B, n)): greedy decoding with the cache."""
+    logits, past = dec(ids, mask, dec.empty(ids.shape[0]))
+    tokens, margins = [], []
+    for step in range(n):
+        last = logits[:, -1].astype(np.float64)
+        top2 = np.sort(last, axis=-1)[:, -2:]
+        tokens.append(last.argmax(-1))
+        margins.append(top2[:, 1] - top2[:, 0])
+        if step + 1 < n:
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+            logits, past = dec(tokens[-1][:, None].astype(np.int64), mask, past)
+    return np.stack(tokens, 1), np.stack(margins, 1)
+
+
+def greedy_check(name: str, run, reference: str, reference_run, manifest: dict, seed: int, gating=True):
+    """The runtime's GREEDY_TOKENS greedy ids against the reference's, from the same prompt: equal, else a
+    failure naming the first step that differs and the reference's top-2 margin there."""
+    ids, mask = prompt(manifest, seed, 0)
+    out = f"greedy {GREEDY_TOKENS} tokens"
+    with stage(STAGE_GREEDY):
+        try:
+            got, _ = greedy(Decoder(manifest, run), ids, mask, GREEDY_TOKENS)
+        except Exception as e:
+            return failed_check(name, "greedy", out, reference, f"run failed: {e}", 0.0)
+        want, margins = greedy(Decoder(manifest, reference_run), ids, mask, GREEDY_TOKENS)
+    if np.array_equal(got, want):
+        return Check(name, "greedy", out, reference, compare_outputs(got, want, 0.0), gating)
+    b, step = (int(i) for i in np.argwhere(got != want)[0])
+    error = (
+        f"row {b} step {step + 1}: token {int(got[b, step])}, {reference} {int(want[b, step])} "
+        f"({reference}'s top-2 logit margin there {margins[b, step]:.3g})"
+    )
+    return failed_check(name, "greedy", out, reference, error, 0.0)
