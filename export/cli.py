@@ -1,4 +1,5 @@
-"""qkv-export: turn a registered PyTorch model into ONNX artifacts with fused attention."""
+"""qkv-export: turn a registered PyTorch model or a checkpoint (encoder or decoder) into ONNX artifacts with
+fused attention."""
 
 import argparse
 import itertools
@@ -22,11 +23,24 @@ exit codes:
      output path unusable; a checkpoint with missing, unexpected or misshapen weights)
   3  internal error: a bug in qkv-onnx (the traceback is printed; please report it)
 
+Decoders (gpt2-*, llama-* presets; gpt2 and llama checkpoints): one graph does prefill and decode.
+  inputs   input_ids (batch, seq), attention_mask (batch, past + seq; left padding),
+           position_ids (batch, seq), past_key_values.{{i}}.key / .value (batch, kv_heads, past,
+           head_dim; past may be 0)
+  outputs  logits (batch, seq, vocab), present.{{i}}.key / .value (batch, kv_heads, past + seq,
+           head_dim): feed them back as past_key_values for the next step
+  attention: onnx-attention writes each layer as one ONNX Attention op reading its cache through
+  past_key/past_value (opset 23); ort-contrib as one com.microsoft GroupQueryAttention (ONNX
+  Runtime's CPU kernel refuses a chunk of more than one token over a cache at batch > 1: prefill
+  at any batch, then one token per step); decomposed as MatMul/Softmax. int8 decoders are not
+  exported yet (exit 2). docs/decoders.md.
+
 Each artifact directory is built beside its destination and swapped into place at the end:
 an interrupted export leaves no partial artifact and an existing one untouched."""
 
 
 def parse_args(argv) -> argparse.Namespace:
+    from ..model_defs.decoder_families import DECODER_FAMILIES
     from ..model_defs.families import FAMILIES
     from ..model_defs.registry import CHECKPOINT_MODELS, MODELS
 
@@ -49,10 +63,12 @@ def parse_args(argv) -> argparse.Namespace:
         "--weights",
         type=Path,
         metavar="DIR",
-        help="a Hugging Face encoder checkpoint directory (config.json + model.safetensors, tokenizer "
+        help="a Hugging Face checkpoint directory (config.json + model.safetensors, tokenizer "
         "files optional) to export instead of a registry model; its model_type one of: "
         + ", ".join(FAMILIES)
-        + " (docs/families.md: what each changes; a task head such as classifier.* is refused)",
+        + " (encoders: docs/families.md, a task head such as classifier.* is refused), "
+        + ", ".join(DECODER_FAMILIES)
+        + " (decoders with a KV cache: docs/decoders.md)",
     )
     p.add_argument(
         "--backend",

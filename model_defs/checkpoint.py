@@ -86,7 +86,7 @@ def family_of(config_json) -> tuple[Family, dict]:
         raise CheckpointError(
             f"{path}: model_type {hf.get('model_type')!r} is not supported; served: "
             + ", ".join(FAMILIES)
-            + " (encoders; decoders such as gpt2 and llama are not)"
+            + " (encoders); gpt2, llama (decoders)"
         )
     return family, hf
 

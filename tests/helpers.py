@@ -313,3 +313,27 @@ class RefusingRuntime(DoublingRuntime):
 
 class AgainReference(Reference):
     name, label, short = "reference-again", "a second ReferenceEvaluator", "reference again"
+
+
+def save_hf_decoder(directory: Path, config: dict, kind: str):
+    """transformers' GPT2LMHeadModel or LlamaForCausalLM (`kind` gpt2 or llama) of `config`, random weights at
+    init scale 0.2 (greedy margins far above the float32 tolerance: no near ties), norms and biases off their
+    1 and 0 too, saved as a checkpoint (config.json + model.safetensors) in `directory`; returns the model."""
+    import torch
+    import transformers as t
+
+    t.logging.set_verbosity_error()
+    hf_cfg = (t.GPT2Config if kind == "gpt2" else t.LlamaConfig)(
+        **config, initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0
+    )
+    torch.manual_seed(1)
+    hf = t.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for key, p in hf.named_parameters():
+            if p.ndim == 1:
+                base = 1.0 if ("norm" in key or "ln" in key) and key.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(directory)
+    assert (directory / "model.safetensors").is_file()
+    return hf

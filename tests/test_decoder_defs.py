@@ -20,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are 
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch
+from helpers import save_hf_decoder
 
 from qkv_onnx.model_defs.checkpoint import CheckpointError, ours_to_hf
 from qkv_onnx.model_defs.decoder import (
@@ -409,22 +410,8 @@ def pair(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            t = _transformers()
-            kind = t.GPT2Config if name == "gpt2" else t.LlamaConfig
-            hf_cfg = kind(
-                **PARITY[name], initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=0
-            )
-            torch.manual_seed(1)
-            hf = t.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
-            with torch.no_grad():  # norms and biases off their 1 and 0 too: every mapping is exercised
-                g = torch.Generator().manual_seed(2)
-                for key, p in hf.named_parameters():
-                    if p.ndim == 1:
-                        base = 1.0 if ("norm" in key or "ln" in key) and key.endswith("weight") else 0.0
-                        p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
             directory = tmp_path_factory.mktemp(name)
-            hf.save_pretrained(directory)
-            assert (directory / "model.safetensors").is_file()
+            hf = save_hf_decoder(directory, PARITY[name], "gpt2" if name == "gpt2" else "llama")
             cfg, ours = load_decoder_model(directory)
             cache[name] = cfg, ours, hf
         return cache[name]

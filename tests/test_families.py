@@ -203,10 +203,15 @@ def _refused(tmp_path, capsys, config: dict) -> str:
     return single_error_line(capsys.readouterr().err, "qkv-export")
 
 
-@pytest.mark.parametrize("model_type", ["deberta-v2", "gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["deberta-v2", "mistral"])
 def test_a_family_we_do_not_serve_is_refused(model_type, tmp_path, capsys):
     line = _refused(tmp_path, capsys, {"model_type": model_type})
-    assert f"model_type '{model_type}' is not supported" in line and "roberta" in line
+    assert f"model_type '{model_type}' is not supported" in line and "roberta" in line and "llama" in line
+
+
+def test_an_encoder_checkpoint_labelled_a_decoder_is_refused(tmp_path, capsys):
+    line = _refused(tmp_path, capsys, {"model_type": "gpt2"})
+    assert "config.json" in line
 
 
 @pytest.mark.parametrize(

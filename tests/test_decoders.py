@@ -1,0 +1,165 @@
+"""Decoder artifacts end to end: transformers' GPT-2 and Llama checkpoints (random weights, saved by
+save_pretrained) exported with qkv-export on both fused backends, validated by qkv-validate (full-sequence
+parity, every cached decode step, 32 greedy tokens against PyTorch with its cache), the artifact's own greedy
+tokens against transformers' generate, and the refusals of a hostile cache."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import rewrite, rotation, run_cli, save_hf_decoder, single_error_line
+
+from qkv_onnx.export.cli import main as export_main
+from qkv_onnx.validate.decode import DECODE_STEPS, GREEDY_TOKENS, Decoder, decode_checks, greedy
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {
+    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=96),
+    "llama": dict(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=300,
+        max_position_embeddings=96,
+    ),
+}
+FUSED = {"onnx-attention": "Attention", "ort-contrib": "com.microsoft::GroupQueryAttention"}
+# every (family, backend) cell; the default run keeps one per family, rotating the backend
+CELLS = rotation(list(CONFIGS), list(FUSED))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            directory = tmp_path_factory.mktemp(f"hf-{kind}")
+            cache[kind] = directory, save_hf_decoder(directory, CONFIGS[kind], kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoint, tmp_path_factory):
+    cache = {}
+
+    def get(kind, backend):
+        if (kind, backend) not in cache:
+            out = tmp_path_factory.mktemp("decoders") / f"{kind}-{backend}"
+            args = ["--weights", str(checkpoint(kind)[0]), "--backend", backend, "--out", str(out)]
+            assert export_main(args) == 0
+            cache[kind, backend] = out
+        return cache[kind, backend]
+
+    return get
+
+
+@pytest.mark.parametrize("kind, backend", CELLS)
+def test_checkpoint_exports_fused_and_validates(artifact, kind, backend, tmp_path, capsys):
+    out = artifact(kind, backend)
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["op_counts"]
+    assert counts.get(FUSED[backend]) == 2 and "Softmax" not in counts
+    assert manifest["checkpoint"]["family"] == kind
+    names = [i["name"] for i in manifest["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value")]
+    code, _, _, doc = run_cli(capsys, out, "--providers", "cpu", "--json", tmp_path / "v.json")
+    assert code == 0
+    checks = doc["artifacts"][0]["checks"]
+    steps = {c["case"] for c in checks if c["runtime"] == "cpu" and c["reference"] == "full sequence"}
+    assert steps == {"prefill", *(f"step {i + 1}" for i in range(DECODE_STEPS))}
+    greedy_checks = [c for c in checks if c["case"] == "greedy"]
+    assert [(c["runtime"], c["reference"], c["passed"]) for c in greedy_checks] == [("cpu", "pytorch", True)]
+    cases = {c["case"] for c in checks if c["reference"] == "oracle" and c["runtime"] == "cpu"}
+    assert any("past" in c for c in cases) and any("past" not in c and c.startswith("b") for c in cases)
+
+
+@pytest.mark.parametrize("kind, backend", CELLS)
+def test_artifact_greedy_tokens_are_transformers_generate(artifact, checkpoint, kind, backend):
+    """The artifact on ORT, its cache fed back, generates what transformers' generate does, on a batch with
+    a left-padded row."""
+    out = artifact(kind, backend)
+    manifest = json.loads((out / "manifest.json").read_text())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    dec = Decoder(manifest, lambda inputs: session.run(None, dict(zip(names, inputs))))
+    rng = np.random.default_rng(5)
+    ids = rng.integers(1, 300, (2, 7)).astype(np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :3], ids[1, :3] = 0, 0
+    got, margins = greedy(dec, ids, mask, GREEDY_TOKENS)
+    hf = checkpoint(kind)[1]
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=GREEDY_TOKENS,
+            min_new_tokens=GREEDY_TOKENS,
+            pad_token_id=0,
+        )[:, 7:].numpy()
+    assert margins.min() > 1e-3, "a near tie: the comparison would not be meaningful"
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_decode_check_names_the_step_and_layer_of_a_wrong_cache(artifact):
+    """A run that drops the oldest cached token of layer 1 after step 2 fails there, not before."""
+    out = artifact("llama", "onnx-attention")
+    manifest = json.loads((out / "manifest.json").read_text())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    calls = []
+
+    def run(inputs):
+        calls.append(1)
+        outputs = session.run(None, dict(zip(names, inputs)))
+        if len(calls) == 4:  # full, prefill, step 1, step 2: layer 1's key loses a token
+            outputs[3][:, :, 0] = outputs[3][:, :, 1]
+        return outputs
+
+    weights = dict(np.load(out / "weights.npz"))
+    failed = {(c.case, c.output) for c in decode_checks("cpu", run, manifest, weights, 0) if not c.passed}
+    assert ("step 2", "present.1.key") in failed
+    assert not any(case in ("prefill", "step 1") for case, _ in failed)
+    assert any(case == "step 3" and out == "logits" for case, out in failed)
+
+
+def _golden_past(artifact_dir, edit) -> None:
+    rel = "test_data_set_1/input_3.pb"  # golden set 1: a decode step over a cache; input 3: layer 0's keys
+    tensor = onnx.load_tensor(str(artifact_dir / rel))
+    edited = onnx.numpy_helper.from_array(edit(onnx.numpy_helper.to_array(tensor)), tensor.name)
+    rewrite(artifact_dir, rel, edited.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda a: a[:, :1], "does not fit"),  # one kv head where the manifest says two
+        (lambda a: np.concatenate([a] * 13, axis=2), "exceed"),  # a past longer than the positions
+    ],
+    ids=["wrong-heads", "past-beyond-positions"],
+)
+def test_a_hostile_cache_is_refused_with_one_line(artifact, tmp_path, capsys, edit, words):
+    copy = tmp_path / "a"
+    shutil.copytree(artifact("gpt2", "onnx-attention"), copy)
+    _golden_past(copy, edit)
+    code, _, err, _ = run_cli(capsys, copy, "--providers", "cpu")
+    assert code == 2
+    assert words in single_error_line(err) and "input_3.pb" in err
+
+
+def test_int8_decoder_is_refused_with_one_line(checkpoint, tmp_path, capsys):
+    args = ["--weights", str(checkpoint("gpt2")[0]), "--dtype", "int8", "--out", str(tmp_path / "q")]
+    assert export_main(args) == 2
+    assert "int8" in single_error_line(capsys.readouterr().err, "qkv-export")
+    assert not (tmp_path / "q").exists()
