@@ -26,7 +26,7 @@ from .taps import find_taps
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
 TRACE_PAST = 3  # a decoder's cached tokens in the trace (not 0 or 1 either)
 STITCHED = ("bert",)  # architectures stitched from a two-layer template (export/stitch.py); others whole
-TAPPED = ("attention", "encoder-block", "bert")  # architectures whose graphs have taps (export/taps.py)
+TAPPED = ("attention", "encoder-block", "bert", "decoder")  # architectures whose graphs have taps (taps.py)
 TRACE_SEED = 0  # the trace's input values: fixed, so the graph depends on the model and options only
 PROBE_SEED = 1  # the two-layer export's weights: any seeded, all-distinct values
 STAGE_READ_BACK, STAGE_FUSION_CHECK = "onnx.load (read graph back)", "fusion check"
@@ -127,7 +127,8 @@ def _template(two: ModelSpec, backend: str, dtype: str, opset: int) -> tuple[onn
 
 
 def _export(spec: ModelSpec, module, backend: str, dtype: str, opset: int) -> onnx.ModelProto:
-    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype, past=TRACE_PAST)
+    past = TRACE_PAST if any(i.role == "past_key" for i in spec.inputs) else 0
+    trace = example_inputs(spec, *TRACE_CASE, TRACE_SEED, dtype, past=past)
     names = [i.name for i in spec.inputs]
     return export_onnx(
         module,

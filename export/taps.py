@@ -12,6 +12,7 @@ import ast
 
 import onnx
 
+from ..decoder_format import DECODER
 from ..errors import ExportError
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -87,6 +88,8 @@ def find_taps(model: onnx.ModelProto, architecture: str, cfg: dict, outputs: lis
     """The taps of an exported graph, in the order the model computes them; ExportError when the graph does
     not have them where the exporter should have put them."""
     g = _Scopes(model)
+    if architecture == DECODER:
+        return _decoder_taps(g, cfg["num_layers"])
     pre_ln = cfg["pre_layer_norm"]
     if architecture == "attention":
         return [_tap("attention", 0, outputs[0])]
@@ -121,3 +124,21 @@ def find_taps(model: onnx.ModelProto, architecture: str, cfg: dict, outputs: lis
     if cfg["with_pooler"]:
         taps.append(_tap("pooler", None, outputs[1]))
     return taps
+
+
+def _decoder_taps(g: _Scopes, layers: int) -> list[dict]:
+    """A pre-norm decoder's taps: the residual stream after the embeddings, after each block's attention
+    (its first residual Add) and after the block (its last node), the final norm's output."""
+    taps = [_tap("embeddings", None, g.last_in("embed").output[0])]
+    for k in range(layers):
+        block = f"blocks.{k}"
+        attention = g.last_in(f"{block}.attn").output[0]
+        residual = [c for c in g.consumers(attention) if c.op_type == "Add"]
+        if len(residual) != 1:
+            raise ExportError(f"taps: the attention of {block!r} has {len(residual)} residual Adds, not 1")
+        taps += [
+            _tap("attention", k, attention),
+            _tap("attention_block", k, residual[0].output[0]),
+            _tap("block", k, g.last_in(block).output[0]),
+        ]
+    return [*taps, _tap("final_norm", None, g.last_in("final_norm").output[0])]

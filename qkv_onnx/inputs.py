@@ -36,6 +36,8 @@ def make_inputs(
     dims.update(past=past, total=past + seq)
     lengths = np.asarray(lengths)[:, None]
     decoder = any(spec["role"] == "past_key" for spec in inputs)
+    if past and not decoder:
+        raise ValueError(f"past {past}: only a decoder has a cache")
     if decoder:
         mask = np.arange(dims["total"])[None, :] >= dims["total"] - lengths
         positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 1)[:, past:]

@@ -365,7 +365,7 @@ def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | 
         if probs:
             trace.probs[layer] = probs[0]
         y = dense(y.transpose(0, 2, 1, 3).reshape(b, s, heads * d), w, prefix + ".attn.out_proj")
-        x = x + trace.keep("attention", layer, y)
+        x = trace.keep("attention_block", layer, x + trace.keep("attention", layer, y))
         h = _decoder_norm(x, w, prefix + ".ffn_norm", cfg)
         if cfg["ffn"] == "gated":
             f = act(dense(h, w, prefix + ".ffn.gate_proj")) * dense(h, w, prefix + ".ffn.up_proj")
