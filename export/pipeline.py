@@ -19,7 +19,6 @@ from ..artifact_format import (
 )
 from ..decoder_format import DECODER
 from ..decoder_format import GOLDEN_CASES as DECODER_GOLDEN_CASES
-from ..errors import UsageError
 from ..inputs import fit, make_inputs
 from ..model_defs.config import param_count
 from ..model_defs.decoder import decoder_param_count
@@ -137,8 +136,6 @@ def export_artifact(
     if dtype not in ARTIFACT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(ARTIFACT_DTYPES)}")
     spec, module, checkpoint = source_model(model, weights_dir, seed)
-    if spec.architecture == DECODER and dtype in QUANTIZED:
-        raise UsageError(f"{model}: int8 decoders are not exported yet (float32, float16, bfloat16 are)")
     opset = BACKENDS[backend].for_architecture(spec.architecture).default_opset if opset is None else opset
     float_dtype = io_dtype(dtype)  # int8 is quantized from the float32 export
     module = module.eval().to(getattr(torch, float_dtype))
@@ -228,12 +225,13 @@ def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], see
     from .quantize import Calibration, search
 
     records, cfg = spec.input_records("float32"), spec.config.to_dict()
+    decoder = spec.architecture == DECODER
     mask_at = next(k for k, i in enumerate(spec.inputs) if i.role == "padding_mask")
 
     def tokens(n: int, shape) -> dict:
         batch, seq, lengths = fit(shape, spec.config.max_sequence)
         inputs = make_inputs(records, cfg, batch, seq, lengths, np.random.default_rng([seed, n]))
-        return {"inputs": inputs, "mask": inputs[mask_at], "sentences": False}
+        return {"inputs": inputs, "mask": inputs[mask_at], "sentences": False, "logits": decoder}
 
     def text(sentences) -> dict:
         feeds = tokenize(
@@ -248,7 +246,7 @@ def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], see
     search_cases = [tokens(1000 + n, shape) for n, shape in enumerate(CALIBRATION_CASES)]
     halves = ([tokens(2000 + n, shape)] for n, shape in enumerate(CALIBRATION_CASES))
     calibration = Calibration(search_cases, tuple(halves))
-    if checkpoint and any((checkpoint["directory"] / f).is_file() for f in TOKENIZER_FILES):
+    if not decoder and checkpoint and any((checkpoint["directory"] / f).is_file() for f in TOKENIZER_FILES):
         held = corpus("holdout")
         calibration.search.append(text(corpus("search")))
         calibration.holdout[0].append(text(held[0::2]))

@@ -22,10 +22,14 @@ import numpy as np
 import onnx
 
 from ..accuracy_contract import LIMITS, judge, within, worst_values
+from ..artifact_format import model_layers
+from ..decoder_format import DECODER
 from ..errors import ExportError
 from ..graph_edit import expose
 from ..stages import stage
 from .taps import SCOPES_KEY, _Scopes
+
+LAYERED = ("bert", DECODER)  # architectures whose sublayers are blocks.K.*
 
 SETTINGS = {
     "method": "onnxruntime.quantization.quantize_dynamic",
@@ -49,7 +53,9 @@ def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -
     'layer k attention' (Q, K, V and output projections), 'layer k feed-forward', 'pooler'."""
     g = _Scopes(model)
     weights = {i.name for i in model.graph.initializer}
-    prefixes = ["attn", "block"] if architecture != "bert" else [f"blocks.{k}" for k in range(num_layers)]
+    prefixes = (
+        ["attn", "block"] if architecture not in LAYERED else [f"blocks.{k}" for k in range(num_layers)]
+    )
     groups: dict[str, list[str]] = {}
     for node, paths in zip(g.nodes, g.paths):
         if node.op_type not in ("MatMul", "Gemm") or not any(i in weights for i in node.input[1:]):
@@ -61,7 +67,7 @@ def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -
             )
         groups.setdefault(group, []).append(node.name)
     layers = [f"layer {k} {part}" for k in range(num_layers) for part in ("attention", "feed-forward")]
-    order = ["embeddings", *layers, "pooler"]
+    order = ["embeddings", *layers, "pooler", "head"]
     return {name: groups[name] for name in order if name in groups}
 
 
@@ -72,7 +78,9 @@ def _group(paths: set[str], architecture: str, prefixes: list[str]) -> str | Non
         return "embeddings"
     if architecture == "attention":
         return "layer 0 attention" if "attn" in paths else None
-    for k, prefix in enumerate(prefixes if architecture == "bert" else ["block"]):
+    if architecture == DECODER and not any(p.startswith("blocks.") for p in paths):
+        return "head"  # an untied LM head (a tied one multiplies by the embedding's Transpose: not quantized)
+    for k, prefix in enumerate(prefixes if architecture in LAYERED else ["block"]):
         if f"{prefix}.attn" in paths:
             return f"layer {k} attention"
         if f"{prefix}.ffn" in paths:
@@ -130,7 +138,7 @@ def _relative(a: np.ndarray, r: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - r) / max(np.linalg.norm(r), 1e-30))
 
 
-def _growth(taps: list[dict], groups: list[str], values, reference) -> dict[str, float]:
+def _growth(taps: list[dict], groups: list[str], values, reference, head_errors=()) -> dict[str, float]:
     """Per group, the largest growth over the cases of the taps' relative error across its sublayer."""
     index = {(t["tap"], t["layer"]): t["value"] for t in taps}
     errors = [
@@ -139,6 +147,9 @@ def _growth(taps: list[dict], groups: list[str], values, reference) -> dict[str,
     stream = [key for key in index if key[0] in ("embeddings", "attention_block", "block", "final_norm")]
     out = {}
     for group in groups:
+        if group == "head":  # the logits: no tap, measured on the output
+            out[group] = max(o - e[stream[-1]] for o, e in zip(head_errors, errors))
+            continue
         if group == "pooler":
             before, after = stream[-1] if stream else None, ("pooler", None)
         elif group == "embeddings":  # the embeddings tap is the projection's output
@@ -170,7 +181,7 @@ class Calibration:
 
 def _judge_all(cases: list, outputs: list, references: list) -> list:
     return [
-        judge(got, ref, case["mask"], case["sentences"] and i == 0)
+        judge(got, ref, case["mask"], case["sentences"] and i == 0, case.get("logits", False) and i == 0)
         for case, outs, refs in zip(cases, outputs, references)
         for i, (got, ref) in enumerate(zip(outs, refs))
     ]
@@ -205,7 +216,7 @@ def search(
     them stay float32 is found by bisection. Returns the manifest's quantization record; ExportError with
     the best result when no setting meets the contract."""
     model = onnx.load(str(float_path), load_external_data=False)
-    groups = product_groups(model, architecture, cfg["num_layers"] if architecture == "bert" else 1)
+    groups = product_groups(model, architecture, model_layers(architecture, cfg))
     cases, held = calibration.search, calibration.holdout_cases()
     n_a, n_b = len(calibration.holdout[0]), len(calibration.holdout[1])
     reference_out, reference_taps = _run_with_taps(float_path, taps, cases)
@@ -235,11 +246,12 @@ def search(
             step["passed"] = step["holdout"]["passed"]
         steps.append(step)
         trials[len(kept)] = (step, path)
-        return step, values
+        return step, values, outputs
 
     with stage(STAGE_SEARCH), tempfile.TemporaryDirectory(prefix="qkv-int8-") as tmp:
-        first, values = trial([], Path(tmp))
-        growth = _growth(taps, list(groups), values, reference_taps)
+        first, values, outputs = trial([], Path(tmp))
+        head = [_relative(o[0], r[0]) for o, r in zip(outputs, reference_out)]
+        growth = _growth(taps, list(groups), values, reference_taps, head)
         order = sorted(groups, key=lambda g: -growth[g])
         if not first["passed"]:
             fails, passes = 0, len(order)

@@ -18,6 +18,11 @@ RELATIVE_ERROR_MAX = 0.2  # ||actual - reference|| / ||reference|| over the outp
 SENTENCE_COSINE_MIN = 0.99  # each sentence's embedding
 SIMILARITY_DEVIATION_MAX = 0.02  # every pairwise cosine similarity between the sentences
 RANK_AGREEMENT_MIN = 0.95  # Spearman correlation of the pairwise similarities: retrieval order kept
+# A decoder's logits (every real position): the next token it would pick, greedy, is the reference's, except
+# where the reference itself nearly ties (top-2 margin under NEXT_TOKEN_TIE of the position's logit range:
+# there any rounding picks either, float32 included)
+NEXT_TOKEN_AGREEMENT_MIN = 0.95
+NEXT_TOKEN_TIE = 0.01
 
 LIMITS = {
     "token_cosine_min": (">=", TOKEN_COSINE_MIN),
@@ -25,6 +30,7 @@ LIMITS = {
     "sentence_cosine_min": (">=", SENTENCE_COSINE_MIN),
     "similarity_deviation_max": ("<=", SIMILARITY_DEVIATION_MAX),
     "rank_agreement": (">=", RANK_AGREEMENT_MIN),
+    "next_token_agreement": (">=", NEXT_TOKEN_AGREEMENT_MIN),
 }
 
 
@@ -102,15 +108,21 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def judge(
-    actual: np.ndarray, reference: np.ndarray, mask: np.ndarray | None, sentences: bool
+    actual: np.ndarray, reference: np.ndarray, mask: np.ndarray | None, sentences: bool, logits: bool = False
 ) -> ContractResult:
     """The contract's metrics of one output: token cosines and relative error always; with `sentences` (a
-    case of real sentences, `actual` the last hidden state) the sentence-embedding metrics too."""
+    case of real sentences, `actual` the last hidden state) the sentence-embedding metrics too; with `logits`
+    (a decoder's logits) the share of real positions whose greedy next token is the reference's."""
     a, r = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    ra, rr = _rows(a, mask), _rows(r, mask)
     values = {
-        "token_cosine_min": float(cosines(_rows(a, mask), _rows(r, mask)).min()),
+        "token_cosine_min": float(cosines(ra, rr).min()),
         "relative_error": float(np.linalg.norm(a - r) / max(np.linalg.norm(r), np.finfo(np.float64).tiny)),
     }
+    if logits and len(ra):
+        top2 = np.sort(rr, axis=-1)[:, -2:]
+        tie = top2[:, 1] - top2[:, 0] <= NEXT_TOKEN_TIE * (rr.max(-1) - rr.min(-1))
+        values["next_token_agreement"] = float(((ra.argmax(-1) == rr.argmax(-1)) | tie).mean())
     if sentences and a.ndim == 3 and mask is not None:
         ea, er = mean_pool(a, mask), mean_pool(r, mask)
         values["sentence_cosine_min"] = float(cosines(ea, er).min())

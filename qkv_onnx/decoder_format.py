@@ -4,6 +4,7 @@ manifest checks, the validator's bounds and the exporter read these, as they rea
 encoders. NumPy-free and torch-free."""
 
 DECODER = "decoder"
+LOGITS = "logits"  # the output the int8 contract judges by next-token agreement too
 NORMS = ("layer", "rms")
 POSITIONS = ("learned", "rope")
 FFNS = ("mlp", "gated")

@@ -14,7 +14,7 @@ import torch
 from helpers import rewrite, rotation, run_cli, save_hf_decoder, single_error_line
 
 from qkv_onnx.export.cli import main as export_main
-from qkv_onnx.validate.decode import DECODE_STEPS, GREEDY_TOKENS, Decoder, decode_checks, greedy
+from qkv_onnx.validate.decode import DECODE_STEPS, GREEDY_TOKENS, Decoder, decode_checks, greedy, margins
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def test_artifact_greedy_tokens_are_transformers_generate(artifact, checkpoint, 
     ids = rng.integers(1, 300, (2, 7)).astype(np.int64)
     mask = np.ones((2, 7), np.int64)
     mask[1, :3], ids[1, :3] = 0, 0
-    got, margins = greedy(dec, ids, mask, GREEDY_TOKENS)
+    got, logits = greedy(dec, ids, mask, GREEDY_TOKENS)
     hf = checkpoint(kind)[1]
     with torch.no_grad():
         ref = hf.generate(
@@ -108,7 +108,7 @@ def test_artifact_greedy_tokens_are_transformers_generate(artifact, checkpoint, 
             min_new_tokens=GREEDY_TOKENS,
             pad_token_id=0,
         )[:, 7:].numpy()
-    assert margins.min() > 1e-3, "a near tie: the comparison would not be meaningful"
+    assert margins(logits).min() > 1e-3, "a near tie: the comparison would not be meaningful"
     np.testing.assert_array_equal(got, ref)
 
 

@@ -109,10 +109,10 @@ def compare_outputs(actual, reference, tol: float, scale_floor: float = 0.0) -> 
     return Comparison(tol, metrics)
 
 
-def compare_contract(actual, reference, mask, sentences: bool) -> Comparison:
+def compare_contract(actual, reference, mask, sentences: bool, logits: bool = False) -> Comparison:
     """A quantized artifact's output against a float reference: the accuracy contract decides (metrics kept
     for the report, atol infinite); shape and NaN/Inf failures as in compare_outputs."""
     c = compare_outputs(actual, reference, math.inf)
     if c.error is not None:
         return c
-    return Comparison(c.tol, c.metrics, contract=judge(actual, reference, mask, sentences))
+    return Comparison(c.tol, c.metrics, contract=judge(actual, reference, mask, sentences, logits))

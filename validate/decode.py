@@ -2,18 +2,22 @@
 
 - decode: a left-padded prompt prefilled, then one token per step with `present` fed back as `past`; at
   every step the logits, and each layer's cache, equal the runtime's own full-sequence pass at that position
-  (within twice the rounding tolerance: two computations, each within it of the truth). A mismatch names the
-  step ('step 3') and the output ('present.1.key': layer 1).
+  (within twice the rounding tolerance: two computations, each within it of the truth). An int8 artifact's
+  activations are quantized per tensor at run time, so its two passes round differently: its steps are held
+  to the contract's token cosine and relative error instead (its next-token agreement is judged against the
+  oracle on the full-sequence cases, and by the greedy tokens). A mismatch names the step ('step 3') and the
+  output ('present.1.key': layer 1).
 - greedy: GREEDY_TOKENS tokens generated greedily from the same prompt with the cache give the same ids as
-  the PyTorch source with its own cache (or, without torch, the NumPy oracle with its cache).
+  the PyTorch source with its own cache (or, without torch, the NumPy oracle with its cache), up to a near tie
+  that the runtime's own logit error explains (greedy_check).
 """
 
 import numpy as np
 
-from ..artifact_format import io_dtype, np_dtype
+from ..artifact_format import QUANTIZED, io_dtype, np_dtype
 from ..inputs import make_inputs
 from ..stages import stage
-from .compare import compare_outputs, model_error_terms, tolerance
+from .compare import compare_contract, compare_outputs, model_error_terms, tolerance
 from .results import Check, failed_check
 
 PROMPT = (2, 8, [8, 5])  # batch, prompt tokens, real ones per row (left padded)
@@ -62,6 +66,12 @@ def decode_checks(name: str, run, manifest: dict, weights: dict, seed: int, gati
     tol = 2 * tolerance(io_dtype(manifest["dtype"]), *model_error_terms(manifest, ids.shape[1], weights))
     names = [o["name"] for o in manifest["outputs"]]
     checks = []
+
+    def judge(a, b):
+        if manifest["dtype"] in QUANTIZED:  # activations quantized per tensor at run time: scales differ
+            return compare_contract(a, b, None, False)
+        return compare_outputs(a, b, tol)
+
     with stage(STAGE_DECODE):
         try:
             full, full_cache = dec(ids, mask, dec.empty(ids.shape[0]))
@@ -76,43 +86,57 @@ def decode_checks(name: str, run, manifest: dict, weights: dict, seed: int, gati
         for case, got, want, cache, length in steps:
             pairs = [(got, want)] + [(c, f[:, :, :length]) for c, f in zip(cache, full_cache)]
             checks += [
-                Check(name, case, out, "full sequence", compare_outputs(a, b, tol), gating)
+                Check(name, case, out, "full sequence", judge(a, b), gating)
                 for out, (a, b) in zip(names, pairs)
             ]
     return checks
 
 
 def greedy(dec: Decoder, ids: np.ndarray, mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (B, n), top-1 minus top-2 logit at each step (B, n)): greedy decoding with the cache."""
+    """(tokens (B, n), each step's last logits (B, n, vocab)): greedy decoding with the cache."""
     logits, past = dec(ids, mask, dec.empty(ids.shape[0]))
-    tokens, margins = [], []
+    tokens, lasts = [], []
     for step in range(n):
-        last = logits[:, -1].astype(np.float64)
-        top2 = np.sort(last, axis=-1)[:, -2:]
-        tokens.append(last.argmax(-1))
-        margins.append(top2[:, 1] - top2[:, 0])
+        lasts.append(logits[:, -1].astype(np.float64))
+        tokens.append(lasts[-1].argmax(-1))
         if step + 1 < n:
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
             logits, past = dec(tokens[-1][:, None].astype(np.int64), mask, past)
-    return np.stack(tokens, 1), np.stack(margins, 1)
+    return np.stack(tokens, 1), np.stack(lasts, 1)
+
+
+def margins(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit along the last axis."""
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
 
 
 def greedy_check(name: str, run, reference: str, reference_run, manifest: dict, seed: int, gating=True):
-    """The runtime's GREEDY_TOKENS greedy ids against the reference's, from the same prompt: equal, else a
-    failure naming the first step that differs and the reference's top-2 margin there."""
+    """(check, note): the runtime's GREEDY_TOKENS greedy ids against the reference's, from the same prompt.
+    Equal passes. At the first step where they differ, both runs read the same tokens, so their logits there
+    differ only by the runtime's error: if the reference's top-2 margin at that step is within twice the
+    largest logit difference seen up to it, the flip is that error meeting a near tie (the error itself is
+    judged by the other checks): a pass, with a note saying so; otherwise a failure naming the step."""
     ids, mask = prompt(manifest, seed, 0)
     out = f"greedy {GREEDY_TOKENS} tokens"
     with stage(STAGE_GREEDY):
         try:
-            got, _ = greedy(Decoder(manifest, run), ids, mask, GREEDY_TOKENS)
+            got, got_logits = greedy(Decoder(manifest, run), ids, mask, GREEDY_TOKENS)
         except Exception as e:
-            return failed_check(name, "greedy", out, reference, f"run failed: {e}", 0.0)
-        want, margins = greedy(Decoder(manifest, reference_run), ids, mask, GREEDY_TOKENS)
+            return failed_check(name, "greedy", out, reference, f"run failed: {e}", 0.0), None
+        want, want_logits = greedy(Decoder(manifest, reference_run), ids, mask, GREEDY_TOKENS)
     if np.array_equal(got, want):
-        return Check(name, "greedy", out, reference, compare_outputs(got, want, 0.0), gating)
-    b, step = (int(i) for i in np.argwhere(got != want)[0])
-    error = (
-        f"row {b} step {step + 1}: token {int(got[b, step])}, {reference} {int(want[b, step])} "
-        f"({reference}'s top-2 logit margin there {margins[b, step]:.3g})"
+        return Check(name, "greedy", out, reference, compare_outputs(got, want, 0.0), gating), None
+    step = int(np.argwhere(got != want)[:, 1].min())
+    b = int(np.argwhere(got[:, step] != want[:, step])[0, 0])
+    error = float(np.abs(got_logits[:, : step + 1] - want_logits[:, : step + 1]).max())
+    margin = float(margins(want_logits[b, step]))
+    where = (
+        f"row {b} step {step + 1}: token {int(got[b, step])}, {reference} {int(want[b, step])}, "
+        f"{reference}'s top-2 logit margin there {margin:.3g}, largest logit difference up to it {error:.3g}"
     )
-    return failed_check(name, "greedy", out, reference, error, 0.0)
+    if margin <= 2 * error:
+        same = compare_outputs(got[:, :step], want[:, :step], 0.0)
+        note = f"{name}: greedy tokens equal for {step} steps, then a near tie ({where})"
+        return Check(name, "greedy", out, reference, same, gating), note
+    return failed_check(name, "greedy", out, reference, where, 0.0), None

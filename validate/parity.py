@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype, max_sequence
-from ..decoder_format import DECODER
+from ..decoder_format import DECODER, LOGITS
 from ..decoder_format import VALIDATION_CASES as DECODER_CASES
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import fit, make_inputs
@@ -313,7 +313,10 @@ def _decoder_checks(artifact: Artifact, sessions: list, report: Report, seed: in
     for s in sessions:
         report.checks += decode_checks(s.name, s.run, m, w, seed, s.gating)
         if s.gating:  # a non-gating runtime's numbers are reported, not judged: its tokens too
-            report.checks.append(greedy_check(s.name, s.run, reference, reference_run, m, seed))
+            check, note = greedy_check(s.name, s.run, reference, reference_run, m, seed)
+            report.checks.append(check)
+            if note:
+                report.notes.append(note)
 
 
 def _references(
@@ -453,7 +456,9 @@ def _compare(
                     checks.append(failed_check(runtime, case.name, name, ref_name, "output missing", bound))
                     continue
                 if isinstance(tol, Contract):
-                    comparison = compare_contract(got[i], ref_outputs[i], tol.mask, tol.sentences)
+                    comparison = compare_contract(
+                        got[i], ref_outputs[i], tol.mask, tol.sentences, name == LOGITS
+                    )
                 else:
                     comparison = compare_outputs(got[i], ref_outputs[i], tol, case.scales.get(i, 0.0))
                 checks.append(Check(runtime, case.name, name, ref_name, comparison, gating))
