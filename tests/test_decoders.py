@@ -31,8 +31,8 @@ CONFIGS = {
     ),
 }
 FUSED = {"onnx-attention": "Attention", "ort-contrib": "com.microsoft::GroupQueryAttention"}
-# every (family, backend) cell; the default run keeps one per family, rotating the backend
-CELLS = rotation(list(CONFIGS), list(FUSED))
+# every (family, backend, dtype) cell; the default run keeps one per family, rotating the others
+CELLS = rotation(list(CONFIGS), list(FUSED), ["float32", "int8"])
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +52,20 @@ def checkpoint(tmp_path_factory):
 def artifact(checkpoint, tmp_path_factory):
     cache = {}
 
-    def get(kind, backend):
-        if (kind, backend) not in cache:
-            out = tmp_path_factory.mktemp("decoders") / f"{kind}-{backend}"
+    def get(kind, backend, dtype="float32"):
+        if (kind, backend, dtype) not in cache:
+            out = tmp_path_factory.mktemp("decoders") / f"{kind}-{backend}-{dtype}"
             args = ["--weights", str(checkpoint(kind)[0]), "--backend", backend, "--out", str(out)]
-            assert export_main(args) == 0
-            cache[kind, backend] = out
-        return cache[kind, backend]
+            assert export_main([*args, "--dtype", dtype]) == 0
+            cache[kind, backend, dtype] = out
+        return cache[kind, backend, dtype]
 
     return get
 
 
-@pytest.mark.parametrize("kind, backend", CELLS)
-def test_checkpoint_exports_fused_and_validates(artifact, kind, backend, tmp_path, capsys):
-    out = artifact(kind, backend)
+@pytest.mark.parametrize("kind, backend, dtype", CELLS)
+def test_checkpoint_exports_fused_and_validates(artifact, kind, backend, dtype, tmp_path, capsys):
+    out = artifact(kind, backend, dtype)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["op_counts"]
     assert counts.get(FUSED[backend]) == 2 and "Softmax" not in counts
@@ -84,11 +84,11 @@ def test_checkpoint_exports_fused_and_validates(artifact, kind, backend, tmp_pat
     assert any("past" in c for c in cases) and any("past" not in c and c.startswith("b") for c in cases)
 
 
-@pytest.mark.parametrize("kind, backend", CELLS)
-def test_artifact_greedy_tokens_are_transformers_generate(artifact, checkpoint, kind, backend):
+@pytest.mark.parametrize("kind, backend, dtype", CELLS)
+def test_artifact_greedy_tokens_are_transformers_generate(artifact, checkpoint, kind, backend, dtype):
     """The artifact on ORT, its cache fed back, generates what transformers' generate does, on a batch with
-    a left-padded row."""
-    out = artifact(kind, backend)
+    a left-padded row: float32 for all 32 tokens; int8 up to a near tie its logit error explains."""
+    out = artifact(kind, backend, dtype)
     manifest = json.loads((out / "manifest.json").read_text())
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -100,16 +100,31 @@ def test_artifact_greedy_tokens_are_transformers_generate(artifact, checkpoint, 
     got, logits = greedy(dec, ids, mask, GREEDY_TOKENS)
     hf = checkpoint(kind)[1]
     with torch.no_grad():
-        ref = hf.generate(
+        generated = hf.generate(
             input_ids=torch.from_numpy(ids),
             attention_mask=torch.from_numpy(mask),
             do_sample=False,
             max_new_tokens=GREEDY_TOKENS,
             min_new_tokens=GREEDY_TOKENS,
             pad_token_id=0,
-        )[:, 7:].numpy()
-    assert margins(logits).min() > 1e-3, "a near tie: the comparison would not be meaningful"
-    np.testing.assert_array_equal(got, ref)
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    ref = generated.sequences[:, 7:].numpy()
+    scores = torch.stack(generated.scores, 1).double().numpy()  # (B, steps, vocab): greedy's raw logits
+    if dtype == "float32":
+        assert margins(scores).min() > 1e-3, "a near tie: the comparison would not be meaningful"
+        np.testing.assert_array_equal(got, ref)
+        return
+    # int8 moves logits by ~1% of their range: equal up to the first step where transformers' own top-2
+    # margin is within twice the int8 logit error measured up to there (a near tie), and never before
+    differ = np.argwhere(got != ref)
+    if len(differ):
+        step = int(differ[:, 1].min())
+        error = np.abs(logits[:, : step + 1] - scores[:, : step + 1]).max()
+        row = int(np.argwhere(got[:, step] != ref[:, step])[0, 0])
+        assert margins(scores[row, step]) <= 2 * error, f"step {step + 1}: not a near tie"
+        assert step >= GREEDY_TOKENS // 4, f"diverged at step {step + 1}"
 
 
 def test_decode_check_names_the_step_and_layer_of_a_wrong_cache(artifact):
@@ -158,8 +173,9 @@ def test_a_hostile_cache_is_refused_with_one_line(artifact, tmp_path, capsys, ed
     assert words in single_error_line(err) and "input_3.pb" in err
 
 
-def test_int8_decoder_is_refused_with_one_line(checkpoint, tmp_path, capsys):
-    args = ["--weights", str(checkpoint("gpt2")[0]), "--dtype", "int8", "--out", str(tmp_path / "q")]
-    assert export_main(args) == 2
-    assert "int8" in single_error_line(capsys.readouterr().err, "qkv-export")
-    assert not (tmp_path / "q").exists()
+def test_int8_decoder_keeps_the_attention_float_and_judges_next_tokens(artifact):
+    manifest = json.loads((artifact("llama", "ort-contrib", "int8") / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert manifest["op_counts"].get("com.microsoft::GroupQueryAttention") == 2
+    assert q["quantized_products"] > 0
+    assert q["holdout"]["worst"]["next_token_agreement"] >= 0.95

@@ -250,7 +250,7 @@ def test_forward_takes_and_returns_the_graph_order():
     assert set(trace.taps) == {
         ("embeddings", None),
         ("final_norm", None),
-        *((tap, i) for tap in ("attention", "block") for i in range(cfg["num_layers"])),
+        *((tap, i) for tap in ("attention", "attention_block", "block") for i in range(cfg["num_layers"])),
     }
     assert trace.probs[0].shape == (2, cfg["num_heads"], 2, 6)
     np.testing.assert_allclose(trace.probs[0].sum(-1), 1.0, atol=1e-15)
