@@ -42,7 +42,10 @@ exit codes:
   1  a contender could not be exported or run (the rest are reported)
   2  bad argument or missing dependency (one line on stderr)
 
-Writes OUT/results.json, OUT/results.md, OUT/latency.png, OUT/memory.png (plots need matplotlib)."""
+Writes OUT/results.json, OUT/results.md, OUT/latency.png, OUT/memory.png (plots need matplotlib).
+
+Decoders (GPT-2 / Llama style, the KV cache in the fused ops): `qkv-bench decoder --help` (tokens/s and
+prefill against transformers with its cache and onnxruntime-genai, the attention memory of a long prefill)."""
 
 
 def parse_points(text: str) -> list:
@@ -223,6 +226,12 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == [
+        "decoder"
+    ]:  # qkv-bench decoder ...: benchmarks/decoder.py
+        from .decoder import main as decoder_main
+
+        return decoder_main((sys.argv[1:] if argv is None else argv)[1:])
     args = parse_args(argv)
     problem = check(args)
     if problem:
