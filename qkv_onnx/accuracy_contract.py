@@ -97,9 +97,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
         order = np.argsort(x, kind="stable")
         r = np.empty(len(x))
         r[order] = np.arange(len(x))
-        for v in np.unique(x):  # ties share their average rank
-            r[x == v] = r[x == v].mean()
-        return r
+        _, tie, count = np.unique(x, return_inverse=True, return_counts=True)
+        return (np.bincount(tie, weights=r) / count)[tie]  # ties share their average rank
 
     ra, rb = ranks(np.asarray(a, np.float64)), ranks(np.asarray(b, np.float64))
     if ra.std() == 0 or rb.std() == 0:
