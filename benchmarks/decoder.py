@@ -46,6 +46,7 @@ DEFAULTS = {
     "rounds": 5,
     "warmup": 1,
     "memory_seq": 8192,
+    "memory_scaling": "2048,4096",
     "check_steps": 8,
 }
 QUICK = {
@@ -57,6 +58,7 @@ QUICK = {
     "rounds": 2,
     "warmup": 1,
     "memory_seq": 256,
+    "memory_scaling": "",
     "check_steps": 4,
 }
 CHECK_BATCH = 2
@@ -113,6 +115,11 @@ def parse_args(argv):
         type=int,
         help=f"prefill length of the attention memory run, 0 for none (default: {DEFAULTS['memory_seq']})",
     )
+    p.add_argument(
+        "--memory-scaling",
+        help="shorter lengths measured the same way, to show how each peak grows, comma-separated or none "
+        f"(default: {DEFAULTS['memory_scaling']})",
+    )
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op and torch threads (default: 2)")
     p.add_argument("--spinning", action="store_true", help="leave ORT's thread-pool spinning on")
     p.add_argument(
@@ -155,6 +162,8 @@ def check(args) -> str | None:
         args.models = [m.strip() for m in str(args.models).split(",") if m.strip()]
         args.batches = _ints(args.batches, "--batches")
         args.prefill = _ints(args.prefill, "--prefill")
+        scaling = str(args.memory_scaling).strip()
+        args.memory_scaling = [] if scaling in ("", "none") else _ints(scaling, "--memory-scaling")
     except ValueError as e:
         return str(e)
     unknown = [m for m in args.models if m not in DECODER_PRESETS]
@@ -605,11 +614,12 @@ def _point(kind: str, batch: int, n: int, times: dict, errors: dict) -> dict:
 
 
 def memory_run(args, results: dict, work: Path, progress: Progress) -> list:
-    """Layer 0's fused attention of the first model's artifacts at --memory-seq tokens, one process each."""
+    """Layer 0's fused attention of the first model's artifacts at --memory-seq tokens (and the
+    --memory-scaling lengths), one process each."""
     first = args.models[0]
     entry = results["models"].get(first, {})
     cfg = entry.get("config")
-    out = {"model": first, "seq": args.memory_seq, "backends": {}, "errors": {}}
+    out = {"model": first, "seq": args.memory_seq, "backends": {}, "errors": {}, "scaling": []}
     if not cfg:
         return [f"memory: {first} did not run"]
     out["floor"] = decoder_memory.floor_bytes(args.memory_seq, cfg)
@@ -617,28 +627,48 @@ def memory_run(args, results: dict, work: Path, progress: Progress) -> list:
         f"{first} layer 0: {cfg['num_heads']} heads ({cfg['num_kv_heads'] or cfg['num_heads']} kv), "
         f"hidden {cfg['hidden_size']}, head_dim {cfg['hidden_size'] // cfg['num_heads']}"
     )
-    failures = []
+    failures, graphs = [], {}
     for backend, artifact in entry.get("artifacts", {}).items():
-        progress.step(f"memory {backend} {args.memory_seq}", 0)
         try:
             graph = work / f"attention0-{backend}.onnx"
-            spec = decoder_memory.cut_attention(Path(artifact) / "model.onnx", graph, cfg)
-            r = decoder_memory.measure(graph, args.memory_seq, args.threads)
+            graphs[backend] = graph, decoder_memory.cut_attention(Path(artifact) / "model.onnx", graph, cfg)
         except Exception as e:
-            r = {"error": _first_line(e)}
-            spec = {}
-        if "error" in r:
-            out["errors"][backend] = r["error"]
-            failures.append(f"memory {backend}: {r['error']}")
-        else:
-            out["backends"][backend] = {
-                "op": spec["op"],
-                "peak_mb": r["peak_mb"],
-                "baseline_mb": r["baseline_mb"],
-            }
-        progress.step(f"memory {backend} done")
+            out["errors"][backend] = _first_line(e)
+            failures.append(f"memory {backend}: {out['errors'][backend]}")
+    for seq in sorted(set(args.memory_scaling + [args.memory_seq])):
+        point = {"seq": seq, "floor": decoder_memory.floor_bytes(seq, cfg), "peak_mb": {}}
+        for backend, (graph, spec) in graphs.items():
+            progress.step(f"memory {backend} {seq}", 0)
+            r = decoder_memory.measure(graph, seq, args.threads)
+            if "error" in r:
+                out["errors"][f"{backend} {seq}"] = r["error"]
+                failures.append(f"memory {backend} {seq}: {r['error']}")
+            else:
+                point["peak_mb"][backend] = r["peak_mb"]
+                if seq == args.memory_seq:
+                    out["backends"][backend] = {
+                        "op": spec["op"],
+                        "peak_mb": r["peak_mb"],
+                        "baseline_mb": r["baseline_mb"],
+                    }
+            progress.step(f"memory {backend} {seq} done")
+        out["scaling"].append(point)
     results["memory"] = out
     return failures
+
+
+def growth(mem: dict, backend: str, op: str) -> tuple | None:
+    """(exponent, [(L, MiB)]) of the peak above the floor and the mask input over the measured lengths: how
+    what the kernel adds grows with L (1: linear, 2: quadratic), from the two longest; None below two."""
+    rows = []
+    for p in mem.get("scaling", []):
+        if backend in p["peak_mb"]:
+            mask = p["floor"]["mask_bool"] if op == "Attention" else p["floor"]["bias_fp32"]
+            rows.append((p["seq"], p["peak_mb"][backend] - (p["floor"]["floor"] + mask) / MiB))
+    if len(rows) < 2 or min(r[1] for r in rows[-2:]) <= 0:
+        return None
+    (l1, a), (l2, b) = rows[-2:]
+    return float(np.log(b / a) / np.log(l2 / l1)), rows
 
 
 # -- report --
@@ -756,6 +786,30 @@ def memory_section(mem: dict) -> list:
     )
     for backend, e in mem["errors"].items():
         lines.append(f"- {backend}: {e}")
+    if len(mem.get("scaling", [])) > 1:
+        backends = list(mem["backends"])
+        lines += [
+            "",
+            "How the peaks grow (MiB; the same node and process at each length):",
+            "",
+            "| L | " + " | ".join(backends) + " | floor | one fp32 L×L per head |",
+            "|---:|" + "---:|" * (len(backends) + 2),
+        ]
+        for p in mem["scaling"]:
+            cells = [f"{p['peak_mb'][b]:.0f}" if b in p["peak_mb"] else "failed" for b in backends]
+            lines.append(
+                f"| {p['seq']} | " + " | ".join(cells) + f" | {p['floor']['floor'] / MiB:.0f} "
+                f"| {p['floor']['scores'] / MiB:.0f} |"
+            )
+        lines.append("")
+        for b in backends:
+            g = growth(mem, b, mem["backends"][b]["op"])
+            if g:
+                above = ", ".join(f"{mb:.0f} at {seq}" for seq, mb in g[1])
+                lines.append(
+                    f"- {b}: the peak above the floor and its mask input ({above} MiB) grows as L^{g[0]:.1f} "
+                    "between the two longest."
+                )
     lines += ["", recommendation(mem), ""]
     return lines
 
@@ -785,9 +839,14 @@ def recommendation(mem: dict) -> str:
             "ONNX Runtime's CPU kernel for "
             f"{b[other]['op']} materializes the scores, so its memory grows with L², while "
             f"{b[best]['op']} stays within "
-            f"{b[best]['peak_mb'] * MiB / mem['floor']['floor']:.1f}× the O(L·d) "
-            "floor (its L×L mask input included)."
+            f"{b[best]['peak_mb'] * MiB / mem['floor']['floor']:.1f}× the O(L·d) floor."
         )
+        if b[best]["op"] == "GroupQueryAttention":
+            text += (
+                f" Its one L² term left is the graph's, not the kernel's: the additive fp32 padding bias "
+                f"(1, 1, L, L) the ort-contrib graph builds, {mem['floor']['bias_fp32'] / MiB:.0f} MiB here "
+                "(4·L² bytes)."
+            )
     else:
         text += "."
     return text
@@ -830,7 +889,8 @@ def run(args, work: Path) -> tuple:
     from ..versions import package_versions
 
     points = len(args.batches) + len(args.prefill)
-    n_steps = len(args.models) * (len(BACKENDS) + 2 + args.rounds * points) + (2 if args.memory_seq else 0)
+    n_memory = (len(set(args.memory_scaling + [args.memory_seq])) * len(BACKENDS)) if args.memory_seq else 0
+    n_steps = len(args.models) * (len(BACKENDS) + 2 + args.rounds * points) + n_memory
     progress = Progress(n_steps, enabled=not args.no_progress)
     load = MachineLoad()
     results = {
