@@ -67,7 +67,7 @@ GENAI_PYTHON = Path(".venv-genai/bin/python")
 WORKER = Path(__file__).with_name("genai_worker.py")
 
 EPILOG = """examples:
-  qkv-bench decoder                       gpt2-small and llama-100m, every contender (about 10 minutes)
+  qkv-bench decoder                       gpt2-small and llama-100m, every contender (5 min, quiet machine)
   qkv-bench decoder --quick --genai none  a smoke run on gpt2-tiny
 
 onnxruntime-genai lives in its own environment (its wheel pulls `onnxruntime`, which cannot sit beside the
