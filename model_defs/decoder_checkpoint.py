@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
-    INDEX_FILE,
     CheckpointError,
-    _listing,
     _read_json,
-    _weight_files,
+    check_keys,
     map_hf_keys,
     ours_to_hf,
+    read_headers,
+    read_tensors,
+    weight_files,
 )
 from .decoder import DecoderConfig, DecoderModel
 from .decoder_families import (
@@ -30,7 +31,6 @@ from .decoder_families import (
 )
 from .families import FAMILIES
 
-FLOATS = ("F32", "F16", "BF16", "F64")
 _ABSENT = object()
 _INTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_size", "vocab_size", "max_positions")
 _FLOATS = ("norm_eps", "rope_theta")
@@ -158,37 +158,6 @@ def _expected_shapes(cfg: DecoderConfig) -> dict:
         return {k: tuple(v.shape) for k, v in DecoderModel(cfg).state_dict().items()}
 
 
-def _safetensors():
-    try:
-        from safetensors import SafetensorError, safe_open
-    except ImportError:
-        raise CheckpointError(
-            "reading Hugging Face checkpoints needs the safetensors library: "
-            "pip install safetensors (or the package's 'export' extra)"
-        ) from None
-    return safe_open, SafetensorError
-
-
-def _read_headers(files: list, where: Path) -> tuple[dict, dict]:
-    """(key -> shape, key -> safetensors dtype) over all files; CheckpointError for a key in two shards."""
-    safe_open, SafetensorError = _safetensors()
-
-    shapes, dtypes, home = {}, {}, {}
-    try:
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    if key in home:
-                        raise CheckpointError(
-                            f"{where}: key {key!r} is in both {home[key].name} and {f.name}"
-                        )
-                    sl = st.get_slice(key)
-                    shapes[key], dtypes[key], home[key] = tuple(sl.get_shape()), sl.get_dtype(), f
-    except SafetensorError as e:
-        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
-    return shapes, dtypes
-
-
 def load_decoder_checkpoint(directory) -> tuple:
     """(DecoderConfig, state dict in our names, float32 tensors) from a Hugging Face gpt2 or llama checkpoint
     directory: the state dict has exactly the keys of DecoderModel(cfg).state_dict() (a tied head has none:
@@ -200,15 +169,11 @@ def load_decoder_checkpoint(directory) -> tuple:
     missing keys, a shape other than the config implies, a non-floating tensor, a tied LM head that differs
     from the embedding, or a failed strict load_state_dict into DecoderModel(cfg).
     """
-    safe_open, _ = _safetensors()
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
+    files, where = weight_files(directory)
     family, _ = decoder_family_of(directory / "config.json")
     cfg = decoder_config_from_hf(directory / "config.json")
-    files = _weight_files(directory)
-    where = files[0] if len(files) == 1 else directory / INDEX_FILE
-    shapes, dtypes = _read_headers(files, where)
+    shapes, dtypes = read_headers(files, where)
 
     mapping, _, unexpected = map_hf_keys(shapes, family, str(where))
     buffer = re.compile(rf"({re.escape(family.prefix)})?{re.escape(family.layers)}\.\d+\.(.+)")
@@ -219,35 +184,20 @@ def load_decoder_checkpoint(directory) -> tuple:
     # a tied head is no parameter of ours, but a checkpoint may hold it: then it must be the embedding
     tied = {"lm_head.weight": "embed.word.weight"} if cfg.tie_word_embeddings else {}
     expected = checkpoint_shapes({**ours, **{k: ours[v] for k, v in tied.items()}}, family)  # their layout
-    unexpected += [k for k, v in mapping.items() if v not in expected]  # e.g. h.6 in a 6-layer config
     prefix = family.prefix if any(k.startswith(family.prefix) for k in mapping) else ""
-    missing = [_hf_name(k, family, prefix) for k in expected if k not in mapping.values() and k not in tied]
-    if missing or unexpected:
-        problems = ([f"missing key(s): {_listing(missing)}"] if missing else []) + (
-            [f"unexpected key(s): {_listing(unexpected)}"] if unexpected else []
-        )
-        raise CheckpointError(
-            f"{where}: does not match the {cfg.num_layers}-layer {family.name} of config.json: "
-            + "; ".join(problems)
-        )
-    wrong = [
-        f"key {k!r} has shape {list(shapes[k])}, expected {list(expected[v])}"
-        for k, v in mapping.items()
-        if shapes[k] != expected[v]
-    ]
-    if wrong:
-        more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
-        raise CheckpointError(f"{where}: shape mismatch with config.json: " + "; ".join(wrong[:4]) + more)
-    wrong = [f"{k!r} ({dtypes[k]})" for k in mapping if dtypes[k] not in FLOATS]
-    if wrong:
-        raise CheckpointError(f"{where}: non-floating weight(s): {', '.join(wrong)}")
-
-    state = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                if key in mapping:
-                    state[mapping[key]] = st.get_tensor(key).to(torch.float32)
+    check_keys(
+        where,
+        family,
+        cfg.num_layers,
+        mapping,
+        unexpected,
+        expected,
+        shapes,
+        dtypes,
+        lambda k: _hf_name(k, family, prefix),
+        optional=tied,
+    )
+    state = read_tensors(files, mapping)
     state = to_our_layout(state, family)
     for name, source in tied.items():
         head = state.pop(name, None)
