@@ -295,8 +295,6 @@ def model_layers(architecture: str, cfg: dict) -> int:
 def max_sequence(cfg: dict) -> int:
     """The longest sequence a config's position table covers (from-ids positions start after the pad id;
     a decoder's past + seq)."""
-    if "positions" in cfg and cfg["positions"] in decoder_format.POSITIONS:
-        return cfg["max_positions"]
     return cfg["max_positions"] - (cfg["pad_token_id"] + 1 if cfg["positions"] == "from-ids" else 0)
 
 

@@ -111,8 +111,16 @@ def margins(logits: np.ndarray) -> np.ndarray:
     return top2[..., 1] - top2[..., 0]
 
 
-def greedy_check(name: str, run, reference: str, reference_run, manifest: dict, seed: int, gating=True):
-    """(check, note): the runtime's GREEDY_TOKENS greedy ids against the reference's, from the same prompt.
+def greedy_reference(reference_run, manifest: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's greedy (tokens, logits) on the prompt greedy_check uses: computed once per artifact."""
+    ids, mask = prompt(manifest, seed, 0)
+    with stage(STAGE_GREEDY):
+        return greedy(Decoder(manifest, reference_run), ids, mask, GREEDY_TOKENS)
+
+
+def greedy_check(name: str, run, reference: str, expected: tuple, manifest: dict, seed: int, gating=True):
+    """(check, note): the runtime's GREEDY_TOKENS greedy ids against the reference's (`expected`:
+    greedy_reference), from the same prompt.
     Equal passes. At the first step where they differ, both runs read the same tokens, so their logits there
     differ only by the runtime's error: if the reference's top-2 margin at that step is within twice the
     largest logit difference seen up to it, the flip is that error meeting a near tie (the error itself is
@@ -124,7 +132,7 @@ def greedy_check(name: str, run, reference: str, reference_run, manifest: dict, 
             got, got_logits = greedy(Decoder(manifest, run), ids, mask, GREEDY_TOKENS)
         except Exception as e:
             return failed_check(name, "greedy", out, reference, f"run failed: {e}", 0.0), None
-        want, want_logits = greedy(Decoder(manifest, reference_run), ids, mask, GREEDY_TOKENS)
+    want, want_logits = expected
     if np.array_equal(got, want):
         return Check(name, "greedy", out, reference, compare_outputs(got, want, 0.0), gating), None
     step = int(np.argwhere(got != want)[:, 1].min())
