@@ -112,8 +112,13 @@ def describe(manifest: dict) -> str:
         ", ".join(f"{v} {k}" for k, v in attention.items())
         or f"{counts.get('Softmax', 0)} Softmax (decomposed)"
     )
+    q = manifest.get("quantization")
+    dtype = manifest["dtype"]
+    if q:  # how much of it is int8: the search may keep every product in float32
+        kept = len(q["float_nodes"])
+        dtype += f" ({q['quantized_products']} of {q['quantized_products'] + kept} products int8)"
     return (
-        f"{manifest['model']['name']} ({manifest['model']['parameters']:,} parameters), {manifest['dtype']}, "
+        f"{manifest['model']['name']} ({manifest['model']['parameters']:,} parameters), {dtype}, "
         f"{ops}, opset {manifest['opset'].get('ai.onnx')}"
     )
 

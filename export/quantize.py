@@ -101,8 +101,20 @@ def quiet_quantizer():
 
 
 def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
+    """quantize_dynamic of every weight-carrying MatMul and Gemm except the nodes named in `keep_float`.
+    Dynamic quantization first rewrites each Gemm as MatMul '<name>_MatMul' (+ Add of its bias) and matches
+    the exclusions against the rewritten names (onnxruntime 1.31): a kept Gemm is excluded under both. The
+    written graph must hold one MatMulInteger per product not kept, or ExportError."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = onnx.load(str(float_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    products = {
+        n.name: n.op_type
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])
+    }
+    exclude = [*keep_float, *(f"{n}_MatMul" for n in keep_float if products.get(n) == "Gemm")]
     with quiet_quantizer():
         quantize_dynamic(
             str(float_path),
@@ -111,7 +123,15 @@ def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
             per_channel=SETTINGS["per_channel"],
             reduce_range=SETTINGS["reduce_range"],
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep_float,
+            nodes_to_exclude=exclude,
+        )
+    written = onnx.load(str(out_path), load_external_data=False)
+    got = sum(n.op_type == "MatMulInteger" for n in written.graph.node)
+    want = len(set(products) - set(keep_float))
+    if got != want:
+        raise ExportError(
+            f"int8: onnxruntime {_ort_version()}'s quantize_dynamic wrote {got} quantized products where "
+            f"{want} of {len(products)} were asked for ({len(keep_float)} kept in float32)"
         )
 
 

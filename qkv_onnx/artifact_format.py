@@ -287,6 +287,33 @@ def with_defaults(manifest: dict) -> None:
         model["config"] = {**FAMILY_DEFAULTS, **model["config"]}
 
 
+# Seeded input cases, (batch, seq, real tokens per row, past): the golden sets an export writes and the cases
+# validation runs (an encoder's have no past; decoder_format has the decoder's).
+GOLDEN_CASES = [(2, 16, [16, 11], 0), (3, 7, [7, 3, 0], 0), (1, 1, [1], 0)]
+VALIDATION_CASES = [
+    (1, 1, [1], 0),
+    (2, 1, [1, 0], 0),
+    (1, 7, [7], 0),
+    (3, 7, [7, 4, 0], 0),
+    (2, 128, [128, 77], 0),
+]
+# int8: the search's seeded token batches, and with other seeds its held-out ones. An encoder's: a long batch
+# and every shape validation judges, so that the held-out check at export sees what validation will. A
+# decoder's: long batches only (next-token agreement on a one-token case is 0 or 1: no margin to measure).
+CALIBRATION_LONG = [(4, 64, [64, 41, 17, 64], 0), (2, 128, [128, 90], 0)]
+
+
+def seeded_cases(kind: str, architecture: str) -> list[tuple]:
+    """The seeded cases of `kind` (golden, validation or calibration) for an architecture."""
+    decoder = architecture == decoder_format.DECODER
+    validation = decoder_format.VALIDATION_CASES if decoder else VALIDATION_CASES
+    if kind == "calibration":
+        return CALIBRATION_LONG if decoder else CALIBRATION_LONG[:1] + VALIDATION_CASES
+    if kind == "golden":
+        return decoder_format.GOLDEN_CASES if decoder else GOLDEN_CASES
+    return validation
+
+
 def model_layers(architecture: str, cfg: dict) -> int:
     """How many times a model repeats its block (1 for a model without blocks)."""
     return cfg["num_layers"] if architecture in ("bert", decoder_format.DECODER) else 1

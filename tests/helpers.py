@@ -315,6 +315,22 @@ class AgainReference(Reference):
     name, label, short = "reference-again", "a second ReferenceEvaluator", "reference again"
 
 
+def trained_vectors(model, seed: int, scale: float = 0.2) -> None:
+    """Move a fresh transformers model's norm weights off 1 and its biases off 0 (by N(0, scale²)), as
+    training leaves them: a fresh model's equal and all-zero vectors let the exporter merge or fold
+    initializers that a real checkpoint's never are."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for key, p in model.named_parameters():
+            if p.ndim == 1:
+                base = (
+                    1.0 if any(n in key.lower() for n in ("norm", "ln")) and key.endswith("weight") else 0.0
+                )
+                p.copy_(base + scale * torch.randn(p.shape, generator=g))
+
+
 def save_hf_decoder(directory: Path, config: dict, kind: str):
     """transformers' GPT2LMHeadModel or LlamaForCausalLM (`kind` gpt2 or llama) of `config`, random weights at
     init scale 0.2 (greedy margins far above the float32 tolerance: no near ties), norms and biases off their
@@ -328,12 +344,7 @@ def save_hf_decoder(directory: Path, config: dict, kind: str):
     )
     torch.manual_seed(1)
     hf = t.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
-        for key, p in hf.named_parameters():
-            if p.ndim == 1:
-                base = 1.0 if ("norm" in key or "ln" in key) and key.endswith("weight") else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+    trained_vectors(hf, 2)
     hf.save_pretrained(directory)
     assert (directory / "model.safetensors").is_file()
     return hf

@@ -6,12 +6,14 @@ qkv-validate passes it with the byte-identical rebuild. Families or options we d
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import run_cli, single_error_line
+from helpers import EMPTY_ROW_CASES, failing, openvino_native_bf16, run_cli, single_error_line
 
 from qkv_onnx.export.cli import main as export_main
+from qkv_onnx.graph_contract import check_structure
 from qkv_onnx.validate import oracle
 from qkv_onnx.validate.artifact import load_artifact
 from qkv_onnx.validate.compare import compare_outputs, model_error_terms, tolerance
@@ -181,12 +183,23 @@ MATRIX_CELLS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name, backend, dtype", [*BACKEND_CELLS, *MATRIX_CELLS])
 def test_family_on_every_backend_and_dtype(name, backend, dtype, tmp_path, capsys):
-    """Export with the backend and dtype, validate on ORT CPU (bfloat16, which it has no kernels for: every
+    """Export with the backend and dtype; the graph holds the structural contract (what --no-rebuild checks:
+    pad ids that the exporter's constant merging does or does not meet, an int8 graph's merged LayerNorm
+    initializers and float32 Gemm); validate on ORT CPU (bfloat16, which it has no kernels for: every
     runtime of auto, OpenVINO among them): exit 0 (int8: under its accuracy contract)."""
     save_checkpoint(tmp_path / "ckpt", name)
     export(tmp_path / "ckpt", tmp_path / "art", "--backend", backend, "--dtype", dtype)
+    artifact = load_artifact(tmp_path / "art")
+    check_structure(onnx.load(str(tmp_path / "art" / "model.onnx")), artifact.manifest, artifact.weights)
     providers = "auto" if dtype == "bfloat16" else "cpu"
-    code, out, _, _ = run_cli(capsys, str(tmp_path / "art"), "--providers", providers)
+    code, out, _, doc = run_cli(
+        capsys, tmp_path / "art", "--providers", providers, "--json", tmp_path / "r.json"
+    )
+    if code == 1 and (dtype, backend) == ("bfloat16", "onnx-attention") and not openvino_native_bf16():
+        # OpenVINO without native bfloat16 outputs the average of V for a query with no key (helpers): the
+        # validator fails exactly the cases with an all-padding row, on OpenVINO only
+        assert {(r, c in EMPTY_ROW_CASES) for r, _, c in failing(doc)} == {("openvino", True)}, out
+        pytest.xfail("OpenVINO without native bfloat16: a query with no key is not 0 (validation says so)")
     assert code == 0, out
 
 

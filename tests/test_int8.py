@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
+import onnx
 import pytest
 from helpers import ROOT, edit_manifest, flip_byte, rewrite, run_cli, single_error_line, snapshot, tree_bytes
 
 from qkv_onnx.artifact_format import BACKENDS, sha256_file
 from qkv_onnx.export.cli import main as export_main
 from qkv_onnx.export.pipeline import export_artifact
+from qkv_onnx.export.quantize import product_groups, quantize
 from qkv_onnx.text import corpus, read_sentences
 
 SENTENCES = ROOT / "docs" / "attention" / "sentences.txt"  # never seen by the calibration
@@ -46,6 +48,24 @@ def test_int8_comes_from_the_float32_export_and_says_how(int8_tiny, exported, ba
     assert [t["value"] for t in manifest["taps"]] == [
         t["value"] for t in json.loads((float32.parent / "manifest.json").read_text())["taps"]
     ]
+
+
+@pytest.mark.slow
+def test_a_gemm_kept_in_float32_stays_float32(exported, tmp_path):
+    """quantize_dynamic rewrites a Gemm as '<name>_MatMul' before it reads the exclusions (onnxruntime 1.31):
+    the pooler kept in float32 must still come out float32, every other product int8."""
+    source = exported("bert-tiny") / "model.onnx"
+    model = onnx.load(str(source))
+    groups = product_groups(model, "bert", 2)
+    assert [
+        model.graph.node[i].op_type for i, n in enumerate(model.graph.node) if n.name in groups["pooler"]
+    ] == ["Gemm"]
+    quantize(source, tmp_path / "q.onnx", groups["pooler"])
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    integer = [n for n in written.graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == sum(len(v) for g, v in groups.items() if g != "pooler")
+    assert not any("pooler" in i for n in integer for i in n.input)
+    assert any(n.op_type == "MatMul" and "pooler.weight" in n.input for n in written.graph.node)
 
 
 @pytest.mark.slow

@@ -7,9 +7,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..artifact_format import MANIFEST, QUANTIZED, TEXT_GOLDEN_SET, TOKENIZER_DIR, io_dtype, max_sequence
+from ..artifact_format import (
+    MANIFEST,
+    QUANTIZED,
+    TEXT_GOLDEN_SET,
+    TOKENIZER_DIR,
+    io_dtype,
+    max_sequence,
+    seeded_cases,
+)
 from ..decoder_format import DECODER, LOGITS
-from ..decoder_format import VALIDATION_CASES as DECODER_CASES
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import fit, make_inputs
 from ..stages import stage
@@ -33,7 +40,6 @@ from .sandbox import SandboxedRuntime, tokenize_sandboxed
 from .torch_peer import load_torch_peer
 
 # (batch, seq, real tokens per row): batch 1 and >1, seq 1, odd, 128, a row that is all padding.
-VALIDATION_CASES = [(1, 1, [1]), (2, 1, [1, 0]), (1, 7, [7]), (3, 7, [7, 4, 0]), (2, 128, [128, 77])]
 STAGE_ORACLE, STAGE_COMPARE, STAGE_SESSIONS, STAGE_PEER = (
     "NumPy float64 oracle",
     "compare",
@@ -146,8 +152,7 @@ def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> lis
     if sentences:
         cases.append(text_case(artifact, sentences))
     m = artifact.manifest
-    decoder = m["model"]["architecture"] == DECODER
-    for n, shape in enumerate(DECODER_CASES if decoder else [(*c, 0) for c in VALIDATION_CASES]):
+    for n, shape in enumerate(seeded_cases("validation", m["model"]["architecture"])):
         rng = np.random.default_rng([seed, n])
         batch, seq, lengths = fit(shape[:3], max_seq(m) - shape[3])  # a short position table
         inputs = make_inputs(m["inputs"], m["model"]["config"], batch, seq, lengths, rng, past=shape[3])
