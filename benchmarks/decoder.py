@@ -191,43 +191,13 @@ def check(args) -> str | None:
 # -- the shared checkpoint --
 
 
-def hf_config(cfg, family: str):
-    """transformers' config of the preset `cfg`: GPT2Config or LlamaConfig. The end-of-sequence id is the last
-    token (onnxruntime-genai's builder requires one); no contender stops on it."""
-    import transformers as t
+def hf_config(cfg):
+    """transformers' config of the preset `cfg` (model_defs' transformers_config). The end-of-sequence id is
+    the last token (onnxruntime-genai's builder requires one); no contender stops on it."""
+    from ..model_defs.decoder_families import transformers_config
 
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        bos_token_id=0,
-        eos_token_id=cfg.vocab_size - 1,
-        pad_token_id=0,
-        initializer_range=INIT_STD,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-    if family == "gpt2":
-        return t.GPT2Config(
-            n_layer=cfg.num_layers,
-            n_embd=cfg.hidden_size,
-            n_head=cfg.num_heads,
-            n_inner=cfg.ffn_size,
-            n_positions=cfg.max_positions,
-            layer_norm_epsilon=cfg.norm_eps,
-            activation_function="gelu_new",
-            **common,
-        )
-    return t.LlamaConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_positions,
-        rms_norm_eps=cfg.norm_eps,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        **common,
-    )
+    ids = dict(bos_token_id=0, eos_token_id=cfg.vocab_size - 1, pad_token_id=0)
+    return transformers_config(cfg, initializer_range=INIT_STD, **ids)
 
 
 def make_checkpoint(cfg, directory: Path, seed: int) -> str:
@@ -241,7 +211,7 @@ def make_checkpoint(cfg, directory: Path, seed: int) -> str:
     t.logging.set_verbosity_error()
     family = "gpt2" if cfg.positions == "learned" else "llama"
     torch.manual_seed(seed)
-    model = t.AutoModelForCausalLM.from_config(hf_config(cfg, family))
+    model = t.AutoModelForCausalLM.from_config(hf_config(cfg))
     model.save_pretrained(directory)
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

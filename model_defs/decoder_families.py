@@ -186,3 +186,42 @@ _LLAMA = DecoderFamily(
 )
 
 DECODER_FAMILIES = {f.name: f for f in (_GPT2, _LLAMA)}
+
+
+def transformers_config(cfg, **extra):
+    """transformers' config of the model DecoderModel(cfg) is: GPT2Config (learned positions) or LlamaConfig
+    (RoPE), the inverse of what DECODER_FAMILIES read; `extra` goes to both (token ids, init scale).
+    ValueError for a config neither family expresses."""
+    import transformers as t
+
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings, **extra}
+    if cfg.positions == "learned":
+        gpt2 = ("layer", "mlp", "gelu_tanh", True, True)
+        if (cfg.norm, cfg.ffn, cfg.hidden_act, cfg.attention_bias, cfg.mlp_bias) != gpt2:
+            raise ValueError("learned positions are GPT-2's: LayerNorm, MLP, gelu_tanh, biases")
+        return t.GPT2Config(
+            n_layer=cfg.num_layers,
+            n_embd=cfg.hidden_size,
+            n_head=cfg.num_heads,
+            n_inner=cfg.ffn_size,
+            n_positions=cfg.max_positions,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function="gelu_new",
+            **common,
+        )
+    if (cfg.norm, cfg.ffn, cfg.hidden_act) != ("rms", "gated", "silu"):
+        raise ValueError("RoPE is Llama's: RMSNorm, SwiGLU")
+    return t.LlamaConfig(
+        num_hidden_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        intermediate_size=cfg.ffn_size,
+        max_position_embeddings=cfg.max_positions,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        attention_bias=cfg.attention_bias,
+        mlp_bias=cfg.mlp_bias,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **common,
+    )

@@ -38,7 +38,12 @@ from qkv_onnx.model_defs.decoder_checkpoint import (
     load_decoder_checkpoint,
     load_decoder_model,
 )
-from qkv_onnx.model_defs.decoder_families import DECODER_FAMILIES, checkpoint_shapes, to_our_layout
+from qkv_onnx.model_defs.decoder_families import (
+    DECODER_FAMILIES,
+    checkpoint_shapes,
+    to_our_layout,
+    transformers_config,
+)
 from qkv_onnx.validate.compare import tolerance
 
 GPT2_SMALL_PARAMS = 124_439_808  # transformers' GPT2LMHeadModel(GPT2Config()), the tied head once
@@ -53,42 +58,6 @@ def _transformers():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
-
-
-def _hf_config(cfg: DecoderConfig, **kw):
-    """transformers' config of the model DecoderModel(cfg) is (GPT-2 style or Llama style)."""
-    t = _transformers()
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings, **kw}
-    if cfg.positions == "learned":
-        assert (cfg.norm, cfg.ffn, cfg.hidden_act, cfg.attention_bias, cfg.mlp_bias) == (
-            "layer",
-            "mlp",
-            "gelu_tanh",
-            True,
-            True,
-        )
-        return t.GPT2Config(
-            n_layer=cfg.num_layers,
-            n_embd=cfg.hidden_size,
-            n_head=cfg.num_heads,
-            n_inner=cfg.ffn_size,
-            n_positions=cfg.max_positions,
-            layer_norm_epsilon=cfg.norm_eps,
-            **common,
-        )
-    return t.LlamaConfig(
-        num_hidden_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.kv_heads,
-        intermediate_size=cfg.ffn_size,
-        max_position_embeddings=cfg.max_positions,
-        rms_norm_eps=cfg.norm_eps,
-        attention_bias=cfg.attention_bias,
-        mlp_bias=cfg.mlp_bias,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        **common,
-    )
 
 
 def _hf_meta_count(hf_config) -> int:
@@ -108,12 +77,13 @@ def test_gpt2_small_count():
 def test_counts_match_transformers_on_meta():
     t = _transformers()
     assert _hf_meta_count(t.GPT2Config()) == GPT2_SMALL_PARAMS
-    assert _hf_meta_count(_hf_config(DECODER_PRESETS["gpt2-small"])) == GPT2_SMALL_PARAMS
+    assert _hf_meta_count(transformers_config(DECODER_PRESETS["gpt2-small"])) == GPT2_SMALL_PARAMS
     for name in ("gpt2-tiny", "llama-tiny", "llama-100m"):  # llama: grouped-query (2 and 4 kv heads)
         cfg = DECODER_PRESETS[name]
-        assert _hf_meta_count(_hf_config(cfg)) == decoder_param_count(cfg) == meta_param_count(cfg), name
+        hf = _hf_meta_count(transformers_config(cfg))
+        assert hf == decoder_param_count(cfg) == meta_param_count(cfg), name
     gqa = DecoderConfig.from_dict({**DECODER_PRESETS["llama-tiny"].to_dict(), "num_kv_heads": 1})
-    assert _hf_meta_count(_hf_config(gqa)) == decoder_param_count(gqa) == meta_param_count(gqa)
+    assert _hf_meta_count(transformers_config(gqa)) == decoder_param_count(gqa) == meta_param_count(gqa)
 
 
 def test_gpt3_count_on_meta():
