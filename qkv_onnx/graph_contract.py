@@ -176,10 +176,9 @@ def split_initializers(
             raise ContractError(f"initializer {t.name!r} ({a.dtype.name}{list(a.shape)}) is {what}")
         made[t.name] = "transposed " + free[0][0] if len(free[0]) == 1 else "packed " + ", ".join(free[0])
         used.update(free[0])
-    # The exporter's optimizer drops an all-zero bias (MiniLM's untrained pooler.bias): only then may a
-    # parameter be absent from the graph.
-    # the exporter's optimizer and quantize_dynamic keep one of several byte-identical initializers (a fresh
-    # checkpoint's LayerNorm ones): a parameter may be present as another of the same shape and bytes
+    # A parameter may be absent from the graph only where the exporter's optimizer dropped it as an all-zero
+    # bias (MiniLM's untrained pooler.bias), or where it or quantize_dynamic kept another initializer of the
+    # same shape and bytes in its place (a fresh checkpoint's LayerNorm weights).
     merged = {(weights[n].shape, _digest(weights[n])) for n in used if n in weights}
     unused = sorted(
         n

@@ -100,6 +100,34 @@ def test_int8_contract_refuses_a_changed_weight_or_an_extra_op(exported):
     artifact.close()
 
 
+def test_one_small_constant_more_than_the_table_is_refused_and_merged_parameters_are_not(exported):
+    """The table's constant count is an upper bound (the exporter merges equal ones): one more is refused. A
+    parameter missing from the graph passes only where an initializer of its shape and bytes stands in."""
+    artifact = load_artifact(exported("bert-tiny"), rebuild=False)
+    m, weights = artifact.manifest, artifact.weights
+    graph = onnx.load(str(artifact.model_path))
+    check_structure(graph, m, weights)
+    graph.graph.initializer.append(onnx.numpy_helper.from_array(np.int64(3), "extra"))
+    with pytest.raises(ContractError, match="small constant initializers; the exporter writes at most"):
+        check_structure(graph, m, weights)
+    graph = onnx.load(str(artifact.model_path))
+    twin = "blocks.1.attn_norm.weight"
+    same = {**weights, "blocks.0.attn_norm.weight": weights[twin]}  # the graph's own copy differs
+    with pytest.raises(ContractError, match="is not weights.npz's blocks.0.attn_norm.weight"):
+        check_structure(graph, m, same)
+    merged = onnx.load(str(artifact.model_path))
+    kept = next(t for t in merged.graph.initializer if t.name == twin)
+    for t in list(merged.graph.initializer):
+        if t.name == "blocks.0.attn_norm.weight":
+            merged.graph.initializer.remove(t)
+    for node in merged.graph.node:
+        node.input[:] = [twin if i == "blocks.0.attn_norm.weight" else i for i in node.input]
+    check_structure(merged, m, {**weights, "blocks.0.attn_norm.weight": onnx.numpy_helper.to_array(kept)})
+    with pytest.raises(ContractError, match="blocks.0.attn_norm.weight is not in the graph"):
+        check_structure(merged, m, weights)
+    artifact.close()
+
+
 def test_contract_names_what_differs(exported):
     artifact = load_artifact(exported("mha"), rebuild=False)
     graph = onnx.load(str(artifact.model_path))
