@@ -37,6 +37,7 @@ from .graph import export_model, read_back
 from .writer import publish, save_test_data_set, save_weights_npz, temporary_dir_for, write_manifest
 
 PROTOBUF_LIMIT = 2**31 - 1
+SHORT, HELD_SHORT_SEEDS = 16, 4  # int8's held-out check: seeds per half of each case of at most SHORT tokens
 STAGE_SOURCE = "build module + weights"
 PARAM_COUNTS = {"bert": param_count, DECODER: decoder_param_count}  # closed forms, beside the count
 
@@ -241,9 +242,10 @@ def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], see
     shapes = [c[:3] for c in seeded_cases("calibration", spec.architecture)]
     search_cases = [tokens(1000 + n, shape) for n, shape in enumerate(shapes)]
     # a short case's relative error varies most from seed to seed (on a CPU without VNNI, ORT's uint8 x int8
-    # kernel saturates): each held-out half holds four seeds of each short shape
+    # kernel saturates): each held-out half holds HELD_SHORT_SEEDS seeds of each shape of <= SHORT tokens
+    seeds = [1 if s[1] > SHORT else HELD_SHORT_SEEDS for s in shapes]
     halves = tuple(
-        [tokens(base + 100 * k + n, s) for n, s in enumerate(shapes) for k in range(1 if s[1] > 16 else 4)]
+        [tokens(base + 100 * k + n, s) for n, s in enumerate(shapes) for k in range(seeds[n])]
         for base in (2000, 3000)
     )
     calibration = Calibration(search_cases, halves)

@@ -48,17 +48,27 @@ KEPT = "kept in float32 by the sensitivity search: quantizing it broke the accur
 STAGE_SEARCH = "int8 sensitivity search"
 
 
+def weight_products(model: onnx.ModelProto) -> dict[str, str]:
+    """{node name: op type} of the MatMul and Gemm nodes that read a weight (an initializer)."""
+    weights = {i.name for i in model.graph.initializer}
+    return {
+        n.name: n.op_type
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])
+    }
+
+
 def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -> dict[str, list[str]]:
     """The weight-carrying MatMul / Gemm nodes by sublayer, in depth order: 'embeddings' (a projection),
     'layer k attention' (Q, K, V and output projections), 'layer k feed-forward', 'pooler'."""
     g = _Scopes(model)
-    weights = {i.name for i in model.graph.initializer}
+    products = weight_products(model)
     prefixes = (
         ["attn", "block"] if architecture not in LAYERED else [f"blocks.{k}" for k in range(num_layers)]
     )
     groups: dict[str, list[str]] = {}
     for node, paths in zip(g.nodes, g.paths):
-        if node.op_type not in ("MatMul", "Gemm") or not any(i in weights for i in node.input[1:]):
+        if node.name not in products:
             continue
         group = _group(paths, architecture, prefixes)
         if group is None:
@@ -107,13 +117,7 @@ def quantize(float_path: Path, out_path: Path, keep_float: list[str]) -> None:
     written graph must hold one MatMulInteger per product not kept, or ExportError."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(float_path), load_external_data=False)
-    weights = {i.name for i in model.graph.initializer}
-    products = {
-        n.name: n.op_type
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])
-    }
+    products = weight_products(onnx.load(str(float_path), load_external_data=False))
     exclude = [*keep_float, *(f"{n}_MatMul" for n in keep_float if products.get(n) == "Gemm")]
     with quiet_quantizer():
         quantize_dynamic(

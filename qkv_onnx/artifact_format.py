@@ -305,13 +305,11 @@ CALIBRATION_LONG = [(4, 64, [64, 41, 17, 64], 0), (2, 128, [128, 90], 0)]
 
 def seeded_cases(kind: str, architecture: str) -> list[tuple]:
     """The seeded cases of `kind` (golden, validation or calibration) for an architecture."""
-    decoder = architecture == decoder_format.DECODER
-    validation = decoder_format.VALIDATION_CASES if decoder else VALIDATION_CASES
-    if kind == "calibration":
-        return CALIBRATION_LONG if decoder else CALIBRATION_LONG[:1] + VALIDATION_CASES
-    if kind == "golden":
-        return decoder_format.GOLDEN_CASES if decoder else GOLDEN_CASES
-    return validation
+    if architecture == decoder_format.DECODER:
+        cases = {"golden": decoder_format.GOLDEN_CASES, "calibration": CALIBRATION_LONG}
+        return {**cases, "validation": decoder_format.VALIDATION_CASES}[kind]
+    calibration = CALIBRATION_LONG[:1] + VALIDATION_CASES
+    return {"golden": GOLDEN_CASES, "validation": VALIDATION_CASES, "calibration": calibration}[kind]
 
 
 def model_layers(architecture: str, cfg: dict) -> int:
