@@ -301,14 +301,18 @@ def check_keys(where, family, layers, mapping, unexpected, expected, shapes, dty
 
 
 def read_tensors(files: list, mapping: dict) -> dict:
-    """Our name -> float32 tensor of every mapped key."""
+    """Our name -> float32 tensor of every mapped key. A NaN or infinite weight (or one past float32's range)
+    is refused: it would export, and poison every output, or stop int8's quantizer with an internal error."""
     safe_open, _ = _safetensors()
     state = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
                 if key in mapping:
-                    state[mapping[key]] = st.get_tensor(key).to(torch.float32).contiguous()
+                    tensor = st.get_tensor(key).to(torch.float32).contiguous()
+                    if not torch.isfinite(tensor).all():
+                        raise CheckpointError(f"{f}: tensor {key} holds NaN or infinite values")
+                    state[mapping[key]] = tensor
     return state
 
 

@@ -75,8 +75,12 @@ def _sign(key: str, failed: bool) -> str:
 
 
 def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The vectors whose direction matters: real tokens of a (B, L, H) output, the rows of a (B, H) one."""
+    """The vectors whose direction matters: real tokens of a (B, L, H) output, the rows of a (B, H) one. A
+    cache output (B, heads, L, head_dim) whose L is the mask's is a token's keys or values: one vector per
+    real token, all heads together (a padded position's cache entry is never attended to)."""
     x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 4 and mask is not None and mask.shape == (x.shape[0], x.shape[2]):
+        x = x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
     if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:
         return x[mask.astype(bool)]
     return x.reshape(-1, x.shape[-1])

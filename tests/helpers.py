@@ -331,10 +331,21 @@ def trained_vectors(model, seed: int, scale: float = 0.2) -> None:
                 p.copy_(base + scale * torch.randn(p.shape, generator=g))
 
 
-def save_hf_decoder(directory: Path, config: dict, kind: str):
+CONFIDENT_HEAD = 16.0  # the permutation's weight in the LM head (logit units per unit of cosine)
+CONFIDENT_EMBEDDING = 100.0  # token embeddings scaled so they dominate the residual stream
+
+
+def save_hf_decoder(directory: Path, config: dict, kind: str, confident: bool = False):
     """transformers' GPT2LMHeadModel or LlamaForCausalLM (`kind` gpt2 or llama) of `config`, random weights at
-    init scale 0.2 (greedy margins far above the float32 tolerance: no near ties), norms and biases off their
-    1 and 0 too, saved as a checkpoint (config.json + model.safetensors) in `directory`; returns the model."""
+    init scale 0.2, norms and biases off their 1 and 0 too, saved as a checkpoint (config.json +
+    model.safetensors) in `directory`; returns the model.
+
+    `confident` (an untied head in `config`): greedy margins far above int8's logit error. Plain random
+    weights give near ties (the smallest top-2 margin over 64 greedy steps is ~0.001 of the logit spread,
+    int8 moves logits by a few percent of it). Here the token embeddings are scaled by CONFIDENT_EMBEDDING,
+    so the residual stream points along the current token's, and the head adds CONFIDENT_HEAD times the
+    unit embeddings in a fixed permuted order: the next token is the permutation's image of the current one,
+    by a margin of ~3.5-5 logit standard deviations, while attention and the MLPs still move every logit."""
     import torch
     import transformers as t
 
@@ -345,6 +356,15 @@ def save_hf_decoder(directory: Path, config: dict, kind: str):
     torch.manual_seed(1)
     hf = t.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
     trained_vectors(hf, 2)
+    if confident:
+        embedding, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
+        assert embedding.data_ptr() != head.data_ptr(), "a confident decoder needs an untied head"
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            embedding.copy_(torch.randn(embedding.shape, generator=g) * 0.2)  # a padding row is all zero
+            order = torch.randperm(len(embedding), generator=g)
+            head += CONFIDENT_HEAD * (embedding / embedding.norm(dim=1, keepdim=True))[order]
+            embedding *= CONFIDENT_EMBEDDING
     hf.save_pretrained(directory)
     assert (directory / "model.safetensors").is_file()
     return hf

@@ -36,6 +36,21 @@ def test_token_cosine_sees_one_rotated_token_and_ignores_padding():
     assert "token_cosine_min" in r.failed and "sentence_cosine_min" not in r.values
 
 
+def test_a_cache_is_judged_per_real_token_across_its_heads():
+    """A (B, heads, L, head_dim) cache under a (B, L) mask: one vector per real token, every head in it.
+    Head 0 of token 1 turned by 90 degrees, head 1 kept: the token's cosine is 1/2, not the lone head's 0; a
+    padded position's entry, never attended to, counts for nothing."""
+    ref = np.zeros((1, 2, 3, 2))
+    ref[..., 0] = 1.0
+    got = ref.copy()
+    got[0, 0, 1] = [0.0, 1.0]
+    got[0, :, 2] = -ref[0, :, 2]
+    r = judge(got, ref, np.array([[1, 1, 0]]), sentences=False)
+    assert r.values["token_cosine_min"] == pytest.approx(0.5)  # (0 + 1) / (sqrt 2 * sqrt 2)
+    without = judge(got, ref, None, sentences=False)
+    assert without.values["token_cosine_min"] == pytest.approx(-1.0)  # no mask: every head's row, padding too
+
+
 def test_relative_error_is_the_frobenius_ratio():
     ref = np.ones((2, 4))
     got = ref * 1.1

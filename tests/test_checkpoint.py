@@ -269,6 +269,19 @@ def test_shape_change_refused(mdir, hf_tensors, tmp_path):
     assert str(d / "model.safetensors") in str(e.value)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weight_refused(mdir, hf_tensors, tmp_path, bad):
+    """One NaN or infinite weight would export and poison every output (or stop int8's quantizer): refused,
+    naming the file and the key."""
+    tensors = dict(hf_tensors)
+    tensors[KEY] = tensors[KEY].copy()
+    tensors[KEY][7, 3] = bad
+    d = _rewrite(mdir, tmp_path / "poisoned", tensors)
+    with pytest.raises(CheckpointError, match=rf"tensor {KEY} holds NaN or infinite values") as e:
+        load_hf_checkpoint(d)
+    assert str(d / "model.safetensors") in str(e.value) and "\n" not in str(e.value)
+
+
 def test_transposed_weight_refused(mdir, hf_tensors, tmp_path):
     """A transposed fc1 (1536 x 384 -> 384 x 1536) is a shape error naming the key."""
     tensors = dict(hf_tensors)
