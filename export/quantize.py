@@ -278,21 +278,23 @@ def search(
         growth = _growth(taps, list(groups), values, reference_taps, head)
         order = sorted(groups, key=lambda g: -growth[g])
         if not first["passed"]:
+            # bisection between all-int8 (fails) and all-float32, which is the float32 graph itself and so
+            # passes: it is run only if the bisection ends there, to be written, and checked like any trial
             fails, passes = 0, len(order)
-            step = trial(order, Path(tmp))[0]
-            if not step["passed"]:
-                what = "on held-out inputs, with margin" if "holdout" in step else "on the search inputs"
-                got = step.get("holdout", {}).get("worst", step["contract"])
-                raise ExportError(
-                    f"int8: no setting meets the accuracy contract {what}; with every product in float32 "
-                    f"it got {', '.join(f'{k} {v:.4f}' for k, v in got.items())}"
-                )
             while passes - fails > 1:
                 middle = (fails + passes) // 2
                 if trial(order[:middle], Path(tmp))[0]["passed"]:
                     passes = middle
                 else:
                     fails = middle
+            if passes == len(order) and not trial(order, Path(tmp))[0]["passed"]:
+                step = steps[-1]
+                what = "on held-out inputs, with margin" if "holdout" in step else "on the search inputs"
+                got = step.get("holdout", {}).get("worst", step["contract"])
+                raise ExportError(
+                    f"int8: no setting meets the accuracy contract {what}; with every product in float32 "
+                    f"it got {', '.join(f'{k} {v:.4f}' for k, v in got.items())}"
+                )
         kept = order[: min(k for k, (step, _) in trials.items() if step["passed"])]
         final, path = trials[len(kept)]
         path.replace(out_path)

@@ -40,7 +40,11 @@ def test_int8_comes_from_the_float32_export_and_says_how(int8_tiny, exported, ba
     }
     assert q["method"] == "onnxruntime.quantization.quantize_dynamic" and q["per_channel"] is True
     assert q["weight_type"] == "QInt8" and q["op_types_to_quantize"] == ["MatMul", "Gemm"]
-    assert "QAttention" in q["float_ops"]["attention"] and q["search"]["steps"][-1]["passed"]
+    assert "QAttention" in q["float_ops"]["attention"] and q["holdout"]["passed"]
+    chosen = [s for s in q["search"]["steps"] if s["passed"]]
+    assert chosen and min(len(s["float32_groups"]) for s in chosen) == len(
+        {n["group"] for n in q["float_nodes"]}
+    )
     float32 = exported("bert-tiny", backend=backend) / "model.onnx"
     assert q["float32_graph_sha256"] == sha256_file(float32)
     assert manifest["op_counts"].get("MatMulInteger", 0) == q["quantized_products"] > 0
