@@ -62,8 +62,14 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, 
     return p @ v
 
 
+def _times_transposed(x, weight):
+    """x W^T over the last axis, as one 2-D product (numpy's stacked 3-D matmul is ~25% slower)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x, w, prefix):
-    return np.asarray(x, dtype=np.float64) @ w[prefix + ".weight"].T + w[prefix + ".bias"]
+    return _times_transposed(x, w[prefix + ".weight"]) + w[prefix + ".bias"]
 
 
 def layer_norm(x, w, prefix, eps):
@@ -301,7 +307,7 @@ def rope(x, position_ids, theta):
 
 def dense(x, w, prefix):
     """`linear` whose bias may be absent from the weights (attention_bias / mlp_bias off)."""
-    y = np.asarray(x, dtype=np.float64) @ w[prefix + ".weight"].T
+    y = _times_transposed(x, w[prefix + ".weight"])
     return y + w[prefix + ".bias"] if prefix + ".bias" in w else y
 
 

@@ -269,10 +269,10 @@ def validate_artifact(
     skip_unsupported: bool = False,
     sentences: list[str] = (),
 ) -> Report:
-    """Every comparison for one artifact against the oracle, golden data and PyTorch. The references come
-    first, then the runtimes' sandboxes open the (screened) model at once and each case runs on one runtime
-    at a time, all while a background rebuild of the graph may still run; the report is returned only once
-    the graph is proven (ArtifactError otherwise, and every result is dropped)."""
+    """Every comparison for one artifact against the oracle, golden data and PyTorch. The runtimes'
+    sandboxes open the (screened) model at once while the references are computed, then each case runs on
+    one runtime at a time, all while a background rebuild of the graph may still run; the report is
+    returned only once the graph is proven (ArtifactError otherwise, and every result is dropped)."""
     m = artifact.manifest
     report = Report(artifact.name, m, graph_check=artifact.graph_check)
     report.notes.append(artifact.graph_check)
@@ -284,9 +284,9 @@ def validate_artifact(
     if m["dtype"] in QUANTIZED:
         report.notes.append(holdout_note(m["quantization"]))
     cases = build_cases(artifact, seed, sentences)
-    expected, peer_note, peer = _references(artifact, cases, use_torch, report)
-    opening = start_sessions(artifact, providers, skip_unsupported, report)
+    opening = start_sessions(artifact, providers, skip_unsupported, report)  # they open while references run
     try:
+        expected, peer_note, peer = _references(artifact, cases, use_torch, report)
         with stage(STAGE_SESSIONS):
             sessions = await_sessions(artifact, opening, report)
         report.notes.append(peer_note)
