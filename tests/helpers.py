@@ -40,6 +40,13 @@ VALIDATE_WITH_CACHE = (
 )
 
 
+def sampled(values, keep) -> list:
+    """`values` as pytest params, all but `keep` marked `matrix` (pytest -m matrix, which CI runs too)."""
+    import pytest
+
+    return [pytest.param(v, marks=() if v == keep else pytest.mark.matrix) for v in values]
+
+
 def rotation(primary: list, *others: list) -> list:
     """The cross product primary x others as pytest params: the default run keeps one cell per primary value,
     the n-th taking others' values (d[n % len(d)] for each d), so every value of every axis is met when
