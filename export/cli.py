@@ -32,8 +32,9 @@ Decoders (gpt2-*, llama-* presets; gpt2 and llama checkpoints): one graph does p
   attention: onnx-attention writes each layer as one ONNX Attention op reading its cache through
   past_key/past_value (opset 23); ort-contrib as one com.microsoft GroupQueryAttention (ONNX
   Runtime's CPU kernel refuses a chunk of more than one token over a cache at batch > 1: prefill
-  at any batch, then one token per step); decomposed as MatMul/Softmax. int8 decoders are not
-  exported yet (exit 2). docs/decoders.md.
+  at any batch, then one token per step); decomposed as MatMul/Softmax. int8: the products the
+  search keeps the accuracy contract with (next-token agreement included), attention in float32.
+  docs/decoders.md.
 
 Each artifact directory is built beside its destination and swapped into place at the end:
 an interrupted export leaves no partial artifact and an existing one untouched."""

@@ -1,7 +1,8 @@
 """Derive the graph contract (`qkv_onnx.graph_contract`) from the exporter: what it writes for each
 architecture variant, backend, dtype and opset, measured on real exports.
 
-    python -m qkv_onnx.export.derive_graph_table     # rewrite qkv_onnx/graph_table.json
+    python -m qkv_onnx.export.derive_graph_table           # rewrite qkv_onnx/graph_table.json
+    python -m qkv_onnx.export.derive_graph_table decoder   # re-derive one architecture's rows
 
 Each variant is exported at one and two layers (BERT; the others have no layer count): a count that
 grows with the layers is per layer, the rest is fixed. The tests check the table against real exports
@@ -18,10 +19,19 @@ import onnx
 import torch
 
 from ..artifact_format import BACKENDS, DTYPES, all_nodes, canonical_json, op_key
-from ..graph_contract import SMALL_CONSTANT, TABLE_FILE, features, split_initializers
+from ..decoder_format import DECODER
+from ..graph_contract import (
+    SMALL_CONSTANT,
+    TABLE_FILE,
+    derived_constants,
+    features,
+    read_table,
+    split_initializers,
+)
 from ..model_defs.config import EncoderConfig
+from ..model_defs.decoder import GPT2, LLAMA
 from ..model_defs.numpy_io import weights_to_numpy
-from ..model_defs.registry import MODELS, bert_spec
+from ..model_defs.registry import MODELS, bert_spec, spec_for
 from ..versions import exporter_versions
 from .graph import export_model
 
@@ -61,12 +71,36 @@ VARIANTS += [
     (bert_spec("bert", replace(_BERT, **v)), bert_spec("bert", replace(_BERT, num_layers=2, **v)))
     for v in FAMILY_VARIANTS
 ]
+# The decoder styles (model_defs/decoder.py), as the contract's features tell them apart: head tied or not,
+# GQA or not (RoPE's inverse frequencies are checked from the config, not counted: derived_constants).
+_GPT2 = replace(GPT2, num_layers=1, hidden_size=128, num_heads=4, ffn_size=512, vocab_size=1000)
+_LLAMA = replace(
+    LLAMA, num_layers=1, hidden_size=128, num_heads=4, num_kv_heads=2, ffn_size=256, vocab_size=1000
+)
+DECODER_VARIANTS = [
+    _GPT2,
+    replace(_GPT2, tie_word_embeddings=False),
+    _LLAMA,
+    replace(_LLAMA, tie_word_embeddings=True),
+    replace(_LLAMA, num_kv_heads=None),
+]
+VARIANTS += [
+    (spec_for("decoder", DECODER, cfg), spec_for("decoder", DECODER, replace(cfg, num_layers=2)))
+    for cfg in DECODER_VARIANTS
+]
 OPSETS = {name: sorted({b.default_opset, b.min_opset}) for name, b in BACKENDS.items()}
 
 
-def graph_facts(model: onnx.ModelProto, weights: dict) -> dict:
+def opsets(backend: str, architecture: str) -> list[int]:
+    """The opsets a backend writes `architecture` at (a decoder's: one, its cache op's)."""
+    if architecture == DECODER:
+        return [BACKENDS[backend].for_architecture(DECODER).default_opset]
+    return OPSETS[backend]
+
+
+def graph_facts(model: onnx.ModelProto, weights: dict, derived: dict | None = None) -> dict:
     """What the contract records of one graph: op counts, small constants, opset imports."""
-    _, constants = split_initializers(model, weights)
+    _, constants = split_initializers(model, weights, None, derived)
     return {
         "ops": Counter(op_key(n.domain, n.op_type) for n in all_nodes(model)),
         "constants": len(constants),
@@ -80,7 +114,10 @@ def _export_facts(spec, backend: str, dtype: str, opset: int, directory: Path) -
     module = spec.random(0).eval().to(getattr(torch, dtype))
     path = directory / f"{spec.name}-{spec.config.num_layers}-{backend}-{dtype}-{opset}.onnx"
     export_model(spec, module, backend, dtype, opset, False, path)
-    facts = graph_facts(onnx.load(str(path)), weights_to_numpy(module.state_dict()))
+    described = {"architecture": spec.architecture, "config": spec.config.to_dict()}
+    facts = graph_facts(
+        onnx.load(str(path)), weights_to_numpy(module.state_dict()), derived_constants(described)
+    )
     path.unlink()
     return facts
 
@@ -100,18 +137,21 @@ def derive_row(one, two, backend: str, dtype: str, opset: int, directory: Path) 
     return {"ops": ops, "constants": constants, "domains": a["domains"]}
 
 
-def derive_table(log=print) -> dict:
+def derive_table(log=print, architectures=None) -> dict:
+    """Every variant's rows (only those of `architectures` when given)."""
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for one, two in VARIANTS:
+            if architectures and one.architecture not in architectures:
+                continue
             key_model = {
                 "architecture": one.architecture,
                 "config": one.config.to_dict(),
                 "options": one.options,
             }
-            for backend, opsets in OPSETS.items():
+            for backend in OPSETS:
                 for dtype in DTYPES:
-                    for opset in opsets:
+                    for opset in opsets(backend, one.architecture):
                         key = (one.architecture, features(key_model), backend, dtype, opset)
                         rows[key] = derive_row(one, two, backend, dtype, opset, Path(tmp))
                         log(f"{key}: {sum(f + p for f, p in rows[key]['ops'].values())} ops")
@@ -142,8 +182,19 @@ def render(rows: dict) -> str:
     )
 
 
-def main() -> int:
-    TABLE.write_text(render(derive_table()))
+def main(argv=None) -> int:
+    """No argument: the whole table. Architecture names (e.g. `decoder`): re-derive their rows only, keeping
+    the others (the same exporter versions required: the table has one header)."""
+    architectures = list(sys.argv[1:] if argv is None else argv)
+    rows = derive_table(architectures=architectures)
+    if architectures:
+        versions, kept = read_table(TABLE)
+        if versions != exporter_versions():
+            raise SystemExit(
+                f"{TABLE} was derived with {versions}, not {exporter_versions()}: derive it whole"
+            )
+        rows = {**{k: v for k, v in kept.items() if k[0] not in architectures}, **rows}
+    TABLE.write_text(render(rows))
     print(f"wrote {TABLE}")
     return 0
 

@@ -43,6 +43,7 @@ from .artifact_format import (
     op_key,
     stored_weight_dtype,
 )
+from .decoder_format import DECODER
 
 TABLE_FILE = "graph_table.json"
 SMALL_CONSTANT = 16  # a constant the exporter writes itself (a shape, a scalar): at most this many elements
@@ -73,6 +74,8 @@ def features(model: dict) -> tuple[str, ...]:
         out += [f for f, on in FAMILY_FEATURES.items() if on(cfg)]
     if arch in ("encoder-block", "bert") and cfg.get("hidden_act", "gelu") != "gelu":
         out.append(cfg["hidden_act"])
+    if arch == DECODER:  # what the decoder styles change (model_defs/decoder.py: GPT2, LLAMA)
+        out += [f for f, on in DECODER_FEATURES.items() if on(cfg)] + [cfg["hidden_act"]]
     return tuple(sorted(out))
 
 
@@ -84,6 +87,16 @@ FAMILY_FEATURES = {
 }
 
 
+DECODER_FEATURES = {
+    "rope": lambda cfg: cfg["positions"] == "rope",
+    "rms-norm": lambda cfg: cfg["norm"] == "rms",
+    "gated-ffn": lambda cfg: cfg["ffn"] == "gated",
+    "attention-bias": lambda cfg: cfg["attention_bias"],
+    "mlp-bias": lambda cfg: cfg["mlp_bias"],
+    "tied-head": lambda cfg: cfg["tie_word_embeddings"],
+}
+
+
 def row_key(manifest: dict) -> tuple:
     opset = manifest.get("opset", {}).get("ai.onnx") if isinstance(manifest.get("opset"), dict) else None
     m = manifest["model"]
@@ -91,7 +104,8 @@ def row_key(manifest: dict) -> tuple:
 
 
 def layers(manifest: dict) -> int:
-    return manifest["model"]["config"]["num_layers"] if manifest["model"]["architecture"] == "bert" else 1
+    layered = manifest["model"]["architecture"] in ("bert", DECODER)
+    return manifest["model"]["config"]["num_layers"] if layered else 1
 
 
 def check_vocabulary(model: onnx.ModelProto, allowed_domains: tuple[str, ...]) -> None:
@@ -118,15 +132,29 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def derived_constants(model: dict) -> dict[tuple, str]:
+    """{(shape, sha256 of the bytes): what it is} of the constants an export computes from the config alone:
+    a RoPE decoder's inverse frequencies theta^(-2i/head_dim), folded by the exporter in float32."""
+    cfg = model["config"]
+    if model["architecture"] != DECODER or cfg["positions"] != "rope":
+        return {}
+    d = cfg["hidden_size"] // cfg["num_heads"]
+    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
+    inverse = (np.float32(1.0) / np.power(np.float32(cfg["rope_theta"]), exponent)).astype(np.float32)
+    return {(inverse.shape, _digest(inverse)): "RoPE inverse frequencies"}
+
+
 def split_initializers(
-    model: onnx.ModelProto, weights: dict, quantized: dict[str, str] | None = None
+    model: onnx.ModelProto, weights: dict, quantized: dict[str, str] | None = None, derived: dict = None
 ) -> tuple[dict[str, str], list[str]]:
     """({initializer: how it is made from weights.npz}, [small constants]): every initializer is a
     parameter (by name, transposed under its name or another, or the q/k/v weights or biases packed as
     ORT's Attention takes them), each parameter used exactly once (an all-zero one may be absent: the
-    exporter drops a zero bias), byte for byte; or a constant of at most SMALL_CONSTANT elements.
-    `quantized`: the initializers of an int8 graph already proven to be parameters ({initializer:
-    parameter}, see quantized_weights). Raises ContractError otherwise."""
+    exporter drops a zero bias), byte for byte; or one of the `derived` constants (derived_constants), byte
+    for byte; or a constant of at most SMALL_CONSTANT elements. `quantized`: the initializers of an int8
+    graph already proven to be parameters ({initializer: parameter}, see quantized_weights). Raises
+    ContractError otherwise."""
+    derived = derived or {}
     stored = {a.dtype for a in weights.values()}
     store = stored.pop() if len(stored) == 1 else np.dtype("float32")
     transposed, packed = {}, {}
@@ -161,6 +189,9 @@ def split_initializers(
             if how is None:
                 raise ContractError(f"initializer {t.name!r} is not weights.npz's {t.name}")
             made[t.name], used[t.name] = how, used[t.name] + 1
+            continue
+        if (a.shape, _digest(a)) in derived:
+            made[t.name] = derived[a.shape, _digest(a)]
             continue
         if a.size <= SMALL_CONSTANT:
             constants.append(t.name)
@@ -311,7 +342,10 @@ def check_structure(model: onnx.ModelProto, manifest: dict, weights: dict) -> No
             f"{layers(manifest)} layer(s)): {_difference(got, want)}"
         )
     _, constants = split_initializers(
-        model, weights, quantized_weights(model, weights) if quantized else None
+        model,
+        weights,
+        quantized_weights(model, weights) if quantized else None,
+        derived_constants(manifest["model"]),
     )
     fixed, per = row["constants"]
     want = fixed + per * layers(manifest)
@@ -330,8 +364,9 @@ FOLD_INPUT_LIMIT = 8192
 def _packs_folded(manifest: dict) -> bool:
     """Whether the exporter folded each layer's q/k/v weight Concat (the table's rows are at hidden 128)."""
     backend = BACKENDS.get(manifest["backend"])
-    cfg = manifest["model"]["config"]
-    return bool(backend and backend.ort_fusions) and 3 * cfg["hidden_size"] ** 2 <= FOLD_INPUT_LIMIT
+    model = manifest["model"]
+    fuses = bool(backend and backend.for_architecture(model["architecture"]).ort_fusions)  # no decoder's
+    return fuses and 3 * model["config"]["hidden_size"] ** 2 <= FOLD_INPUT_LIMIT
 
 
 def describe(key: tuple) -> str:

@@ -14,6 +14,8 @@ import torch
 from helpers import rewrite, rotation, run_cli, save_hf_decoder, single_error_line
 
 from qkv_onnx.export.cli import main as export_main
+from qkv_onnx.graph_contract import check_structure
+from qkv_onnx.validate.artifact import load_artifact
 from qkv_onnx.validate.decode import DECODE_STEPS, GREEDY_TOKENS, Decoder, decode_checks, greedy, margins
 
 pytestmark = pytest.mark.slow
@@ -82,6 +84,9 @@ def test_checkpoint_exports_fused_and_validates(artifact, kind, backend, dtype, 
     names = [i["name"] for i in manifest["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert names[3:] == [f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value")]
+    structural = load_artifact(out, rebuild=False)  # the structural contract holds too (no torch needed)
+    check_structure(onnx.load(str(structural.model_path)), structural.manifest, structural.weights)
+    structural.close()
     code, _, _, doc = run_cli(capsys, out, "--providers", "cpu", "--json", tmp_path / "v.json")
     assert code == 0
     checks = doc["artifacts"][0]["checks"]
