@@ -88,14 +88,12 @@ VARIANTS += [
     (spec_for("decoder", DECODER, cfg), spec_for("decoder", DECODER, replace(cfg, num_layers=2)))
     for cfg in DECODER_VARIANTS
 ]
-OPSETS = {name: sorted({b.default_opset, b.min_opset}) for name, b in BACKENDS.items()}
 
 
 def opsets(backend: str, architecture: str) -> list[int]:
-    """The opsets a backend writes `architecture` at (a decoder's: one, its cache op's)."""
-    if architecture == DECODER:
-        return [BACKENDS[backend].for_architecture(DECODER).default_opset]
-    return OPSETS[backend]
+    """The opsets a backend writes `architecture` at (a decoder: its cache op's, as for_architecture says)."""
+    written = BACKENDS[backend].for_architecture(architecture)
+    return sorted({written.default_opset, written.min_opset})
 
 
 def graph_facts(model: onnx.ModelProto, weights: dict, derived: dict | None = None) -> dict:
@@ -149,7 +147,7 @@ def derive_table(log=print, architectures=None) -> dict:
                 "config": one.config.to_dict(),
                 "options": one.options,
             }
-            for backend in OPSETS:
+            for backend in BACKENDS:
                 for dtype in DTYPES:
                     for opset in opsets(backend, one.architecture):
                         key = (one.architecture, features(key_model), backend, dtype, opset)

@@ -20,6 +20,7 @@ from qkv_onnx.graph_contract import (
     check_structure,
     expected_ops,
     features,
+    layers,
     quantized_ops,
     row_key,
 )
@@ -88,9 +89,7 @@ def test_real_exports_meet_the_contract(model, dtype, backend, exported):
     assert (m["inputs"], m["outputs"]) == (inputs, outputs)
     graph = onnx.load(str(artifact.model_path))
     check_structure(graph, m, artifact.weights)
-    assert m["op_counts"] == expected_ops(
-        ROWS[row_key(m)], m["model"]["config"]["num_layers"] if m["model"]["architecture"] == "bert" else 1
-    )
+    assert m["op_counts"] == expected_ops(ROWS[row_key(m)], layers(m))
     artifact.close()
 
 
@@ -104,9 +103,8 @@ def test_int8_exports_meet_their_float32_row_quantized(model, backend, exported)
     m = artifact.manifest
     graph = onnx.load(str(artifact.model_path))
     check_structure(graph, m, artifact.weights)
-    layers = m["model"]["config"]["num_layers"] if m["model"]["architecture"] == "bert" else 1
     float_row = ROWS[(*row_key(m)[:3], "float32", row_key(m)[4])]
-    assert m["op_counts"] == quantized_ops(expected_ops(float_row, layers), m["op_counts"], 0)
+    assert m["op_counts"] == quantized_ops(expected_ops(float_row, layers(m)), m["op_counts"], 0)
     assert m["op_counts"]["MatMulInteger"] == m["quantization"]["quantized_products"] > 0
     artifact.close()
 
