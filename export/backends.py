@@ -11,6 +11,8 @@ format: `qkv_onnx.artifact_format.BACKENDS`).
                   average V: `zero_empty_rows` again.
 """
 
+import contextlib
+import functools
 import logging
 import warnings
 
@@ -49,7 +51,7 @@ def export_onnx(
         if isinstance(m, MultiHeadAttention):
             m.zero_empty_rows = b.zero_empty_rows
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad(), stage(STAGE_EXPORT):
+    with warnings.catch_warnings(), torch.no_grad(), stage(STAGE_EXPORT), _registry_built_once():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -81,6 +83,34 @@ def export_onnx(
         if b.attention_ops:
             _cache_into_attention(model, module, b)
     return model
+
+
+@functools.cache
+def _built_registry(build, opset_version):
+    return build() if opset_version is None else build(opset_version=opset_version)
+
+
+@contextlib.contextmanager
+def _registry_built_once():
+    """torch.onnx.export builds its registry of torchlib's ~500 functions on every call (0.5-1 s here, a
+    third of a small model's export) and only reads it while exporting: a process builds it once per opset.
+    Where torch's private exporter module is not as this was written against, the export runs unchanged."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:
+        ONNXRegistry = None
+    original = getattr(ONNXRegistry, "__dict__", {}).get("from_torchlib")
+    if not isinstance(original, classmethod):
+        yield
+        return
+    build = original.__get__(None, ONNXRegistry)
+    ONNXRegistry.from_torchlib = classmethod(
+        lambda _, opset_version=None: _built_registry(build, opset_version)
+    )
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = original
 
 
 def _name_total(model: onnx.ModelProto) -> None:

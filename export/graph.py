@@ -9,6 +9,7 @@ import onnx
 import torch
 
 from ..artifact_format import BACKENDS, graph_io, model_layers
+from ..graph_contract import derived_constants
 from ..model_defs.registry import (
     ModelSpec,
     count_attention_modules,
@@ -25,7 +26,11 @@ from .taps import find_taps
 
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
 TRACE_PAST = 3  # a decoder's cached tokens in the trace (not 0 or 1 either)
-STITCHED = ("bert",)  # architectures stitched from a two-layer template (export/stitch.py); others whole
+STITCHED = ("bert",)  # architectures stitched from a two-layer template (export/stitch.py)
+# architectures built from a template of the model itself (below two layers, or not stitched), its weights
+# replaced: a process exports each description once. Not decoders: their probe weights cost more than one
+# whole export saves (gpt2-small +5%), and a process seldom exports a decoder's description twice.
+REWEIGHTED = ("attention", "encoder-block", "bert")
 TAPPED = ("attention", "encoder-block", "bert", "decoder")  # architectures whose graphs have taps (taps.py)
 TRACE_SEED = 0  # the trace's input values: fixed, so the graph depends on the model and options only
 PROBE_SEED = 1  # the two-layer export's weights: any seeded, all-distinct values
@@ -79,16 +84,25 @@ def build_graph(
     spec: ModelSpec, module, backend: str, dtype: str, opset: int
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of `module` (in eval mode and `dtype`) for `backend`, and the
-    tensors of initializers that keep their bytes outside it (model_file.write_model). A model of two or
+    tensors of initializers that keep their bytes outside it (model_file.write_model). A BERT of two or
     more layers is stitched from the export of its two-layer version with probe weights (export/stitch.py;
-    the same bytes as exporting it whole), anything else exported whole."""
+    the same bytes as exporting it whole); attention, encoder blocks and one-layer BERTs are the export of
+    the model itself with probe weights, its weights replaced (the same bytes again); decoders, and a model
+    whose weights the stitcher cannot place, are exported whole."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    if layers(spec) >= 2 and spec.architecture in STITCHED:
+    stitched = layers(spec) >= 2 and spec.architecture in STITCHED
+    if stitched or spec.architecture in REWEIGHTED:
         two = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
-        template, probe_state = _template(two, backend, dtype, opset)
+        template, probe_state = _template(two if stitched else spec, backend, dtype, opset)
         try:
             with stage(STAGE_STITCH):
-                return stitch(template, probe_state, layers(spec), state)
+                return stitch(
+                    template,
+                    probe_state,
+                    layers(spec) if stitched else None,
+                    state,
+                    derived_constants({"architecture": spec.architecture, "config": spec.config.to_dict()}),
+                )
         except StitchError:
             pass
     graph = _export(spec, module, backend, dtype, opset)
@@ -97,33 +111,32 @@ def build_graph(
     return graph, {}
 
 
-_templates: dict[tuple, tuple[onnx.ModelProto, dict]] = {}  # the most recent TEMPLATES_KEPT, oldest first
-TEMPLATES_KEPT = 4
+_templates: dict[tuple, tuple[onnx.ModelProto, dict]] = {}  # least recently used first
+TEMPLATE_BYTES = 256 << 20  # the templates a process keeps: their probe weights' bytes (the newest always)
 
 
 def _template(two: ModelSpec, backend: str, dtype: str, opset: int) -> tuple[onnx.ModelProto, dict]:
-    """(canonical graph, probe weights) of the two-layer model `two` with the probe weights: a function of
-    the model's description alone (never of anyone's weights), so a process exports it once and stitches
-    every model of that shape from it (stitch() only reads it)."""
-    key = (
-        two.name,
-        two.architecture,
-        repr(two.config),
-        repr(sorted(two.options.items())),
-        backend,
-        dtype,
-        opset,
-    )
-    if key not in _templates:
-        probe = two.random(PROBE_SEED).eval().to(getattr(torch, dtype))
-        probe_state = {k: v.detach() for k, v in probe.state_dict().items()}
-        template = _export(two, probe, backend, dtype, opset)
-        with stage(STAGE_CANONICAL):
-            canonicalize(template, probe_state)
-        while len(_templates) >= TEMPLATES_KEPT:
-            del _templates[next(iter(_templates))]
-        _templates[key] = template, probe_state
+    """(canonical graph, probe weights) of the model `two` (a stitched model's two-layer version, or the
+    model itself) with the probe weights: a function of the model's description alone (never of anyone's
+    weights or name), so a process exports it once and builds every model of that description from it
+    (stitch() only reads it)."""
+    key = (two.architecture, repr(two.config), repr(sorted(two.options.items())), backend, dtype, opset)
+    if key in _templates:
+        _templates[key] = _templates.pop(key)
+        return _templates[key]
+    probe = two.random(PROBE_SEED).eval().to(getattr(torch, dtype))
+    probe_state = {k: v.detach() for k, v in probe.state_dict().items()}
+    template = _export(two, probe, backend, dtype, opset)
+    with stage(STAGE_CANONICAL):
+        canonicalize(template, probe_state)
+    _templates[key] = template, probe_state
+    while len(_templates) > 1 and sum(_weight_bytes(p) for _, p in _templates.values()) > TEMPLATE_BYTES:
+        del _templates[next(iter(_templates))]
     return _templates[key]
+
+
+def _weight_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def _export(spec: ModelSpec, module, backend: str, dtype: str, opset: int) -> onnx.ModelProto:

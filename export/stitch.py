@@ -12,8 +12,12 @@ name, transposed, or q/k/v packed as ORT's Attention takes them), and the export
 rewrites are applied as it applies them: a Gemm's all-zero bias is dropped, and initializers of at most 1024
 elements with equal contents are merged into the first parameter. Anything this does not account for is a
 StitchError, and the caller exports the model whole. The tests hold the result to the whole export's bytes.
+
+`n_layers=None` repeats nothing: the template is the export of the model itself with probe weights, and only
+its weights are replaced (attention modules, encoder blocks, one-layer BERTs).
 """
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -74,9 +78,10 @@ class Recipe:
         return both.t() if both.dim() == 2 else both
 
 
-def _recipes(g: onnx.GraphProto, probe: dict) -> dict[str, Recipe]:
+def _recipes(g: onnx.GraphProto, probe: dict, derived: dict) -> dict[str, Recipe]:
     """{initializer: its recipe} of every initializer made from the `probe` parameters; the others are
-    constants of the graph itself (shapes, scalars), which no parameter changes."""
+    constants of the graph itself (shapes, scalars, the config's `derived` constants), which no parameter
+    changes."""
     candidates = {}  # (dims, dtype) -> [recipe], each made (and its bytes taken) only when dims match
     for name, p in probe.items():
         if p.dim() == 2:
@@ -106,19 +111,92 @@ def _recipes(g: onnx.GraphProto, probe: dict) -> dict[str, Recipe]:
             raise StitchError(f"initializer {t.name!r} can be made from several parameters")
         if found:
             out[t.name] = found[0]
-        elif int(np.prod(t.dims)) > SMALL_CONSTANT:
+        elif int(np.prod(t.dims)) > SMALL_CONSTANT and _derived_key(t) not in derived:
             raise StitchError(f"initializer {t.name!r} is made from the weights in a way stitching lacks")
     return out
 
 
+def _derived_key(t: onnx.TensorProto) -> tuple:
+    return tuple(t.dims), hashlib.sha256(t.raw_data).hexdigest()
+
+
 def stitch(
-    template: onnx.ModelProto, probe: dict, n_layers: int, state: dict
+    template: onnx.ModelProto, probe: dict, n_layers: int | None, state: dict, derived: dict
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of the `n_layers` model whose weights are `state` (name -> tensor in
     the export dtype), from `template`, the canonical export of its two-layer version holding the `probe`
-    weights; its initializers made from the weights keep their bytes in `data` (name -> contiguous tensor),
-    for model_file.write_model."""
+    weights; `n_layers` None: of the template's own model, its weights replaced. `derived`: the constants the
+    export computes from the config alone (graph_contract.derived_constants). Its initializers made from
+    the weights keep their bytes in `data` (name -> contiguous tensor), for model_file.write_model."""
     g = template.graph
+    recipes = _recipes(g, probe, derived)
+    if n_layers is None:
+        nodes = [_copy(n) for n in g.node]  # copies: a process reuses its template unchanged
+        source = {x: (x, 0) for n in nodes for x in (*n.input, *n.output)}
+        layered = set()
+    else:
+        nodes, source, layered = _repeat(g, recipes, n_layers)
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    defined = {i.name for i in g.input}
+    for node in nodes:
+        for x in node.input:
+            if x and x not in defined and source.get(x, ("", 0))[0] not in inits:
+                raise StitchError(f"{node.name!r} reads {x!r}, which nothing before it computes")
+        defined.update(node.output)
+    made = {}  # final initializer -> Entry
+    for node in nodes:
+        for x in node.input:
+            if x in made or x not in source or source[x][0] not in inits:
+                continue
+            old, offset = source[x]
+            recipe = recipes.get(old)
+            header = onnx.TensorProto()
+            if recipe is None:  # a constant of the graph: as the template has it
+                header.CopyFrom(inits[old])
+                header.name, data = x, None
+            else:
+                recipe = recipe.shifted(offset if old in layered else 0)
+                header.name, header.data_type = x, inits[old].data_type
+                header.dims[:] = inits[old].dims
+                data = recipe.make(state).contiguous()
+            made[x] = Entry(header, recipe, data)
+    _merge_equal(nodes, made, state, _drop_zero_gemm_bias(nodes, made))
+
+    out = _shell(template)
+    first = {}
+    for i, node in enumerate(nodes):
+        for k, x in enumerate(node.input):
+            first.setdefault(x, (i, k))  # the canonical order: by first use, node and input position
+    ordered = sorted(made, key=lambda x: first.get(x, (len(nodes), 0)))
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(made[x].header for x in ordered)
+    infos = {v.name: v for v in [*g.value_info, *g.output]}
+    position = {x: (-1, k) for k, x in enumerate(ordered)}
+    position.update({o: (i, j) for i, n in enumerate(nodes) for j, o in enumerate(n.output) if o})
+    listed = []
+    for name in sorted(position, key=position.get):
+        old = source.get(name, (name, 0))[0]
+        if name in outputs:
+            continue
+        if old in infos:
+            v = onnx.ValueInfoProto()
+            v.CopyFrom(infos[old])
+            v.name = name
+        elif name in made:  # a parameter the merge brought in: described as the exporter describes one
+            t = made[name].header
+            v = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+        else:
+            continue
+        listed.append(v)
+    out.graph.value_info.extend(listed)
+    return out, {x: e.data for x, e in made.items() if e.data is not None}
+
+
+def _repeat(g: onnx.GraphProto, recipes: dict, n_layers: int) -> tuple[list, dict, set]:
+    """(nodes, source, layered): the template's nodes with layer 1 repeated for layers 1..n_layers-1, where
+    each name comes from (`source`: name -> (the template's name, layer offset)), and the initializers made
+    from a layer's weights."""
     layers = [node_layer(n) for n in g.node]
     body = [i for i, k in enumerate(layers) if k == 1]
     if n_layers < 2 or not body or body != list(range(body[0], body[-1] + 1)):
@@ -126,8 +204,6 @@ def stitch(
     if any(k not in (0, 1, None) for k in layers) or any(k is not None for k in layers[body[-1] + 1 :]):
         raise StitchError("nodes of a layer outside the layers' run")
     start, end = body[0], body[-1] + 1
-    inits = {t.name: t for t in g.initializer}
-    recipes = _recipes(g, probe)
     outputs = {o.name for o in g.output}
     producer = {o: (i, j) for i, n in enumerate(g.node) for j, o in enumerate(n.output) if o}
     layered = {n for n, r in recipes.items() if any(layer_index(p) is not None for p in r.parts)}
@@ -170,60 +246,7 @@ def stitch(
     for node in nodes[:start]:
         for x in node.input:
             source.setdefault(x, (x, 0))
-
-    defined = {i.name for i in g.input}
-    for node in nodes:
-        for x in node.input:
-            if x and x not in defined and source.get(x, ("", 0))[0] not in inits:
-                raise StitchError(f"{node.name!r} reads {x!r}, which nothing before it computes")
-        defined.update(node.output)
-    made = {}  # final initializer -> Entry
-    for node in nodes:
-        for x in node.input:
-            if x in made or x not in source or source[x][0] not in inits:
-                continue
-            old, offset = source[x]
-            recipe = recipes.get(old)
-            header = onnx.TensorProto()
-            if recipe is None:  # a constant of the graph: as the template has it
-                header.CopyFrom(inits[old])
-                header.name, data = x, None
-            else:
-                recipe = recipe.shifted(offset if old in layered else 0)
-                header.name, header.data_type = x, inits[old].data_type
-                header.dims[:] = inits[old].dims
-                data = recipe.make(state).contiguous()
-            made[x] = Entry(header, recipe, data)
-    _merge_equal(nodes, made, state, _drop_zero_gemm_bias(nodes, made))
-
-    out = _shell(template)
-    first = {}
-    for i, node in enumerate(nodes):
-        for x in node.input:
-            first.setdefault(x, i)
-    ordered = sorted(made, key=lambda x: first.get(x, len(nodes)))
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(made[x].header for x in ordered)
-    infos = {v.name: v for v in [*g.value_info, *g.output]}
-    position = {x: (-1, k) for k, x in enumerate(ordered)}
-    position.update({o: (i, j) for i, n in enumerate(nodes) for j, o in enumerate(n.output) if o})
-    listed = []
-    for name in sorted(position, key=position.get):
-        old = source.get(name, (name, 0))[0]
-        if name in outputs:
-            continue
-        if old in infos:
-            v = onnx.ValueInfoProto()
-            v.CopyFrom(infos[old])
-            v.name = name
-        elif name in made:  # a parameter the merge brought in: described as the exporter describes one
-            t = made[name].header
-            v = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
-        else:
-            continue
-        listed.append(v)
-    out.graph.value_info.extend(listed)
-    return out, {x: e.data for x, e in made.items() if e.data is not None}
+    return nodes, source, layered
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

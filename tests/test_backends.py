@@ -13,6 +13,7 @@ from helpers import (
     EMPTY_ROW_CASES,
     NO_OPENVINO,
     OPENVINO,
+    OPENVINO_DEFAULT_IN_AUTO,
     ROOT,
     SMALL_MODELS,
     openvino_native_bf16,
@@ -207,13 +208,16 @@ def test_auto_says_which_providers_it_found(exported, tmp_path, capsys):
         "--providers auto found: cpu, "
         + ("" if CUDA_PROBLEM else "cuda, ")
         + "reference"
-        + (", openvino, openvino-default" if OPENVINO else "")
+        + (", openvino" if OPENVINO else "")
+        + (", openvino-default" if OPENVINO_DEFAULT_IN_AUTO else "")
     )
+    if OPENVINO and not OPENVINO_DEFAULT_IN_AUTO:
+        assert "(no openvino-default: the CPU plugin's default precision here is f32: what `openvino`" in note
     assert note in out
     runtimes = {c["runtime"] for c in doc["artifacts"][0]["checks"]}
     assert runtimes == {"cpu", "reference", "pytorch-golden"} | (set() if CUDA_PROBLEM else {"cuda"}) | (
-        {"openvino", "openvino-default"} if OPENVINO else set()
-    )
+        {"openvino"} if OPENVINO else set()
+    ) | ({"openvino-default"} if OPENVINO_DEFAULT_IN_AUTO else set())
 
 
 def test_auto_notes_that_reference_cannot_run_contrib_ops(exported, tmp_path, capsys):
@@ -389,14 +393,15 @@ def test_bfloat16_under_auto_runs_where_kernels_exist(exported, tmp_path, capsys
         in out
     )
     checks = doc["artifacts"][0]["checks"]
-    assert {c["runtime"] for c in checks} == {"reference", "pytorch", "pytorch-golden"} | (
-        {"openvino", "openvino-default"} if OPENVINO else set()
+    openvinos = ({"openvino"} if OPENVINO else set()) | (
+        {"openvino-default"} if OPENVINO_DEFAULT_IN_AUTO else set()
     )
+    assert {c["runtime"] for c in checks} == {"reference", "pytorch", "pytorch-golden"} | openvinos
     defect = OPENVINO and not openvino_native_bf16()
     assert code == (1 if defect else 0)
     failed = {(c["runtime"], c["case"]) for c in checks if not c["passed"]}
     if defect:
-        assert {r for r, _ in failed} == {"openvino", "openvino-default"}
+        assert {r for r, _ in failed} == openvinos
         assert {case for _, case in failed} == EMPTY_ROW_CASES
     else:
         assert failed == set()

@@ -16,7 +16,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from helpers import ROOT, flip_byte, rehash, run_cli, single_error_line
+from helpers import (
+    OPENVINO,
+    OPENVINO_DEFAULT_IN_AUTO,
+    ROOT,
+    flip_byte,
+    rehash,
+    run_cli,
+    single_error_line,
+)
 from junitparser import Error, Failure, JUnitXml, Skipped
 
 from qkv_onnx.export.writer import save_weights_npz
@@ -26,12 +34,12 @@ from qkv_onnx.validate.junit import junit_xml, xml_safe
 from qkv_onnx.validate.parity import Report
 from qkv_onnx.validate.rebuild import rebuild
 from qkv_onnx.validate.results import Check, Comparison, Metrics, RuntimeStatus
-from qkv_onnx.validate.runtimes import RUNTIMES
+from qkv_onnx.validate.runtimes import RUNTIMES, select_runtimes
 
 LABELS = {"pytorch": "PyTorch (live)", "pytorch-golden": "PyTorch (golden)"} | {
     name: cls.short for name, cls in RUNTIMES.items()
 }
-UNAVAILABLE = {name: cls.problem() for name, cls in RUNTIMES.items() if cls.problem()}
+UNAVAILABLE = select_runtimes("auto").unavailable
 SEP = " · "
 
 
@@ -111,6 +119,7 @@ def ci_run(exported, tmp_path_factory):
         summary=summary.read_text(),
         stderr=err.getvalue(),
         flipped=copies["mha-flipped"],
+        copies=copies,
     )
 
 
@@ -216,14 +225,26 @@ def test_junit_testcase_per_summary_row_with_its_numbers(ci_run):
                     assert case.system_out.startswith(f"info, not gating: {label} the "), name
 
 
-def test_junit_non_gating_runtime(ci_run):
-    """openvino-default (where OpenVINO is installed): its numbers pass, also where over the atol; its errors
-    (an inf output) are errors."""
-    if "openvino-default" in UNAVAILABLE:
+def test_junit_non_gating_runtime(ci_run, tmp_path):
+    """openvino-default (where OpenVINO is installed; named where auto leaves it out): its numbers pass, also
+    where over the atol; its errors (an inf output) are errors."""
+    if not OPENVINO:
         pytest.skip(f"OpenVINO is not installed: {UNAVAILABLE['openvino-default']}")
-    suites = _suites(ci_run)
+    run = ci_run
+    if not OPENVINO_DEFAULT_IN_AUTO:
+        json_path, junit_path = tmp_path / "r.json", tmp_path / "r.xml"
+        artifacts = [ci_run.copies["mha-tampered"], ci_run.copies["mha-causal-inf"]]
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = main(
+                [*map(str, artifacts), "--providers", "cpu,openvino-default", "--no-torch"]
+                + ["--json", str(json_path), "--junit", str(junit_path)]
+            )
+        assert code == 1
+        run = SimpleNamespace(doc=json.loads(json_path.read_text()), xml=JUnitXml.fromfile(str(junit_path)))
+    suites = _suites(run)
     tampered = {c.name: c for c in suites["mha/onnx-attention/float32"] if "OpenVINO default" in c.name}
-    rows = [r for r in ci_run.doc["artifacts"][1]["summary"] if r["runtime"] == "openvino-default"]
+    tampered_doc = run.doc["artifacts"][1 if run is ci_run else 0]
+    rows = [r for r in tampered_doc["summary"] if r["runtime"] == "openvino-default"]
     assert any(not r["passed"] for r in rows)  # over the atol: the weights were changed
     assert tampered and all(c.is_passed for c in tampered.values())
     inf = [c for c in suites["mha-causal/onnx-attention/float32"] if "OpenVINO default vs golden" in c.name]

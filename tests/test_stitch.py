@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import rotation
 from onnx import helper, numpy_helper
 
 from qkv_onnx.export import graph as export_graph
@@ -16,7 +17,7 @@ from qkv_onnx.export.canonical import canonicalize, modules
 from qkv_onnx.export.model_file import encode, write_model
 from qkv_onnx.export.stitch import StitchError, shift
 from qkv_onnx.model_defs.config import EncoderConfig
-from qkv_onnx.model_defs.registry import bert_spec
+from qkv_onnx.model_defs.registry import bert_spec, get_model
 
 SMALL = EncoderConfig(
     num_layers=3, hidden_size=64, num_heads=2, ffn_size=128, vocab_size=100, max_positions=64
@@ -118,6 +119,55 @@ def test_bert_base_stitched_is_the_whole_export():
         weights("random"),
     )
     assert stitched == whole
+
+
+def reweighted_spec(model: str):
+    return bert_spec("bert", replace(SMALL, num_layers=1)) if model == "bert-1-layer" else get_model(model)
+
+
+def generic_weights(kind: str):
+    """weights(kind) for any module: 'transformers' zeroes every bias and sets every norm weight to 1; 'some
+    zeros' zeroes the first and the last bias."""
+
+    def edit(module):
+        biases = [k for k in module.state_dict() if k.endswith("bias")]
+        with torch.no_grad():
+            for name, p in module.state_dict().items():
+                if kind == "transformers" and name.endswith("bias"):
+                    p.zero_()
+                if kind == "transformers" and "norm" in name and name.endswith("weight"):
+                    p.fill_(1)
+                if kind == "some zeros" and name in (biases[0], biases[-1]):
+                    p.zero_()
+        return module
+
+    return edit
+
+
+REWEIGHTED_MODELS = [
+    *("mha", "mha-causal", "mha-cross", "mha-gqa", "encoder-block", "encoder-block-prenorm"),
+    "bert-1-layer",
+]
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "backend", "kind"),
+    rotation(REWEIGHTED_MODELS, list(OPSET), ["transformers", "some zeros", "random"]),
+)
+def test_reweighted_graph_is_the_whole_export(model, backend, kind, monkeypatch):
+    """Attention, encoder blocks and one-layer BERTs are built from the export of the model itself with probe
+    weights, its weights replaced: the whole export's bytes, value-dependent rewrites included."""
+    monkeypatch.setattr(export_graph, "_templates", {})
+    dtype = DTYPES[REWEIGHTED_MODELS.index(model) % len(DTYPES)]
+    spec = reweighted_spec(model)
+    module = generic_weights(kind)(spec.random(0).eval().to(getattr(torch, dtype)))
+    graph, data = export_graph.build_graph(spec, module, backend, dtype, OPSET[backend])
+    assert data, "built from the template"  # the whole export keeps its bytes in the graph: no data
+    whole = export_graph._export(spec, module, backend, dtype, OPSET[backend])
+    canonicalize(whole, dict(module.state_dict()))
+    assert encode(graph, data) == encode(whole, {})
 
 
 @pytest.mark.slow

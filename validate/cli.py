@@ -62,7 +62,8 @@ The report opens with a compatibility matrix per model: artifact (backend, dtype
 OpenVINO (pip install 'qkv-onnx[openvino]'): `openvino` runs with INFERENCE_PRECISION_HINT=f32
 and is judged like ORT; `openvino-default` runs with the CPU plugin's defaults (bf16 on a CPU
 with bfloat16 instructions), judged at the tolerance of the precision it computes in and
-reported without deciding the exit code (its run errors and NaN/Inf still do).
+reported without deciding the exit code (its run errors and NaN/Inf still do); `auto` leaves it
+out where that default is f32 (it would repeat `openvino`), name it to run it anyway.
 
 In CI: --junit FILE writes JUnit XML (one testsuite per artifact, one testcase per runtime x
 reference x output, worst case over all inputs: failure = out of tolerance, error = a run that

@@ -116,13 +116,14 @@ class Selection:
 
 
 def select_runtimes(text: str) -> Selection:
-    """--providers: a comma list, or 'auto' for every runtime that works here. Under auto, a runtime
-    known to lack what an artifact needs (capability_gap) is skipped with a note; asked for by name, it is
-    an error. Raises ProviderError for an unknown name or a runtime that cannot run on this machine (with
-    its install hint when it is an optional install)."""
+    """--providers: a comma list, or 'auto' for every runtime that works here and computes something no
+    other one does (Runtime.redundant). Under auto, a runtime known to lack what an artifact needs
+    (capability_gap) is skipped with a note; asked for by name, it is an error. Raises ProviderError for an
+    unknown name or a runtime that cannot run on this machine (with its install hint when it is an optional
+    install)."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     if names == ["auto"]:
-        problems = {name: cls.problem() for name, cls in RUNTIMES.items()}
+        problems = {name: cls.problem() or cls.redundant() for name, cls in RUNTIMES.items()}
         found = [name for name, problem in problems.items() if problem is None]
         unavailable = {name: problem for name, problem in problems.items() if problem}
         missing = {}

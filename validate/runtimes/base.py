@@ -32,6 +32,12 @@ class Runtime:
         return None
 
     @classmethod
+    def redundant(cls) -> str | None:
+        """Why `--providers auto` leaves it out on this machine although it runs (it would compute what
+        another selected runtime computes), or None. Asked for by name, it runs."""
+        return None
+
+    @classmethod
     def gap(cls, artifact) -> str | None:
         """Why this runtime is known not to run this artifact (a dtype or op domain it lacks), or None."""
         return None

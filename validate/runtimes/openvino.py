@@ -4,7 +4,8 @@ Its CPU plugin picks the inference precision itself: on a CPU with bfloat16 inst
 default INFERENCE_PRECISION_HINT is bf16, so a float32 artifact runs its matmuls in bfloat16.
 `openvino` pins the hint to f32 and is judged like any runtime; `openvino-default` runs with the
 plugin's defaults, as a deployment that sets nothing would, judged at the tolerance of the precision
-it really computes in and reported without deciding pass/fail.
+it really computes in and reported without deciding pass/fail; `--providers auto` leaves it out where
+that default is f32 (the computation of `openvino`).
 """
 
 from pathlib import Path
@@ -83,6 +84,15 @@ class OpenVinoDefault(OpenVino):
     name, label, short = "openvino-default", "OpenVINO CPU (default precision)", "OpenVINO default"
     gating = False
     config = {}
+
+    @classmethod
+    def redundant(cls) -> str | None:
+        import openvino as ov
+
+        hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+        if hint == "f32":
+            return "the CPU plugin's default precision here is f32: what `openvino` computes, run once"
+        return None
 
     def __init__(self, model_path: Path):
         super().__init__(model_path)
