@@ -212,7 +212,10 @@ def test_auto_says_which_providers_it_found(exported, tmp_path, capsys):
         + (", openvino-default" if OPENVINO_DEFAULT_IN_AUTO else "")
     )
     if OPENVINO and not OPENVINO_DEFAULT_IN_AUTO:
-        assert "(no openvino-default: the CPU plugin's default precision here is f32: what `openvino`" in note
+        assert (
+            "(no openvino-default: the CPU plugin's default precision here is f32: runtime openvino "
+            "computes the same)" in note
+        )
     assert note in out
     runtimes = {c["runtime"] for c in doc["artifacts"][0]["checks"]}
     assert runtimes == {"cpu", "reference", "pytorch-golden"} | (set() if CUDA_PROBLEM else {"cuda"}) | (

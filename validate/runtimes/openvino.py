@@ -91,7 +91,7 @@ class OpenVinoDefault(OpenVino):
 
         hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
         if hint == "f32":
-            return "the CPU plugin's default precision here is f32: what `openvino` computes, run once"
+            return "the CPU plugin's default precision here is f32: runtime openvino computes the same"
         return None
 
     def __init__(self, model_path: Path):
