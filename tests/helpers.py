@@ -20,8 +20,6 @@ GATING = [r for r in AUTO if RUNTIMES[r].gating]
 OPENVINO = RUNTIMES["openvino"].problem() is None
 # --providers auto runs openvino-default only where the CPU plugin's default precision is not f32
 OPENVINO_DEFAULT_IN_AUTO = "openvino-default" in AUTO
-# auto's runtimes plus openvino-default wherever OpenVINO is installed: its report paths, on every CPU
-WITH_OPENVINO_DEFAULT = [*AUTO, *(["openvino-default"] if OPENVINO and not OPENVINO_DEFAULT_IN_AUTO else [])]
 # Every model of the registry small enough to export in seconds
 SMALL_MODELS = [
     *("mha", "mha-causal", "mha-cross", "mha-gqa"),
