@@ -126,19 +126,15 @@ def reweighted_spec(model: str):
 
 
 def generic_weights(kind: str):
-    """weights(kind) for any module: 'transformers' zeroes every bias and sets every norm weight to 1; 'some
-    zeros' zeroes the first and the last bias."""
+    """weights(kind) for any module: 'some zeros' zeroes its first and its last bias."""
+    if kind != "some zeros":
+        return weights(kind)
 
     def edit(module):
-        biases = [k for k in module.state_dict() if k.endswith("bias")]
+        biases = [p for k, p in module.state_dict().items() if k.endswith("bias")]
         with torch.no_grad():
-            for name, p in module.state_dict().items():
-                if kind == "transformers" and name.endswith("bias"):
-                    p.zero_()
-                if kind == "transformers" and "norm" in name and name.endswith("weight"):
-                    p.fill_(1)
-                if kind == "some zeros" and name in (biases[0], biases[-1]):
-                    p.zero_()
+            biases[0].zero_()
+            biases[-1].zero_()
         return module
 
     return edit
