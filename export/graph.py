@@ -9,7 +9,6 @@ import onnx
 import torch
 
 from ..artifact_format import BACKENDS, graph_io, model_layers
-from ..graph_contract import derived_constants
 from ..model_defs.registry import (
     ModelSpec,
     count_attention_modules,
@@ -92,17 +91,13 @@ def build_graph(
     state = {k: v.detach() for k, v in module.state_dict().items()}
     stitched = layers(spec) >= 2 and spec.architecture in STITCHED
     if stitched or spec.architecture in REWEIGHTED:
-        two = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
-        template, probe_state = _template(two if stitched else spec, backend, dtype, opset)
+        shape = spec
+        if stitched:
+            shape = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
+        template, probe_state = _template(shape, backend, dtype, opset)
         try:
             with stage(STAGE_STITCH):
-                return stitch(
-                    template,
-                    probe_state,
-                    layers(spec) if stitched else None,
-                    state,
-                    derived_constants({"architecture": spec.architecture, "config": spec.config.to_dict()}),
-                )
+                return stitch(template, probe_state, layers(spec) if stitched else None, state)
         except StitchError:
             pass
     graph = _export(spec, module, backend, dtype, opset)

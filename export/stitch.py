@@ -17,7 +17,6 @@ StitchError, and the caller exports the model whole. The tests hold the result t
 its weights are replaced (attention modules, encoder blocks, one-layer BERTs).
 """
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -78,10 +77,9 @@ class Recipe:
         return both.t() if both.dim() == 2 else both
 
 
-def _recipes(g: onnx.GraphProto, probe: dict, derived: dict) -> dict[str, Recipe]:
+def _recipes(g: onnx.GraphProto, probe: dict) -> dict[str, Recipe]:
     """{initializer: its recipe} of every initializer made from the `probe` parameters; the others are
-    constants of the graph itself (shapes, scalars, the config's `derived` constants), which no parameter
-    changes."""
+    constants of the graph itself (shapes, scalars), which no parameter changes."""
     candidates = {}  # (dims, dtype) -> [recipe], each made (and its bytes taken) only when dims match
     for name, p in probe.items():
         if p.dim() == 2:
@@ -111,25 +109,20 @@ def _recipes(g: onnx.GraphProto, probe: dict, derived: dict) -> dict[str, Recipe
             raise StitchError(f"initializer {t.name!r} can be made from several parameters")
         if found:
             out[t.name] = found[0]
-        elif int(np.prod(t.dims)) > SMALL_CONSTANT and _derived_key(t) not in derived:
+        elif int(np.prod(t.dims)) > SMALL_CONSTANT:
             raise StitchError(f"initializer {t.name!r} is made from the weights in a way stitching lacks")
     return out
 
 
-def _derived_key(t: onnx.TensorProto) -> tuple:
-    return tuple(t.dims), hashlib.sha256(t.raw_data).hexdigest()
-
-
 def stitch(
-    template: onnx.ModelProto, probe: dict, n_layers: int | None, state: dict, derived: dict
+    template: onnx.ModelProto, probe: dict, n_layers: int | None, state: dict
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of the `n_layers` model whose weights are `state` (name -> tensor in
     the export dtype), from `template`, the canonical export of its two-layer version holding the `probe`
-    weights; `n_layers` None: of the template's own model, its weights replaced. `derived`: the constants the
-    export computes from the config alone (graph_contract.derived_constants). Its initializers made from
+    weights; `n_layers` None: of the template's own model, its weights replaced. Its initializers made from
     the weights keep their bytes in `data` (name -> contiguous tensor), for model_file.write_model."""
     g = template.graph
-    recipes = _recipes(g, probe, derived)
+    recipes = _recipes(g, probe)
     if n_layers is None:
         nodes = [_copy(n) for n in g.node]  # copies: a process reuses its template unchanged
         source = {x: (x, 0) for n in nodes for x in (*n.input, *n.output)}
