@@ -13,6 +13,7 @@ format: `qkv_onnx.artifact_format.BACKENDS`).
 
 import contextlib
 import functools
+import gc
 import logging
 import warnings
 
@@ -30,6 +31,20 @@ STAGE_EXPORT, STAGE_FUSE = "torch.onnx.export (dynamo)", "onnxscript optimize_fo
 STAGE_CACHE = "KV cache into the attention ops"
 
 
+@contextlib.contextmanager
+def _few_collections():
+    """The exporter allocates millions of short-lived objects, and the collector's default (a young
+    collection every 700 allocations, each older one scanning torch's whole heap) spent 2 of a bert-base
+    export's 15 s on them: collect young objects every 50,000 allocations while exporting."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+@_few_collections()
 def export_onnx(
     module: torch.nn.Module,
     args: tuple,

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,12 @@ def _golden_sets(tmp: Path, spec: ModelSpec, module, dtype: str, seed: int, chec
     return len(feeds)
 
 
+def _write_weights(path: Path, weights: dict) -> dict:
+    """weights.npz at `path`; its file-table entry."""
+    save_weights_npz(path, weights)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 def _copy_tokenizer(checkpoint_dir: Path, target: Path) -> bool:
     """Copy a checkpoint's tokenizer files into the artifact; False when it has none."""
     from ..text import TOKENIZER_FILES
@@ -148,15 +155,16 @@ def export_artifact(
         shutil.rmtree(float_dir, ignore_errors=True)
         float_dir.mkdir()
     try:
-        graph = export_model(spec, module, backend, float_dtype, opset, external_data, float_dir / MODEL)
-        n_attention = count_attention_modules(module)
-        quantization = None
-        if dtype in QUANTIZED:
-            quantization = _quantize(float_dir, tmp, spec, graph.taps, seed, checkpoint)
-            graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.taps)
-        known = dict(graph.files)  # model.onnx as written from memory (an int8 one is the quantizer's: read)
-        with stage(STAGE_WEIGHTS):
-            save_weights_npz(tmp / WEIGHTS, weights)
+        with ThreadPoolExecutor(1) as background:  # on a second core while the exporter traces (GIL-free I/O)
+            weights_file = background.submit(_write_weights, tmp / WEIGHTS, weights)
+            graph = export_model(spec, module, backend, float_dtype, opset, external_data, float_dir / MODEL)
+            n_attention = count_attention_modules(module)
+            quantization = None
+            if dtype in QUANTIZED:
+                quantization = _quantize(float_dir, tmp, spec, graph.taps, seed, checkpoint)
+                graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.taps)
+            with stage(STAGE_WEIGHTS):  # what is left of it: the wait
+                known = {**graph.files, WEIGHTS: weights_file.result()}  # model.onnx from memory (int8: read)
         with stage(STAGE_GOLDEN):
             golden_sets = _golden_sets(tmp, spec, module, float_dtype, seed, checkpoint)
         roles = {i.name: i.role for i in spec.inputs}

@@ -1,5 +1,6 @@
 """The NumPy oracle against facts derived from the math and against PyTorch in float64."""
 
+import functools
 import math
 import subprocess
 import sys
@@ -176,14 +177,21 @@ SHAPES = [  # batch, seq, kv_seq (cross-attention only), lengths of the padding 
 ]
 
 
+@functools.lru_cache(maxsize=1)  # a model's shapes run one after another: gpt2-small built once, not 4x
+def float64_model(name: str, seed: int):
+    """(module, its weights as NumPy arrays) of MODELS[name] in float64 with seeded random weights."""
+    module = init_random_weights(MODELS[name].build(), seed).double()
+    return module, {k: v.numpy().copy() for k, v in module.state_dict().items()}
+
+
 def run_both(spec, batch, seq, kv_seq, lengths, seed, weights_edit=None):
-    module = init_random_weights(spec.build(), seed).double()
+    module, weights = float64_model(spec.name, seed)
     inputs = example_inputs(spec, batch, seq, lengths, seed + 1, "float64", kv_seq=kv_seq)
     with torch.no_grad():
         out = module(*inputs.values())
     out = (out,) if isinstance(out, torch.Tensor) else out
-    weights = {k: v.numpy().copy() for k, v in module.state_dict().items()}
     if weights_edit:
+        weights = {k: v.copy() for k, v in weights.items()}
         weights_edit(weights)
     ref = oracle.forward(
         spec.architecture, spec.config.to_dict(), spec.options, weights, [t.numpy() for t in inputs.values()]
