@@ -454,7 +454,7 @@ README_TEST_COMMAND = re.search(
 )[1]
 
 
-MATRIX_COMMAND = ".venv/bin/python -m pytest -q -m matrix"  # every cell the default run samples
+MATRIX_COMMAND = ".venv/bin/python -m pytest -q -n 2 -m matrix"  # every cell the default run samples
 
 
 def _tool(name: str) -> str:
