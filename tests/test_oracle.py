@@ -184,6 +184,13 @@ def float64_model(name: str, seed: int):
     return module, {k: v.numpy().copy() for k, v in module.state_dict().items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_float64_model():
+    """The last model built is not kept past this module (gpt2-small in float64 with its NumPy copy: 2 GB)."""
+    yield
+    float64_model.cache_clear()
+
+
 def run_both(spec, batch, seq, kv_seq, lengths, seed, weights_edit=None):
     module, weights = float64_model(spec.name, seed)
     inputs = example_inputs(spec, batch, seq, lengths, seed + 1, "float64", kv_seq=kv_seq)
