@@ -6,6 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from .sandbox import BLAS_THREADS
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", BLAS_THREADS)  # before numpy loads OpenBLAS, unless set already
+
 from ..errors import (
     EXIT_OK,
     ArtifactError,
