@@ -4,6 +4,8 @@ A test that uses them (or is marked `slow` itself) exports or runs real models: 
 here, so `pytest -m "not slow"` is the fast inner loop.
 """
 
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,28 @@ EXPORTING_FIXTURES = {
     *("minilm_artifact", "onnx_session"),  # test_checkpoint.py: the real minilm-l6 export
 }
 FAULTS = Path(__file__).parent / "plugins" / "qkv-onnx-faults"
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory that every pytest-xdist worker of this run shares (without xdist, this process's own)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def export_once(root: Path, name: str, model: str, **options) -> Path:
+    """root/name: `model` exported there by the first worker that asks, under a lock the others wait on
+    (export_artifact publishes atomically: the directory is whole or absent)."""
+    from qkv_onnx.export.pipeline import export_artifact
+
+    path = root / name
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_dir():
+            export_artifact(model, path, **options)
+    return path
 
 
 def pytest_collection_modifyitems(items):
@@ -32,7 +56,7 @@ def rebuild_cache(tmp_path_factory):
 
     import qkv_onnx.validate.artifact as artifact
 
-    cache = tmp_path_factory.mktemp("rebuilds")
+    cache = shared_dir(tmp_path_factory, "rebuilds")
     real = artifact.PendingRebuild
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(REBUILD_CACHE, str(cache))
@@ -64,18 +88,15 @@ def no_step_summary():
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """export(model, dtype='float32', backend='onnx-attention') -> path of a pristine artifact
-    (cached; copy before mutating)."""
-    from qkv_onnx.export.pipeline import export_artifact
-
-    cache = {}
+    """export(model, dtype='float32', backend='onnx-attention') -> path of a pristine artifact, exported
+    once for all workers (copy before mutating)."""
+    root, cache = shared_dir(tmp_path_factory, "artifacts"), {}
 
     def get(model: str, dtype: str = "float32", backend: str = "onnx-attention") -> Path:
         key = (model, dtype, backend)
         if key not in cache:
             name = f"{model}-{dtype}" if backend == "onnx-attention" else f"{model}-{backend}-{dtype}"
-            cache[key] = tmp_path_factory.mktemp("artifacts") / name
-            export_artifact(model, cache[key], backend=backend, dtype=dtype)
+            cache[key] = export_once(root, name, model, backend=backend, dtype=dtype)
         return cache[key]
 
     return get
@@ -98,26 +119,19 @@ def artifact_copy(exported, tmp_path):
 @pytest.fixture(scope="session")
 def exported_external(tmp_path_factory):
     """Path of a pristine 'mha' artifact exported with its weights in the model.onnx.data side file."""
-    from qkv_onnx.export.pipeline import export_artifact
-
-    path = tmp_path_factory.mktemp("artifacts") / "mha-external"
-    export_artifact("mha", path, external_data=True)
-    return path
+    return export_once(shared_dir(tmp_path_factory, "artifacts"), "mha-external", "mha", external_data=True)
 
 
 @pytest.fixture(scope="session")
 def exported_minilm(tmp_path_factory):
     """A pristine all-MiniLM-L6-v2 artifact (real weights and tokenizer; skipped where not installed)."""
-    from qkv_onnx.export.pipeline import export_artifact
     from qkv_onnx.model_defs.checkpoint import CheckpointError, minilm_dir
 
     try:
         minilm_dir()
     except CheckpointError as e:
         pytest.skip(f"all-MiniLM-L6-v2 files not installed ({e})")
-    path = tmp_path_factory.mktemp("artifacts") / "minilm-l6"
-    export_artifact("minilm-l6", path)
-    return path
+    return export_once(shared_dir(tmp_path_factory, "artifacts"), "minilm-l6", "minilm-l6")
 
 
 @pytest.fixture(scope="session")

@@ -449,13 +449,9 @@ def test_oracle_matches_transformers(loaded, batch, hf_out):
 
 
 @pytest.fixture(scope="module")
-def minilm_artifact(mdir, tmp_path_factory):
-    """`qkv-export --model minilm-l6`'s artifact, written by the real pipeline."""
-    from qkv_onnx.export.pipeline import export_artifact
-
-    directory = tmp_path_factory.mktemp("minilm") / "minilm-l6"
-    export_artifact("minilm-l6", directory)
-    return directory
+def minilm_artifact(mdir, exported_minilm):
+    """`qkv-export --model minilm-l6`'s artifact, written by the real pipeline (the session's, read only)."""
+    return exported_minilm
 
 
 @pytest.fixture(scope="module")
