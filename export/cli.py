@@ -3,9 +3,14 @@ fused attention."""
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
+
+from ..threads import POLICY
+
+os.environ.update({**POLICY, **os.environ})  # before numpy and torch load their thread pools
 
 from ..artifact_format import ARTIFACT_DTYPES, BACKENDS, MANIFEST
 from ..errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError, first_line, report_error, run_cli

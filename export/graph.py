@@ -89,12 +89,10 @@ def build_graph(
     the model itself with probe weights, its weights replaced (the same bytes again); decoders, and a model
     whose weights the stitcher cannot place, are exported whole."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    stitched = layers(spec) >= 2 and spec.architecture in STITCHED
-    if stitched or spec.architecture in REWEIGHTED:
-        shape = spec
-        if stitched:
-            shape = spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
+    shape = _template_spec(spec)
+    if shape is not None:
         template, probe_state = _template(shape, backend, dtype, opset)
+        stitched = shape is not spec
         try:
             with stage(STAGE_STITCH):
                 return stitch(template, probe_state, layers(spec) if stitched else None, state)
@@ -104,6 +102,22 @@ def build_graph(
     with stage(STAGE_CANONICAL):
         canonicalize(graph, state)
     return graph, {}
+
+
+def _template_spec(spec: ModelSpec) -> ModelSpec | None:
+    """The model whose template build_graph takes `spec`'s graph from (a stitched model's two-layer version,
+    or `spec` itself), or None when it is exported whole."""
+    if layers(spec) >= 2 and spec.architecture in STITCHED:
+        return spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
+    return spec if spec.architecture in REWEIGHTED else None
+
+
+def prepare(spec: ModelSpec, backend: str, dtype: str, opset: int) -> None:
+    """Export now the template that export_model will build `spec`'s graph from. It needs no weights, so
+    export_artifact traces it while the model's own weights are drawn."""
+    shape = _template_spec(spec)
+    if shape is not None:
+        _template(shape, backend, dtype, opset)
 
 
 _templates: dict[tuple, tuple[onnx.ModelProto, dict]] = {}  # least recently used first

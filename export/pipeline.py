@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,14 +28,16 @@ from ..model_defs.numpy_io import from_numpy, to_numpy, weights_to_numpy
 from ..model_defs.registry import (
     CHECKPOINT_MODELS,
     ModelSpec,
+    build_for_weights,
     checkpoint_dir,
     count_attention_modules,
     get_model,
+    init_random_weights,
     spec_for,
 )
 from ..stages import stage
 from ..versions import package_versions
-from .graph import export_model, read_back
+from .graph import export_model, prepare, read_back
 from .writer import publish, save_test_data_set, save_weights_npz, temporary_dir_for, write_manifest
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -51,13 +54,22 @@ STAGE_WEIGHTS, STAGE_GOLDEN, STAGE_MANIFEST, STAGE_PUBLISH = (
 )
 
 
-def source_model(model: str, weights_dir, seed: int) -> tuple[ModelSpec, torch.nn.Module, dict | None]:
+def source_model(
+    model: str, weights_dir, seed: int, meanwhile: Callable[[ModelSpec], None] | None = None
+) -> tuple[ModelSpec, torch.nn.Module, dict | None]:
     """(spec, float32 module, checkpoint description or None): a registry model with seeded random
-    weights, or a BERT checkpoint (`weights_dir`, or a CHECKPOINT_MODELS name)."""
+    weights, or a BERT checkpoint (`weights_dir`, or a CHECKPOINT_MODELS name). A registry model's weights
+    are drawn on a second thread (torch's kernels release the GIL) while `meanwhile(spec)` runs."""
+    if weights_dir is None and model not in CHECKPOINT_MODELS:
+        spec = get_model(model)
+        module = build_for_weights(spec.architecture, spec.config, spec.options)
+        with ThreadPoolExecutor(1) as background:
+            drawn = background.submit(init_random_weights, module, seed)
+            if meanwhile is not None:
+                meanwhile(spec)
+            with stage(STAGE_SOURCE):  # what is left of it: the wait
+                return spec, drawn.result(), None
     with stage(STAGE_SOURCE):
-        if weights_dir is None and model not in CHECKPOINT_MODELS:
-            spec = get_model(model)
-            return spec, spec.random(seed), None
         from ..model_defs.checkpoint import family_of, load_hf_model
         from ..model_defs.decoder_checkpoint import decoder_family_of, decoder_model_type, load_decoder_model
 
@@ -138,9 +150,15 @@ def export_artifact(
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if dtype not in ARTIFACT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(ARTIFACT_DTYPES)}")
-    spec, module, checkpoint = source_model(model, weights_dir, seed)
-    opset = BACKENDS[backend].for_architecture(spec.architecture).default_opset if opset is None else opset
     float_dtype = io_dtype(dtype)  # int8 is quantized from the float32 export
+
+    def opset_of(spec: ModelSpec) -> int:
+        return BACKENDS[backend].for_architecture(spec.architecture).default_opset if opset is None else opset
+
+    spec, module, checkpoint = source_model(
+        model, weights_dir, seed, lambda spec: prepare(spec, backend, float_dtype, opset_of(spec))
+    )
+    opset = opset_of(spec)
     module = module.eval().to(getattr(torch, float_dtype))
     weights = weights_to_numpy(module.state_dict())
     n_bytes = sum(a.nbytes for a in weights.values())

@@ -6,9 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from .sandbox import BLAS_THREADS
+from ..threads import POLICY
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", BLAS_THREADS)  # before numpy loads OpenBLAS, unless set already
+os.environ.update({**POLICY, **os.environ})  # before numpy and torch load their thread pools
 
 from ..errors import (
     EXIT_OK,

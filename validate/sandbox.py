@@ -30,14 +30,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, QkvError, show
+from ..threads import POLICY
 
 GIB = 1 << 30
 BASE_MEMORY = 2 * GIB  # an interpreter with numpy and a runtime, before the model (OpenVINO's is the largest)
 MEMORY_PER_MODEL_BYTE = 4  # the model read, the runtime's own copy, prepacked weights, activations
 THREAD_MEMORY = 64 << 20  # a thread's stack and malloc arena, per CPU
-# Validation runs about four processes at once (the oracle and PyTorch, a child per runtime, the rebuild):
-# OpenBLAS's own threads on top of them spin-waited for a third of its CPU on 2 cores (docs/timing.md).
-BLAS_THREADS = str(max(1, (os.cpu_count() or 1) // 4))
 BASE_SECONDS = 120.0
 SECONDS_PER_GIB = 240.0  # the slowest runtime here (onnx's reference evaluator) on bert-large: ~25 s a run
 # The child's first words: take the parent's import path, then serve on the two descriptors it was given.
@@ -223,7 +221,7 @@ class Sandbox:
         self.shown = show(shown)
         from_parent, to_child = os.pipe()
         from_child, to_parent = os.pipe()
-        env = {"OPENBLAS_NUM_THREADS": BLAS_THREADS, **os.environ, "QKV_SANDBOX_PATH": json.dumps(sys.path)}
+        env = {**POLICY, **os.environ, "QKV_SANDBOX_PATH": json.dumps(sys.path)}
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, str(from_parent), str(to_parent), str(limits.memory)],
