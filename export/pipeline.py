@@ -62,6 +62,8 @@ def source_model(
     are drawn on a second thread (torch's kernels release the GIL) while `meanwhile(spec)` runs."""
     if weights_dir is None and model not in CHECKPOINT_MODELS:
         spec = get_model(model)
+        # spec.random(seed), split: build_for_weights patches torch's classes while it builds, so only the
+        # draw may run beside `meanwhile`, which builds the template's module
         module = build_for_weights(spec.architecture, spec.config, spec.options)
         with ThreadPoolExecutor(1) as background:
             drawn = background.submit(init_random_weights, module, seed)

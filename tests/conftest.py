@@ -15,7 +15,7 @@ import pytest
 
 EXPORTING_FIXTURES = {
     *("exported", "artifact_copy", "exported_external", "exported_minilm", "faults_site"),
-    *("minilm_artifact", "onnx_session"),  # test_checkpoint.py: the real minilm-l6 export
+    "onnx_session",  # test_checkpoint.py: the real minilm-l6 export on ORT
 }
 FAULTS = Path(__file__).parent / "plugins" / "qkv-onnx-faults"
 

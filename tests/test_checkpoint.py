@@ -449,19 +449,13 @@ def test_oracle_matches_transformers(loaded, batch, hf_out):
 
 
 @pytest.fixture(scope="module")
-def minilm_artifact(mdir, exported_minilm):
-    """`qkv-export --model minilm-l6`'s artifact, written by the real pipeline (the session's, read only)."""
-    return exported_minilm
-
-
-@pytest.fixture(scope="module")
-def onnx_session(loaded, minilm_artifact):
+def onnx_session(loaded, exported_minilm):
     """The artifact's model.onnx (SDPA -> one ONNX Attention per layer) on ORT CPU."""
     import onnx
     import onnxruntime as ort
 
     cfg, _ = loaded
-    path = minilm_artifact / "model.onnx"
+    path = exported_minilm / "model.onnx"
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     assert ops.count("Attention") == cfg.num_layers and "Softmax" not in ops
     opts = ort.SessionOptions()
@@ -513,8 +507,8 @@ def test_sentence_similarity(loaded, onnx_session, batch, hf_out):
 # --- the CLIs: qkv-export --model minilm-l6 / --weights DIR, qkv-validate --text ---------------------
 
 
-def test_minilm_artifact_describes_its_checkpoint(minilm_artifact):
-    m = json.loads((minilm_artifact / "manifest.json").read_text())
+def test_minilm_artifact_describes_its_checkpoint(exported_minilm):
+    m = json.loads((exported_minilm / "manifest.json").read_text())
     assert m["model"]["parameters"] == m["model"]["parameters_closed_form"] == MINILM_PARAMS
     assert (
         m["model"]["config"]["num_layers"],
@@ -529,25 +523,25 @@ def test_minilm_artifact_describes_its_checkpoint(minilm_artifact):
     assert m["golden_sets"] == 4  # 3 random-token sets + the sample sentences
 
 
-def test_golden_set_of_real_sentences(minilm_artifact, mdir):
+def test_golden_set_of_real_sentences(exported_minilm, mdir):
     """test_data_set_3 holds SAMPLE_SENTENCES tokenized with the checkpoint's tokenizer, padded."""
     from onnx import load_tensor, numpy_helper
 
-    ids = numpy_helper.to_array(load_tensor(str(minilm_artifact / "test_data_set_3" / "input_0.pb")))
-    mask = numpy_helper.to_array(load_tensor(str(minilm_artifact / "test_data_set_3" / "input_2.pb")))
+    ids = numpy_helper.to_array(load_tensor(str(exported_minilm / "test_data_set_3" / "input_0.pb")))
+    mask = numpy_helper.to_array(load_tensor(str(exported_minilm / "test_data_set_3" / "input_2.pb")))
     expected = tokenize(mdir, SAMPLE_SENTENCES)
     np.testing.assert_array_equal(ids, expected["input_ids"])
     assert len(set(mask.sum(axis=1))) > 1  # padded: sentences of different lengths
 
 
 @pytest.mark.slow
-def test_validate_minilm_on_real_text_exits_0(minilm_artifact, tmp_path, capsys):
+def test_validate_minilm_on_real_text_exits_0(exported_minilm, tmp_path, capsys):
     from qkv_onnx.validate.cli import main
 
     (tmp_path / "s.txt").write_text("A dog runs in the park.\n\nThe weather is nice today, isn't it?\n")
     code = main(
         [
-            str(minilm_artifact),
+            str(exported_minilm),
             "--providers",
             "cpu",
             "--text",
@@ -615,7 +609,7 @@ def test_export_refuses_a_tampered_checkpoint_exit_2(mdir, hf_tensors, tmp_path,
 
 
 @pytest.mark.slow
-def test_text_refuses_a_tokenizer_outside_the_artifact(minilm_artifact, tmp_path, capsys):
+def test_text_refuses_a_tokenizer_outside_the_artifact(exported_minilm, tmp_path, capsys):
     """A re-signed manifest pointing --text at a directory outside the artifact: exit 2, nothing read
     there."""
     from test_validate import edit_manifest
@@ -623,7 +617,7 @@ def test_text_refuses_a_tokenizer_outside_the_artifact(minilm_artifact, tmp_path
     from qkv_onnx.validate.cli import main
 
     d = tmp_path / "a"
-    shutil.copytree(minilm_artifact, d)
+    shutil.copytree(exported_minilm, d)
     edit_manifest(d, lambda m: m["checkpoint"].__setitem__("tokenizer", "../elsewhere"))
     assert main([str(d), "--providers", "cpu", "--no-torch", "--text", "hello"]) == 2
     assert "is not the artifact's tokenizer/" in capsys.readouterr().err
