@@ -138,10 +138,16 @@ def judge(
 
 
 def worst_values(results: list[ContractResult]) -> dict[str, float]:
-    """The worst value of each metric over several results (the smallest of a >= limit, largest of a <=)."""
-    worst: dict[str, float] = {}
+    """The worst value of each metric over several results (the smallest of a >= limit, largest of a <=); a
+    NaN anywhere is the worst value (Python's min and max keep or drop a NaN by where it stands)."""
+    seen: dict[str, list[float]] = {}
     for r in results:
         for k, v in r.values.items():
-            pick = max if LIMITS[k][0] == "<=" else min
-            worst[k] = pick(worst.get(k, v), v)
-    return worst
+            seen.setdefault(k, []).append(v)
+    return {k: worst_of(vs, LIMITS[k][0]) for k, vs in seen.items()}
+
+
+def worst_of(values: list[float], op: str) -> float:
+    """The value furthest on the wrong side of a limit `op` ('>=': the smallest), NaN if any is NaN."""
+    a = np.asarray(values, dtype=np.float64)
+    return float("nan") if np.isnan(a).any() else float(a.min() if op == ">=" else a.max())

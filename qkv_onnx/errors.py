@@ -4,6 +4,7 @@
 1  ExportError, ParityFailure: the tool ran and the result is a failure
 2  UsageError, ArtifactError, ProviderError: a bad argument, artifact or runtime (one line on stderr)
 3  anything else: a bug in qkv-onnx (the traceback is printed; please report it)
+4  qkv-validate: nothing failed, but no gating runtime compared the graph's outputs (not judged)
 """
 
 import atexit
@@ -11,7 +12,7 @@ import gc
 import sys
 import traceback
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERNAL, EXIT_NOT_JUDGED = 0, 1, 2, 3, 4
 
 
 class QkvError(Exception):

@@ -89,3 +89,48 @@ def test_describe_puts_misses_first():
     r = ContractResult({"token_cosine_min": 0.99, "relative_error": 0.3})
     assert r.failed == ["relative_error"] and r.describe() == "relative_error 0.3000 > 0.2"
     assert ContractResult({"relative_error": 0.1}).describe() == "relative_error 0.1000 ≤ 0.2"
+
+
+@pytest.mark.parametrize("order", ["nan last", "nan first"])
+def test_worst_values_keep_a_nan_wherever_it_stands(order):
+    """Python's min/max drop a NaN unless it comes first: the worst of a good result and an all-NaN one was
+    the good one's values. Now NaN is the worst value of each metric it appears in, whatever the order."""
+    from qkv_onnx.accuracy_contract import worst_values
+
+    good = judge(np.ones((1, 3, 4)), np.ones((1, 3, 4)), None, False)
+    bad = ContractResult({k: float("nan") for k in good.values})
+    results = [good, bad] if order == "nan last" else [bad, good]
+    assert all(np.isnan(v) for v in worst_values(results).values())
+    assert worst_values([good, good]) == good.values
+
+
+def test_the_int8_held_out_verdict_fails_on_one_good_and_one_all_nan_result():
+    """export/quantize.py's held-out check: with the NaN result anywhere (either half, or the whole), the
+    verdict is a failure naming every metric (it returned passed: True when the NaN came second)."""
+    from qkv_onnx.export.quantize import holdout_verdict
+
+    good = judge(np.ones((1, 3, 4)), np.ones((1, 3, 4)), None, False)
+    bad = ContractResult({k: float("nan") for k in good.values})
+    for halves in ([[good], [good], [good, bad]], [[good, bad], [good], [good]], [[good], [good, bad], []]):
+        verdict = holdout_verdict(*halves)
+        assert verdict["passed"] is False and sorted(verdict["failed"]) == sorted(good.values)
+
+
+def test_next_token_tie_excuses_a_flip_at_a_near_tie_and_no_other():
+    """A decoder's next token differs from the reference's at one position of ten: within NEXT_TOKEN_TIE of
+    the logit range the reference itself nearly ties (agreement 1.0); at twice that margin it is a real flip
+    (agreement 0.9, under the 0.95 limit)."""
+    from qkv_onnx.accuracy_contract import NEXT_TOKEN_AGREEMENT_MIN, NEXT_TOKEN_TIE
+
+    reference = np.random.default_rng(4).standard_normal((1, 10, 50))
+    span = reference[0, 3].max() - reference[0, 3].min()
+    top, second = np.argsort(reference[0, 3])[-1], np.argsort(reference[0, 3])[-2]
+    for share, agreement in [(0.5 * NEXT_TOKEN_TIE, 1.0), (2 * NEXT_TOKEN_TIE, 0.9)]:
+        ref = reference.copy()
+        ref[0, 3, second] = ref[0, 3, top] - share * span  # the reference's top-2 margin
+        got = ref.copy()
+        got[0, 3, second] = ref[0, 3, top] + 1e-3 * span  # the other token wins: a flip
+        assert got[0, 3].argmax() != ref[0, 3].argmax()
+        values = judge(got, ref, np.ones((1, 10), np.int64), False, logits=True).values
+        assert values["next_token_agreement"] == pytest.approx(agreement)
+        assert (values["next_token_agreement"] >= NEXT_TOKEN_AGREEMENT_MIN) is (agreement == 1.0)

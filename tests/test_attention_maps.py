@@ -99,6 +99,13 @@ def test_real_sentence_maps_label_tokens(exported_minilm, tmp_path, capsys):
     assert code == 0 and err == ""
     maps = doc["artifacts"][0]["attention_maps"]
     assert maps["case"].startswith("text_1x") and len(maps["layers"]) == 6
+    # one sentence has no padding: its padded-key check would compare nothing (it passed so); golden set 0,
+    # which has padded rows, is looked at instead, and the maps say so
+    checks = [c for c in doc["artifacts"][0]["checks"] if c["output"].startswith("attention probabilities")]
+    zeros = [c for c in checks if c["reference"] == "padded keys are 0"]
+    assert {c["case"] for c in zeros} == {"golden_0"} and len(zeros) == 6
+    assert all(c["passed"] and c["max_abs"] == 0 for c in zeros)
+    assert f"{maps['case']} has no padding: padded keys are checked on case golden_0" in maps["notes"]
     assert all(len(layer["heads"]) == 12 for layer in maps["layers"])
     assert len(list((out_dir / exported_minilm.name).glob("layer_*.png"))) == 6
     share = np.mean([h["local"] for layer in maps["layers"] for h in layer["heads"]])

@@ -129,16 +129,19 @@ def _suites(run) -> dict:
 
 def _expected_counts(artifact: dict) -> dict:
     """What the JUnit suite of one JSON artifact must count: a row with errors is an error, a gating row that
-    did not pass a failure; each report error (a runtime that cannot load or run it) an error; a runtime not
-    run on it, and each runtime --providers auto found unable to run here, a skip."""
+    did not pass a failure, a non-gating row's numbers a skip; each report error (a runtime that cannot load
+    or run it) an error; a runtime not run on it, each runtime --providers auto found unable to run here, and
+    a verdict of "not judged", a skip."""
     rows = artifact["summary"]
     not_run = [s for s in artifact["runtimes"].values() if s["loads"] is None]
+    info = sum(1 for r in rows if not r["errors"] and not r["gating"])
+    unjudged = artifact["verdict"] == "not judged"
     counts = {
         "failures": sum(1 for r in rows if not r["errors"] and r["gating"] and not r["passed"]),
         "errors": sum(1 for r in rows if r["errors"]) + len(artifact["errors"]),
-        "skipped": len(not_run) + len(UNAVAILABLE),
+        "skipped": len(not_run) + len(UNAVAILABLE) + info + unjudged,
     }
-    counts["tests"] = len(rows) + len(artifact["errors"]) + counts["skipped"]
+    counts["tests"] = len(rows) + len(artifact["errors"]) + len(not_run) + len(UNAVAILABLE) + unjudged
     return counts
 
 
@@ -214,20 +217,23 @@ def test_junit_testcase_per_summary_row_with_its_numbers(ci_run):
                 assert f"worst max abs {row['atol_needed']:.3e} > atol {row['atol']:.3e}" in result.message
                 assert all(f"{c}: max abs" in result.text for c in failed), name
             else:
-                assert case.is_passed and not case.result, name
                 worst = f"max abs {row['atol_needed']:.3e} ≤ atol {row['atol']:.3e}"
                 within = row["atol_needed"] <= row["atol"]
                 assert (worst in case.system_out) == within, name
                 if row["gating"]:
+                    assert case.is_passed and not case.result, name
                     assert case.system_out.startswith(f"worst of {row['cases']} cases: "), name
-                else:
+                else:  # numbers reported, not judged: skipped, never passed
                     label = "within" if row["passed"] else "over"
-                    assert case.system_out.startswith(f"info, not gating: {label} the "), name
+                    [skip] = case.result
+                    assert isinstance(skip, Skipped) and skip.message.startswith("not gating: "), name
+                    assert case.system_out.startswith("info, not gating: numbers reported, not judged "), name
+                    assert f"({label} the " in case.system_out, name
 
 
 def test_junit_non_gating_runtime(ci_run, tmp_path):
-    """openvino-default (where OpenVINO is installed; named where auto leaves it out): its numbers pass, also
-    where over the atol; its errors (an inf output) are errors."""
+    """openvino-default (where OpenVINO is installed; named where auto leaves it out): its numbers are skipped
+    (reported, not judged), also where over the atol, never passed; its errors (an inf output) are errors."""
     if not OPENVINO:
         pytest.skip(f"OpenVINO is not installed: {UNAVAILABLE['openvino-default']}")
     run = ci_run
@@ -246,7 +252,7 @@ def test_junit_non_gating_runtime(ci_run, tmp_path):
     tampered_doc = run.doc["artifacts"][1 if run is ci_run else 0]
     rows = [r for r in tampered_doc["summary"] if r["runtime"] == "openvino-default"]
     assert any(not r["passed"] for r in rows)  # over the atol: the weights were changed
-    assert tampered and all(c.is_passed for c in tampered.values())
+    assert tampered and all(_outcome(c) == "skipped" and not c.is_passed for c in tampered.values())
     inf = [c for c in suites["mha-causal/onnx-attention/float32"] if "OpenVINO default vs golden" in c.name]
     assert inf and all(_outcome(c) == "error" and "non-finite" in c.result[0].text for c in inf)
 
@@ -277,7 +283,8 @@ def test_junit_invalid_artifact_is_an_error_naming_the_file(ci_run):
 def test_junit_suites_carry_artifact_and_time(ci_run):
     for artifact, suite in zip(ci_run.doc["artifacts"], ci_run.xml):
         props = {p.name: p.value for p in suite.properties()}
-        assert props == {"artifact": artifact["artifact"], "passed": str(artifact["passed"]).lower()}
+        passed = str(artifact["passed"]).lower()
+        assert props == {"artifact": artifact["artifact"], "passed": passed, "verdict": artifact["verdict"]}
         assert suite.time > 0
 
 
@@ -285,7 +292,7 @@ def test_step_summary_appended_with_matrix_and_failing_rows(ci_run):
     """The earlier step's text stays; the verdict, a matrix per model and the failing rows follow."""
     text = ci_run.summary
     assert text.startswith("# an earlier step\n## qkv-validate: INVALID INPUT (exit 2)\n")
-    assert "Artifacts: 2 pass, 2 fail, 1 invalid." in text
+    assert "Artifacts: 2 pass, 2 fail, 0 not judged, 1 invalid." in text
     for model in ("mha", "mha-causal", "mha-gqa"):
         assert f"### Compatibility matrix: {model}\n" in text
     failing = [line for line in text.splitlines() if line.startswith("| mha-")]
@@ -352,7 +359,7 @@ def test_junit_from_hostile_names_and_reasons_parses():
     failure, error = (case.result[0] for case in suite)
     assert isinstance(failure, Failure) and "worst max abs 2.000e-03 > atol 1.000e-05" in failure.message
     assert isinstance(error, Error) and f"b1xs7: run failed: {escaped}" in error.text
-    assert {p.value for p in suite.properties()} == {f"dir{escaped}", "false"}
+    assert {p.value for p in suite.properties()} == {f"dir{escaped}", "false", "fail"}
     assert next(iter(bad)).result[0].message == f"{escaped}/manifest.json: not JSON"
 
 

@@ -115,3 +115,108 @@ def test_worst_is_the_largest_share_of_atol():
     ]
     assert worst(checks).case == "b"
     assert worst(checks[2:]) is None
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0, 8)])
+def test_a_comparison_of_nothing_is_an_error_never_a_pass(shape):
+    """An empty reference compared nothing: an error of the check (it passed with zero metrics before)."""
+    empty = np.zeros(shape, np.float32)
+    c = compare_outputs(empty, empty, 1.0)
+    assert not c.passed and c.metrics is None and c.error.startswith("nothing to compare")
+    check = Check("cpu", "b1xs1", "out", "oracle", c)
+    assert check.verdict == "error" and check.decides
+
+
+def _report(*checks: Check):
+    from qkv_onnx.validate.parity import Report
+
+    return Report("a", {}, checks=list(checks))
+
+
+def _ok(runtime: str, gating: bool = True) -> Check:
+    return Check(runtime, "b1xs7", "out", "oracle", compare_outputs(np.ones(3), np.ones(3), 1e-6), gating)
+
+
+def test_verdict_is_not_judged_unless_a_gating_runtime_compared_the_graph():
+    """PyTorch against the oracle and a non-gating runtime's numbers say nothing about the ONNX graph: such a
+    report is 'not judged' (it was a pass); one gating runtime's numbers make it a pass; any failure fails."""
+    bad = Check("cpu", "b1xs7", "out", "oracle", compare_outputs(np.ones(3) * 2, np.ones(3), 1e-6))
+    assert _report().verdict == "not judged"
+    assert _report(_ok("pytorch-golden"), _ok("pytorch")).verdict == "not judged"
+    assert _report(_ok("pytorch-golden"), _ok("openvino-default", gating=False)).verdict == "not judged"
+    assert _report(_ok("pytorch-golden"), _ok("cpu")).verdict == "pass"
+    assert _report(_ok("pytorch-golden"), _ok("cpu"), bad).verdict == "fail"
+    errored = failed_check("cpu", "b1xs7", "out", "oracle", "run failed: boom", 1e-6)
+    assert _report(_ok("pytorch-golden"), errored).verdict == "fail"  # errors decide, and judge nothing
+    report = _report(_ok("cpu"))
+    report.errors.append("a runtime cannot load it")
+    assert report.verdict == "error" and not report.passed
+
+
+def test_junit_and_summary_show_an_unjudged_report_as_skipped_not_passed():
+    """The JUnit suite of a report with only a non-gating runtime's numbers: those rows and the verdict are
+    <skipped>, nothing passed; the job summary's verdict is NOT JUDGED (exit 4), or says it was accepted."""
+    from junitparser import JUnitXml, Skipped
+
+    from qkv_onnx.validate.junit import junit_xml
+    from qkv_onnx.validate.step_summary import summary_markdown
+
+    report = _report(_ok("openvino-default", gating=False))
+    report.manifest = {"model": {"name": "mha"}, "backend": "onnx-attention", "dtype": "float32"}
+    [suite] = JUnitXml.fromstring(junit_xml([report], {}))
+    results = {case.name.split(" · ", 1)[1]: case.result for case in suite}
+    assert set(results) == {"OpenVINO default vs oracle · out", "verdict"}
+    assert all(len(r) == 1 and isinstance(r[0], Skipped) for r in results.values())
+    assert results["verdict"][0].message.startswith("not judged: no gating runtime compared")
+    assert summary_markdown([report], {}, 4).startswith("## qkv-validate: NOT JUDGED (exit 4)\n")
+    assert "1 not judged" in summary_markdown([report], {}, 4)
+    assert "NOT JUDGED, accepted by --allow-unjudged (exit 0)" in summary_markdown([report], {}, 0)
+
+
+def test_pooler_tolerance_between_its_narrow_and_wide_bound():
+    """The pooler's tanh output is judged at the scale of its pre-activation (oracle.Trace.scales): an error
+    between tol * max|tanh| and tol * max|pre-activation| passes with that floor and fails without it; past
+    the wide bound it fails either way. On bert-tiny's real oracle pooler (its pre-activation scale > 1)."""
+    from qkv_onnx.artifact_format import expected_weights, model_io
+    from qkv_onnx.inputs import make_inputs
+    from qkv_onnx.model_defs.config import PRESETS
+    from qkv_onnx.validate import oracle
+
+    cfg = PRESETS["bert-tiny"].to_dict()
+    rng = np.random.default_rng(3)
+    weights = {
+        name: 0.3 * rng.standard_normal(shape) for name, shape in expected_weights("bert", cfg).items()
+    }
+    records = model_io("bert", cfg, {}, "float32")[0]
+    inputs = make_inputs(records, cfg, 2, 9, [9, 5], rng)
+    trace = oracle.Trace()
+    pooled = oracle.forward("bert", cfg, {}, weights, inputs, trace)[1]
+    narrow, floor = float(np.abs(pooled).max()), trace.scales[1]
+    assert floor > 1.5 * narrow  # the two bounds are apart
+    tol = tolerance("float32", *model_error_terms({"model": {"architecture": "bert", "config": cfg}}, 9))
+    for error, with_floor, without in [((narrow + floor) / 2, True, False), (1.5 * floor, False, False)]:
+        actual = pooled.copy()
+        actual[1, 3] += error * tol
+        assert compare_outputs(actual, pooled, tol, floor).passed is with_floor
+        assert compare_outputs(actual, pooled, tol).passed is without
+
+
+def test_attention_probabilities_are_judged_at_the_scale_of_their_scores():
+    """The oracle records, beside each layer's probabilities, the largest |score| a query attends to: softmax
+    moves each probability by at most half the largest score error (its Jacobian diag(p) - p p^T), so a
+    probability error is judged at the scores' scale, as the pooler's at its pre-activation's. Checked by
+    hand here: a score error of e moves no probability by more than e / 2."""
+    from qkv_onnx.validate import oracle
+
+    rng = np.random.default_rng(5)
+    q, k, v = (4 * rng.standard_normal((1, 2, 5, 8)) for _ in range(3))
+    mask = np.ones((1, 1, 5, 5), bool)
+    mask[..., 3:] = False
+    got = []
+    oracle.attention(q, k, v, mask, probs=got)
+    [(p, scale)] = got
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(8)
+    assert scale == np.abs(scores[..., :3]).max() and scale > 2 * np.abs(p).max()
+    e = 1e-6 * scale
+    moved = oracle.softmax(np.where(mask, scores + e * rng.choice([-1, 1], scores.shape), -np.inf))
+    assert np.abs(moved - p).max() <= e / 2

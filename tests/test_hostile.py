@@ -555,7 +555,7 @@ def test_content_that_used_to_raise_is_one_line(attack, artifact_copy, exported)
     proc = run_capped(d, good, "--no-torch", "--providers", "cpu")
     line = single_error_line(proc.stderr)
     assert proc.returncode == 2 and f"{show(d / rel)}: " in line and reason in line, line
-    assert "— PASS" in proc.stdout and "Artifacts: 1 pass, 0 fail, 1 invalid." in proc.stdout
+    assert "— PASS" in proc.stdout and "Artifacts: 1 pass, 0 fail, 0 not judged, 1 invalid." in proc.stdout
     assert snapshot(d) == before
 
 
@@ -711,6 +711,21 @@ def test_rebuild_mode_proves_the_bytes(artifact_copy):
     proc = run_capped(d, "--providers", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "graph: byte-identical to the exporter's rebuild" in proc.stdout
+
+
+@pytest.mark.real_rebuild
+def test_a_stitched_model_is_rebuilt_in_the_sandbox_and_judged_past_128_tokens(exported, tmp_path):
+    """bert-mini (four layers: its graph stitched from a two-layer export) rebuilt by the exporter in the
+    rebuild's sandboxed child, not the session's cache, byte-identical; --long adds a batch at its full 512
+    tokens (the default cases stop at 128), judged on ORT CPU against the oracle and PyTorch."""
+    d = exported("bert-mini")
+    proc = run_capped(d, "--providers", "cpu", "--long", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "graph: byte-identical to the exporter's rebuild" in proc.stdout
+    checks = json.loads((tmp_path / "r.json").read_text())["artifacts"][0]["checks"]
+    long = [c for c in checks if c["case"] == "b2xs512" and c["runtime"] == "cpu"]
+    assert {c["reference"] for c in long} == {"oracle", "pytorch"} and all(c["passed"] for c in long)
+    assert all(0 < c["max_abs"] <= c["atol"] for c in long)
 
 
 # --- the sandbox itself --------------------------------------------------------------------------------

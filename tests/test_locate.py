@@ -164,7 +164,7 @@ def test_openvino_default_bf16_error_grows_through_the_layers(exported, tmp_path
         label: max(c["max_abs"] for c in checks if c["label"] == label)
         for label in {c["label"] for c in checks}
     }
-    assert code == 0 and worst["layer 3 block"] > 3 * worst["embeddings"], worst
+    assert code == 4 and worst["layer 3 block"] > 3 * worst["embeddings"], worst  # 4: only non-gating ran
 
 
 @pytest.mark.skipif(not OPENVINO, reason="OpenVINO is not installed (pip install 'qkv-onnx[openvino]')")

@@ -134,18 +134,21 @@ def test_openvino_default_precision_is_reported_and_explained_not_judged(default
 
 
 @needs_openvino
-def test_only_a_non_gating_runtime_says_its_numbers_were_not_judged(exported, tmp_path, capsys):
-    code, out, _, doc = run_cli(
-        capsys,
-        exported("mha"),
-        "--providers",
-        "openvino-default",
-        "--no-torch",
-        "--json",
-        tmp_path / "r.json",
-    )
-    assert code == 0 and "every runtime that ran is non-gating" in out
-    assert {c["runtime"] for c in doc["artifacts"][0]["checks"]} == {"openvino-default", "pytorch-golden"}
+def test_only_a_non_gating_runtime_is_not_judged_exit_4(exported, tmp_path, capsys):
+    """openvino-default alone, without torch: no gating runtime compared the graph's outputs, so the verdict
+    is NOT JUDGED, exit 4 (it was PASS, exit 0), shown as skipped in JUnit; --allow-unjudged accepts it."""
+    args = [exported("mha"), "--providers", "openvino-default", "--no-torch", "--json", tmp_path / "r.json"]
+    code, out, err, doc = run_cli(capsys, *args, "--junit", tmp_path / "r.xml")
+    assert code == 4 and err == "" and doc["exit_code"] == 4
+    assert "every runtime that ran is non-gating" in out and "— NOT JUDGED" in out and "— PASS" not in out
+    assert "Artifacts: 0 pass, 0 fail, 1 not judged, 0 invalid." in out
+    [artifact] = doc["artifacts"]
+    assert artifact["verdict"] == "not judged" and artifact["passed"] is False
+    assert {c["runtime"] for c in artifact["checks"]} == {"openvino-default", "pytorch-golden"}
+    xml = (tmp_path / "r.xml").read_text()
+    assert 'tests="' in xml and 'skipped="0"' not in xml and "not judged: no gating runtime" in xml
+    code, out, _, doc = run_cli(capsys, *args, "--allow-unjudged")
+    assert code == 0 and doc["exit_code"] == 0 and "— NOT JUDGED" in out
 
 
 @needs_openvino

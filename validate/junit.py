@@ -10,9 +10,11 @@ One <testsuite> per artifact, named model/backend/dtype. One <testcase> per runt
   by the integrity checks (its own suite, one testcase naming the file).
 - <skipped>: a runtime not run, with the reason: under --providers auto, one that lacks what the artifact
   needs, or that cannot run on this machine at all.
-A non-gating runtime's numbers (openvino-default) are information, not a verdict: such a testcase passes,
-and its <system-out> says "info, not gating" with the numbers and whether they were within the atol of the
-precision it computes in. Its run errors and NaN/Inf are <error>s, as they fail the exit code.
+A non-gating runtime's numbers (openvino-default) are information, not a verdict: such a testcase is
+<skipped> (never passed), and its <system-out> says "info, not gating" with the numbers and whether they were
+within the atol of the precision it computes in. Its run errors and NaN/Inf are <error>s, as they fail the
+exit code. An artifact whose outputs no gating runtime compared (verdict "not judged", exit 4) gets a
+<skipped> "verdict" testcase saying so.
 
 Artifact names, manifests and error messages come from strangers: every string is made XML 1.0-safe (the
 characters XML 1.0 cannot hold, controls and lone surrogates included, are written as escapes)."""
@@ -104,7 +106,10 @@ def _row_case(suite: ET.Element, name: str, row: SummaryRow, checks: list[Check]
     out = _worst_line(row)
     if not row.gating:
         within = "within" if row.passed else "over"
-        out = f"info, not gating: {within} the {judged or 'artifact'} tolerance; {out}"
+        message = f"not gating: numbers reported, not judged ({within} the {judged or 'artifact'} tolerance)"
+        _sub(case, "skipped", message=message)
+        _sub(case, "system-out", f"info, {message}; {out}")
+        return "skipped"
     _sub(case, "system-out", out)
     return "passed"
 
@@ -165,7 +170,8 @@ def junit_xml(
         if seconds:
             suite.set("time", f"{seconds[n]:.3f}")
         props = _sub(suite, "properties")
-        for key, value in (("artifact", r.artifact), ("passed", str(r.passed).lower())):
+        properties = {"artifact": r.artifact, "passed": str(r.passed).lower(), "verdict": r.verdict}
+        for key, value in properties.items():
             _sub(props, "property", name=key, value=value)
         judged = {rt: s.judged_dtype for rt, s in r.runtimes.items()}
         outcomes = []
@@ -182,10 +188,10 @@ def junit_xml(
         for runtime, problem in (unavailable or {}).items():
             case = _sub(suite, "testcase", name=f"{name}{SEP}{label(runtime)}", classname=name)
             _sub(case, "skipped", message=f"not available here: {problem}")
-        if not r.passed and "failure" not in outcomes and "error" not in outcomes and not r.errors:
+        if r.verdict == "not judged":
             case = _sub(suite, "testcase", name=f"{name}{SEP}verdict", classname=name)
-            message = "no check decided the verdict: every check that ran is information only (non-gating)"
-            _sub(case, "error", message, message=message, type="verdict")
+            message = "not judged: no gating runtime compared the graph's outputs (qkv-validate exit 4)"
+            _sub(case, "skipped", message=message)
     for path, reason in invalid.items():
         suite = _sub(root, "testsuite", name=path)
         case = _sub(suite, "testcase", name=f"{path}{SEP}integrity", classname=path)

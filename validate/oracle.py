@@ -33,7 +33,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, 
     additive float (a relative position bias) beside a bool mask.
     is_causal: query i sees keys j <= i (top-left aligned). Grouped-query attention when
     Hkv < Hq: q head h uses kv head h // (Hq / Hkv). `probs`: a list that receives the
-    attention probabilities (B, Hq, Lq, Lk).
+    attention probabilities (B, Hq, Lq, Lk) with the largest |score| a query attends to.
     """
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
@@ -57,8 +57,8 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, 
     if bias is not None:
         scores = scores + np.asarray(bias, dtype=np.float64)
     p = softmax(np.where(allowed, scores, -np.inf))
-    if probs is not None:
-        probs.append(p)
+    if probs is not None:  # the probabilities, and the scale of the scores they contract (compare.py)
+        probs.append((p, float(np.abs(scores[np.broadcast_to(allowed, scores.shape)]).max(initial=0.0))))
     return p @ v
 
 
@@ -133,6 +133,7 @@ class Trace:
     def __init__(self, probs: bool = False):
         self.taps: dict[tuple[str, int | None], np.ndarray] = {}
         self.probs: dict[int, np.ndarray] | None = {} if probs else None
+        self.score_scales: dict[int, float] = {}  # per layer with probs: max |score| over attended keys
         self.scales: dict[int, float] = {}
 
     def keep(self, tap: str, layer: int | None, value: np.ndarray) -> np.ndarray:
@@ -192,7 +193,7 @@ def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0,
             bias=bias,
         )
         if probs:
-            trace.probs[layer] = probs[0]
+            trace.probs[layer], trace.score_scales[layer] = probs[0]
         return trace.keep("attention", layer, y)
 
     act = ACTIVATIONS[cfg.get("hidden_act", "gelu")]
@@ -263,7 +264,7 @@ def forward(architecture, cfg, options, weights, inputs, trace=None):
             probs=probs,
         )
         if probs:
-            trace.probs[0] = probs[0]
+            trace.probs[0], trace.score_scales[0] = probs[0]
         return (trace.keep("attention", 0, y),)
     if architecture == "decoder":
         input_ids, attention_mask, position_ids, *cache = inputs
@@ -369,7 +370,7 @@ def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | 
         probs = None if trace.probs is None else []
         y = attention(q, k, v, allowed, probs=probs)  # (B, H, S, d)
         if probs:
-            trace.probs[layer] = probs[0]
+            trace.probs[layer], trace.score_scales[layer] = probs[0]
         y = dense(y.transpose(0, 2, 1, 3).reshape(b, s, heads * d), w, prefix + ".attn.out_proj")
         x = trace.keep("attention_block", layer, x + trace.keep("attention", layer, y))
         h = _decoder_norm(x, w, prefix + ".ffn_norm", cfg)

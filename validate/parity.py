@@ -111,9 +111,24 @@ class Report:
             run.case.trace = None
 
     @property
+    def judged(self) -> bool:
+        """Whether a gating runtime compared the graph's outputs with a reference (numbers, not only errors).
+        PyTorch against the oracle, integrity and a non-gating runtime's numbers say nothing of the graph."""
+        return any(c.judges_graph for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        """'error' (a runtime asked for cannot run it: exit 2), 'fail' (a deciding check failed), 'not judged'
+        (nothing failed, and no gating runtime compared the graph's outputs), or 'pass'."""
+        if self.errors:
+            return "error"
+        if not all(c.passed for c in self.checks if c.decides):
+            return "fail"
+        return "pass" if self.judged else "not judged"
+
+    @property
     def passed(self) -> bool:
-        decisive = [c for c in self.checks if c.decides]
-        return not self.errors and bool(decisive) and all(c.passed for c in decisive)
+        return self.verdict == "pass"
 
 
 def text_case(artifact: Artifact, sentences: list[str]) -> Case:
@@ -147,12 +162,18 @@ def text_case(artifact: Artifact, sentences: list[str]) -> Case:
     return Case(f"text_{len(sentences)}x{feeds['input_ids'].shape[1]}", inputs)
 
 
-def build_cases(artifact: Artifact, seed: int, sentences: list[str] = ()) -> list[Case]:
+def build_cases(artifact: Artifact, seed: int, sentences: list[str] = (), long: bool = False) -> list[Case]:
+    """Golden sets, the sentences, the seeded validation shapes, and with `long` a batch of two at the longest
+    sequence the model takes (its position table; 512 for a model without one), the second row padded."""
     cases = [Case(f"golden_{n}", ins, outs) for n, (ins, outs) in enumerate(artifact.golden)]
     if sentences:
         cases.append(text_case(artifact, sentences))
     m = artifact.manifest
-    for n, shape in enumerate(seeded_cases("validation", m["model"]["architecture"])):
+    shapes = seeded_cases("validation", m["model"]["architecture"])
+    if long:
+        longest = max_seq(m)
+        shapes = [*shapes, (2, longest, [longest, -(-3 * longest // 5)], 0)]
+    for n, shape in enumerate(shapes):
         rng = np.random.default_rng([seed, n])
         batch, seq, lengths = fit(shape[:3], max_seq(m) - shape[3])  # a short position table
         inputs = make_inputs(m["inputs"], m["model"]["config"], batch, seq, lengths, rng, past=shape[3])
@@ -214,8 +235,9 @@ def await_sessions(
         sessions.append(session)
     if sessions and not any(s.gating for s in sessions):
         report.notes.append(
-            "every runtime that ran is non-gating: its numbers are reported, not judged; the verdict "
-            "rests on integrity, PyTorch against the oracle, and run errors or NaN/Inf"
+            "every runtime that ran is non-gating: its numbers are reported, not judged, so the graph's "
+            "outputs are not judged at all (verdict NOT JUDGED, exit 4, unless --allow-unjudged); its run "
+            "errors and NaN/Inf still fail"
         )
     if not sessions and not report.errors:
         report.errors.append(f"{show(shown)}: no runtime asked for can run it: " + "; ".join(report.notes))
@@ -268,6 +290,7 @@ def validate_artifact(
     use_torch: bool = True,
     skip_unsupported: bool = False,
     sentences: list[str] = (),
+    long: bool = False,
 ) -> Report:
     """Every comparison for one artifact against the oracle, golden data and PyTorch. The runtimes'
     sandboxes open the (screened) model at once while the references are computed, then each case runs on
@@ -283,7 +306,7 @@ def validate_artifact(
         )
     if m["dtype"] in QUANTIZED:
         report.notes.append(holdout_note(m["quantization"]))
-    cases = build_cases(artifact, seed, sentences)
+    cases = build_cases(artifact, seed, sentences, long)
     opening = start_sessions(artifact, providers, skip_unsupported, report)  # they open while references run
     try:
         expected, peer_note, peer = _references(artifact, cases, use_torch, report)

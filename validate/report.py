@@ -12,6 +12,7 @@ from .results import Check, MatrixCell, SummaryRow, worst
 from .runtimes import RUNTIMES
 
 PEERS = {"pytorch": "PyTorch (live)", "pytorch-golden": "PyTorch (golden)"}
+VERDICT = {"pass": "PASS", "fail": "FAIL", "error": "ERROR", "not judged": "NOT JUDGED"}
 
 
 _MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*[]<>|~&"})
@@ -229,7 +230,7 @@ def markdown(reports: list[Report], failures: dict[str, str], notes: list[str] =
         m = r.manifest
         lines += [
             f"## {md(r.artifact)}: {md(m['model']['name'])}, backend {m['backend']}, {m['dtype']} — "
-            + ("PASS" if r.passed else "FAIL"),
+            + VERDICT[r.verdict],
             "",
         ]
         lines += [f"- {md(n)}" for n in r.notes] + [f"- ERROR: {md(e)}" for e in r.errors] + [""]
@@ -250,9 +251,16 @@ def markdown(reports: list[Report], failures: dict[str, str], notes: list[str] =
         lines += locate_markdown(r) + maps_markdown(r)
     for path, reason in failures.items():
         lines += [f"## {md(path)}: INVALID", "", f"- {md(reason)}", ""]
-    passed = sum(r.passed for r in reports)
-    lines.append(f"Artifacts: {passed} pass, {len(reports) - passed} fail, {len(failures)} invalid.")
+    lines.append(count_line(reports, failures))
     return "\n".join(lines) + "\n"
+
+
+def count_line(reports: list[Report], invalid: dict[str, str]) -> str:
+    """'Artifacts: 2 pass, 1 fail, 0 not judged, 0 invalid.' (a runtime that cannot run one: fail)."""
+    verdicts = [r.verdict for r in reports]
+    passed, unjudged = verdicts.count("pass"), verdicts.count("not judged")
+    failed = len(verdicts) - passed - unjudged
+    return f"Artifacts: {passed} pass, {failed} fail, {unjudged} not judged, {len(invalid)} invalid."
 
 
 def _localization_json(r: Report) -> dict:
@@ -281,6 +289,7 @@ def to_json(reports: list[Report], failures: dict[str, str], exit_code: int, not
                 "backend": r.manifest["backend"],
                 "dtype": r.manifest["dtype"],
                 "passed": r.passed,
+                "verdict": r.verdict,
                 "graph_check": r.graph_check,
                 "notes": r.notes,
                 "errors": r.errors,

@@ -55,11 +55,14 @@ class Comparison:
         return self.passed
 
 
+PYTORCH = ("pytorch", "pytorch-golden")  # PyTorch judged against the oracle: says nothing about the graph
+
+
 @dataclass(frozen=True)
 class Check:
     """One output of one case on one runtime against one reference."""
 
-    runtime: str  # a runtime name, or 'pytorch' / 'pytorch-golden' when PyTorch itself is judged
+    runtime: str  # a runtime name, or one of PYTORCH when PyTorch itself is judged
     case: str
     output: str
     reference: str  # 'oracle', 'golden', 'pytorch', or 'backend NAME'
@@ -83,6 +86,11 @@ class Check:
         """Whether this check counts for pass/fail: a non-gating runtime's errors (run failures, NaN/Inf)
         still do, its numbers do not."""
         return self.gating or self.error is not None
+
+    @property
+    def judges_graph(self) -> bool:
+        """Whether this check compared numbers the ONNX graph computed, on a runtime whose numbers decide."""
+        return self.gating and self.runtime not in PYTORCH and self.metrics is not None
 
     @property
     def verdict(self) -> str:

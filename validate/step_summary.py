@@ -8,9 +8,9 @@ stderr, and the exit code stays what the checks decided (--junit and --json are 
 import os
 from pathlib import Path
 
-from ..errors import EXIT_OK, one_line
+from ..errors import EXIT_FAILED, EXIT_NOT_JUDGED, EXIT_OK, one_line
 from .parity import Report
-from .report import label, matrix_markdown, summarize
+from .report import count_line, label, matrix_markdown, summarize
 
 ENV = "GITHUB_STEP_SUMMARY"
 MAX_ROWS = 50  # GitHub keeps 1 MiB of summary per step; the rest is in --junit / --json
@@ -26,14 +26,11 @@ def _e(x: float | None) -> str:
 
 
 def summary_markdown(reports: list[Report], invalid: dict[str, str], exit_code: int) -> str:
-    passed = sum(r.passed for r in reports)
-    verdict = {EXIT_OK: "PASS", 1: "FAIL"}.get(exit_code, "INVALID INPUT")
-    lines = [
-        f"## qkv-validate: {verdict} (exit {exit_code})",
-        "",
-        f"Artifacts: {passed} pass, {len(reports) - passed} fail, {len(invalid)} invalid.",
-        "",
-    ]
+    verdicts = {EXIT_OK: "PASS", EXIT_FAILED: "FAIL", EXIT_NOT_JUDGED: "NOT JUDGED"}
+    verdict = verdicts.get(exit_code, "INVALID INPUT")
+    if exit_code == EXIT_OK and any(r.verdict == "not judged" for r in reports):
+        verdict = "NOT JUDGED, accepted by --allow-unjudged"
+    lines = [f"## qkv-validate: {verdict} (exit {exit_code})", "", count_line(reports, invalid), ""]
     lines += [
         line.replace("## ", "### ", 1) if line.startswith("## ") else line
         for line in matrix_markdown(reports)
@@ -62,6 +59,14 @@ def summary_markdown(reports: list[Report], invalid: dict[str, str], exit_code: 
         ]
         if len(failing) > MAX_ROWS:
             lines += [f"… and {len(failing) - MAX_ROWS} more rows: see the --junit or --json report.", ""]
+    unjudged = [r for r in reports if r.verdict == "not judged"]
+    if unjudged:
+        lines += ["### Not judged (skipped, not passed)", ""]
+        lines += [
+            f"- {_cell(r.artifact)}: no gating runtime compared the graph's outputs (ran: "
+            f"{_cell(', '.join(label(n) for n, s in r.runtimes.items() if s.loads) or 'none')})"
+            for r in unjudged
+        ] + [""]
     problems = [e for r in reports for e in r.errors] + list(invalid.values())  # each names its file
     if problems:
         lines += ["### Invalid artifacts and runtimes that cannot run them", ""]
