@@ -266,7 +266,7 @@ class OrtDecoder(Local):
 
         self.session = ort_session(path, threads, spinning)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.layers, self.kv_heads, self.head_dim = cfg.num_layers, cfg.kv_heads, cfg.head_dim
+        self.layers, self.kv_heads, self.head_dim = cfg.num_layers, cfg.kv_heads, cfg.head_size
         self.past = None
 
     def reset(self):
@@ -595,7 +595,7 @@ def memory_run(args, results: dict, work: Path, progress: Progress) -> list:
     out["floor"] = decoder_memory.floor_bytes(args.memory_seq, cfg)
     out["shape"] = (
         f"{first} layer 0: {cfg['num_heads']} heads ({cfg['num_kv_heads'] or cfg['num_heads']} kv), "
-        f"hidden {cfg['hidden_size']}, head_dim {cfg['hidden_size'] // cfg['num_heads']}"
+        f"hidden {cfg['hidden_size']}, head_dim {decoder_memory.head_dim(cfg)}"
     )
     failures, graphs = [], {}
     for backend, artifact in entry.get("artifacts", {}).items():

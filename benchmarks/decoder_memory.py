@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..decoder_format import head_dim, kv_heads
+
 BYTES = 4  # float32
 FUSED = ("Attention", "GroupQueryAttention")
 
@@ -30,8 +32,7 @@ def cut_attention(model_path: Path, out: Path, cfg: dict) -> dict:
 
     model = onnx.load(str(model_path), load_external_data=False)
     fused = next(n for n in model.graph.node if n.op_type in FUSED and "present.0.key" in n.output)
-    heads, kv = cfg["num_heads"], cfg["num_kv_heads"] or cfg["num_heads"]
-    d = cfg["hidden_size"] // heads
+    heads, kv, d = cfg["num_heads"], kv_heads(cfg), head_dim(cfg)
     past = [[1, kv, 0, d], "float32", "zeros"]
     if fused.op_type == "Attention":  # q, k, v (B, heads, L, d); the boolean mask (B, 1, L, L); the cache
         roles = [
@@ -78,8 +79,7 @@ def cut_attention(model_path: Path, out: Path, cfg: dict) -> dict:
 def floor_bytes(seq: int, cfg: dict) -> dict:
     """What one attention over L tokens cannot do without (batch 1, float32): Q, K, V, its output and the
     cache it returns (present key and value), O(L·d); beside it the L×L terms a graph may add."""
-    heads, kv = cfg["num_heads"], cfg["num_kv_heads"] or cfg["num_heads"]
-    d = cfg["hidden_size"] // heads
+    heads, kv, d = cfg["num_heads"], kv_heads(cfg), head_dim(cfg)
     q = out = seq * heads * d * BYTES
     k = v = present_k = present_v = seq * kv * d * BYTES
     return {

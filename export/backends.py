@@ -24,8 +24,9 @@ from ..artifact_format import BACKENDS
 from ..decoder_format import DECODER
 from ..errors import ExportError, first_line
 from ..model_defs.attention import MultiHeadAttention
+from ..model_defs.decoder import CachedAttention
 from ..stages import stage
-from .cache import fold_cache, to_group_query_attention
+from .cache import cap_scores, fold_cache, to_group_query_attention
 
 STAGE_EXPORT, STAGE_FUSE = "torch.onnx.export (dynamo)", "onnxscript optimize_for_ort"
 STAGE_CACHE = "KV cache into the attention ops"
@@ -66,7 +67,8 @@ def export_onnx(
         if isinstance(m, MultiHeadAttention):
             m.zero_empty_rows = b.zero_empty_rows
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad(), stage(STAGE_EXPORT), _registry_built_once():
+    fused_caps = _fused_softcaps(module, bool(b.attention_ops))
+    with fused_caps, warnings.catch_warnings(), torch.no_grad(), stage(STAGE_EXPORT), _registry_built_once():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -98,6 +100,20 @@ def export_onnx(
         if b.attention_ops:
             _cache_into_attention(model, module, b)
     return model
+
+
+@contextlib.contextmanager
+def _fused_softcaps(module: torch.nn.Module, fused: bool):
+    """While tracing: each CachedAttention leaves its soft cap to the fused op (export/cache.py sets the op's
+    `softcap`) where the backend has one; the module computes it itself again afterwards."""
+    attentions = [m for m in module.modules() if isinstance(m, CachedAttention)]
+    for m in attentions:
+        m.fused_softcap = fused
+    try:
+        yield
+    finally:
+        for m in attentions:
+            m.fused_softcap = False
 
 
 @functools.cache
@@ -144,6 +160,10 @@ def _cache_into_attention(model: onnx.ModelProto, module: torch.nn.Module, backe
             raise ExportError(
                 "the exporter's graph does not concatenate each layer's cache before its Attention"
             )
+        cap_scores(model, cfg.attention_softcap)
         if backend.attention_ops == (("com.microsoft", "GroupQueryAttention"),):
             dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
-            to_group_query_attention(model, cfg.num_heads, cfg.kv_heads, dtype)
+            windows = [
+                cfg.sliding_window if cfg.layer_type(i) == "sliding" else None for i in range(cfg.num_layers)
+            ]
+            to_group_query_attention(model, cfg.num_heads, cfg.kv_heads, dtype, windows)

@@ -53,12 +53,36 @@ def fold_cache(model: onnx.ModelProto) -> int:
     return len(folded) // 2
 
 
+def cap_scores(model: onnx.ModelProto, cap: float) -> None:
+    """Set every folded ONNX Attention's `softcap` (scores become cap * tanh(score / cap)): the module traced
+    SDPA for it (CachedAttention.fused_softcap). 0: no cap, as the exporter wrote."""
+    if not cap:
+        return
+    for n in model.graph.node:
+        if n.op_type == "Attention" and n.domain in STANDARD_DOMAINS:
+            for a in n.attribute:
+                if a.name == "softcap":
+                    n.attribute.remove(a)
+                    break
+            n.attribute.append(helper.make_attribute("softcap", float(cap)))
+
+
+def _gqa_options(attention: onnx.NodeProto, window: int | None) -> dict:
+    """GroupQueryAttention's attributes for an ONNX Attention's scale and softcap (where set) and a window."""
+    out = {a.name: a.f for a in attention.attribute if a.name in ("scale", "softcap") and a.f}
+    return {**out, "local_window_size": window} if window else out
+
+
 def _const(name: str, value) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
 
 
-def to_group_query_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, dtype: str) -> int:
-    """Write every folded ONNX Attention as com.microsoft GroupQueryAttention; returns how many."""
+def to_group_query_attention(
+    model: onnx.ModelProto, num_heads: int, kv_heads: int, dtype: str, windows: list | None = None
+) -> int:
+    """Write every folded ONNX Attention as com.microsoft GroupQueryAttention, with its scale and softcap and,
+    for the N-th (layer N's), `local_window_size` windows[N] (a sliding layer's keys: its padding bias holds
+    the window too); returns how many."""
     g = model.graph
     lowest = np.array(ml_dtypes.finfo(np_dtype(dtype)).min, dtype=np_dtype(dtype))
     nodes, count = [], 0
@@ -106,6 +130,7 @@ def to_group_query_attention(model: onnx.ModelProto, num_heads: int, kv_heads: i
                 domain="com.microsoft",
                 num_heads=num_heads,
                 kv_num_heads=kv_heads,
+                **_gqa_options(n, windows[count] if windows else None),
             ),
             _const(f"{p}/heads_shape", np.array([0, 0, num_heads, -1], np.int64)),
             helper.make_node("Reshape", [f"{p}/out", f"{p}/heads_shape"], [f"{p}/out4"], name=f"{p}/out4"),

@@ -51,6 +51,11 @@ class _Scopes:
             raise ExportError(f"taps: module {module!r} ends in {node.op_type}, not a LayerNormalization")
         return node
 
+    def own(self, module: str) -> list:
+        """The nodes of `module` itself, in graph order: not of a module inside it."""
+        inside = [(n, paths) for n, paths in zip(self.nodes, self.paths) if module in paths]
+        return [n for n, paths in inside if not any(p.startswith(module + ".") for p in paths)]
+
     def consumers(self, value: str) -> list:
         return [n for n in self.nodes if value in n.input]
 
@@ -127,15 +132,16 @@ def find_taps(model: onnx.ModelProto, architecture: str, cfg: dict, outputs: lis
 
 
 def _decoder_taps(g: _Scopes, layers: int) -> list[dict]:
-    """A pre-norm decoder's taps: the residual stream after the embeddings, after each block's attention
-    (its first residual Add) and after the block (its last node), the final norm's output."""
+    """A decoder's taps: the residual stream after the embeddings, after each block's attention (the block's
+    first residual Add, whatever norm or multiplier comes between) and after the block (its last node), the
+    final norm's output."""
     taps = [_tap("embeddings", None, g.last_in("embed").output[0])]
     for k in range(layers):
         block = f"blocks.{k}"
         attention = g.last_in(f"{block}.attn").output[0]
-        residual = [c for c in g.consumers(attention) if c.op_type == "Add"]
-        if len(residual) != 1:
-            raise ExportError(f"taps: the attention of {block!r} has {len(residual)} residual Adds, not 1")
+        residual = [n for n in g.own(block) if n.op_type == "Add"]
+        if len(residual) != 2:
+            raise ExportError(f"taps: block {block!r} has {len(residual)} residual Adds of its own, not 2")
         taps += [
             _tap("attention", k, attention),
             _tap("attention_block", k, residual[0].output[0]),

@@ -1,7 +1,9 @@
-"""Decoder-only language models with a KV cache, GPT-2 style and Llama style as one module whose config says
-which parts it has: learned positions or RoPE, LayerNorm or RMSNorm, a plain or a gated (SwiGLU) feed-forward,
-biases or none, a tied or separate LM head. A checkpoint family (model_defs/decoder_families.py) and the
-presets only set those fields; no code asks which family a model came from.
+"""Decoder-only language models with a KV cache as one module whose config says which parts it has: learned
+positions or RoPE (scaled, partial, per layer type or off on some layers), LayerNorm or RMSNorm before, around
+or after each sublayer, a plain or a gated feed-forward, biases or none, q/k norms, an explicit head width,
+sliding-window layers, soft-capped scores and logits, multipliers, a tied or separate LM head. A checkpoint
+family (model_defs/decoder_families.py) and the presets only set those fields
+(qkv_onnx/decoder_format.FEATURES); no code asks which family a model came from.
 
 The exported signature is the one deployments use, prefill and decode in one graph:
   forward(input_ids (B, S), attention_mask (B, P + S), position_ids (B, S), past.0.key, past.0.value, ...)
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decoder_format import ACTIVATIONS, FFNS, NORMS, POSITIONS
+from .. import rope as rope_math
+from ..decoder_format import ACTIVATIONS, FEATURES, FFNS, NORMS, POSITIONS, config_problem, weight_totals
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,23 @@ class DecoderConfig:
     attention_bias: bool = True  # biases on q/k/v/out projections
     mlp_bias: bool = True
     tie_word_embeddings: bool = True  # the LM head is the token embedding
+    # the features of decoder_format.FEATURES, each off by default (its meaning is documented there)
+    head_dim: int | None = None  # None: hidden / heads (head_size is the width either way)
+    out_bias: bool | None = None
+    qk_norm: str = "none"
+    norm_placement: str = "pre"
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_scale: float | None = None
+    logits_divisor: float = 1.0
+    attention_softcap: float = 0.0
+    final_softcap: float = 0.0
+    sliding_window: int | None = None
+    layer_types: tuple | None = None  # "full" or "sliding" per layer
+    rope_scaling: dict | None = None
+    rotary_dim: int | None = None
+    rope_local_theta: float | None = None
+    rope_layers: tuple | None = None  # per layer, whether it rotates
 
     def __post_init__(self):
         sizes = (
@@ -49,11 +69,11 @@ class DecoderConfig:
         )
         if min(sizes) < 1:  # kv_heads too: 0 or a negative count is no head layout
             raise ValueError(f"sizes must be >= 1: {self}")
-        if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
+        if (self.head_dim is None and self.hidden_size % self.num_heads) or self.num_heads % self.kv_heads:
             layout = f"hidden {self.hidden_size}, heads {self.num_heads}, kv heads {self.kv_heads}"
             raise ValueError(f"bad head layout: {layout}")
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.positions == "rope" and self.head_size % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_size}")
         for value, allowed in (
             (self.norm, NORMS),
             (self.positions, POSITIONS),
@@ -62,10 +82,20 @@ class DecoderConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
+        problem = config_problem(self.to_dict())
+        if problem:
+            raise ValueError(problem.removeprefix("model config").strip(": "))
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def head_size(self) -> int:
+        """The width of one attention head (head_dim where set, else hidden / heads)."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types else "full"
+
+    def rotates(self, layer: int) -> bool:
+        return self.positions == "rope" and (self.rope_layers is None or self.rope_layers[layer])
 
     @property
     def max_sequence(self) -> int:
@@ -77,14 +107,22 @@ class DecoderConfig:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The manifest's config: a feature only where it is on (decoder_format.FEATURES); tuples as lists."""
+        out = {}
+        for k, v in asdict(self).items():
+            if k in FEATURES and (
+                v == FEATURES[k][0] or (k == "head_dim" and v == self.hidden_size // self.num_heads)
+            ):
+                continue
+            out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderConfig":
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown DecoderConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{k: tuple(v) if isinstance(v, list) and k in FEATURES else v for k, v in d.items()})
 
 
 GPT2 = DecoderConfig()  # learned positions, pre-LN LayerNorm, GELU (tanh) MLP, biases, tied head
@@ -153,10 +191,10 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def norm(cfg: DecoderConfig) -> nn.Module:
+def norm(cfg: DecoderConfig, width: int | None = None) -> nn.Module:
     if cfg.norm == "rms":
-        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        return RMSNorm(width or cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(width or cfg.hidden_size, eps=cfg.norm_eps)
 
 
 ACTIVATION = {
@@ -185,17 +223,32 @@ class FeedForward(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def rope_tables(position_ids, head_dim: int, theta: float, dtype):
-    """cos, sin (B, 1, S, head_dim) of the rotary embedding at `position_ids` (B, S), rotate-half layout:
-    dims i and i + head_dim/2 rotate by angle position * theta^(-2i/head_dim), in float32 at least."""
+def rope_tables(position_ids, cfg: DecoderConfig, dtype, local: bool = False):
+    """cos, sin (B, 1, S, rotary_dim) of the rotary embedding at `position_ids` (B, S), rotate-half layout:
+    dims i and i + r/2 rotate by angle position * inv_freq[i] (qkv_onnx/rope.py: the scalings), in float32
+    at least, times the scaling's attention factor. longrope: the long factors where this call's largest
+    position + 1 passes the original length (per call, as transformers chooses)."""
     wide = torch.promote_types(dtype, torch.float32)
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(wide) / head_dim)
-    angles = position_ids[:, None, :, None].to(wide) * inv_freq  # (B, 1, S, d/2)
+    d = cfg.to_dict()
+    inv, factor = rope_math.frequencies(d, local, dtype="float32")
+    inv_freq = torch.from_numpy(inv).to(wide)
+    original = None if local else rope_math.switches(d)
+    if original is not None:
+        long = torch.from_numpy(rope_math.frequencies(d, long=True, dtype="float32")[0]).to(wide)
+        inv_freq = torch.where(position_ids.max() + 1 > original, long, inv_freq)
+    angles = position_ids[:, None, :, None].to(wide) * inv_freq  # (B, 1, S, r/2)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def rotate(x, cos, sin):
+    """x (B, H, S, d) rotated in its first cos.shape[-1] dims (partial rotary: the rest pass through)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -203,48 +256,101 @@ def rotate(x, cos, sin):
 
 class CachedAttention(nn.Module):
     """Causal self-attention over the cache: new keys and values are appended to the past ones, and
-    the query at cache index P + i reads keys 0..P+i that the mask allows. Grouped-query attention when
-    kv_heads < num_heads (query head h reads kv head h // (num_heads / kv_heads)). A query with no key to
-    read (a left-padded row's padding) gets 0, written into the graph on every backend: SDPA gives NaN there,
-    which the next layer would spread over the whole row."""
+    the query at cache index P + i reads keys 0..P+i that the mask allows (a sliding layer's mask also drops
+    keys at or before P + i - window). Grouped-query attention when kv_heads < num_heads (query head h reads
+    kv head h // (num_heads / kv_heads)). q and k may be RMS-normed (over each head, or over the whole
+    projection) before RoPE; scores are scaled by `attention_scale` (default 1/sqrt(head_dim)) and may be
+    soft-capped: cap * tanh(score / cap). A query with no key to read (a left-padded row's padding) gets 0,
+    written into the graph on every backend: SDPA gives NaN there, which the next layer would spread over the
+    whole row.
+
+    `fused_softcap`: set by the exporter where the fused op caps the scores itself (the `softcap` of ONNX
+    `Attention` and of GroupQueryAttention): the graph then traces SDPA and export/cache.py sets the op's cap;
+    otherwise (eager, decomposed) the cap is computed here."""
+
+    fused_softcap = False
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        h, kv, bias = cfg.hidden_size, cfg.kv_heads * cfg.head_dim, cfg.attention_bias
-        self.q_proj, self.k_proj = nn.Linear(h, h, bias=bias), nn.Linear(h, kv, bias=bias)
-        self.v_proj, self.out_proj = nn.Linear(h, kv, bias=bias), nn.Linear(h, h, bias=bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        bias = cfg.attention_bias
+        self.q_proj, self.k_proj = nn.Linear(h, q, bias=bias), nn.Linear(h, kv, bias=bias)
+        self.v_proj = nn.Linear(h, kv, bias=bias)
+        self.out_proj = nn.Linear(q, h, bias=bias if cfg.out_bias is None else cfg.out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = norm(cfg, cfg.head_size if per_head else q)
+            self.k_norm = norm(cfg, cfg.head_size if per_head else kv)
+        self.scale, self.softcap = cfg.attention_scale, cfg.attention_softcap
 
     def forward(self, x, allowed, rope, past_key, past_value):
         """x (B, S, D); allowed (B, 1, S, P + S) bool; rope: (cos, sin) or None; past (B, Hkv, P, d).
         Returns (y (B, S, D), present key, present value)."""
-        B, S, D = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        B, S, _ = x.shape
+        q = self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None))
+        k = self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None))
+        v = self._heads(self.v_proj(x), self.num_kv_heads, None)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         k = torch.cat([past_key, k], dim=2)
         v = torch.cat([past_value, v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if self.softcap and not self.fused_softcap:
+            y = self._capped(q, k, v, allowed)
+        else:
+            gqa = self.num_kv_heads != self.num_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=gqa)
         y = torch.where(allowed.any(-1, keepdim=True), y, 0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, S, D)), k, v
+        return self.out_proj(y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)), k, v
+
+    def _heads(self, t, n: int, qk_norm):
+        """(B, S, n * d) -> (B, n, S, d), normed over the projection or each head where the config says."""
+        B, S, _ = t.shape
+        if qk_norm is not None and self.qk_norm == "projection":
+            t = qk_norm(t)
+        t = t.view(B, S, n, self.head_dim).transpose(1, 2)
+        return qk_norm(t) if qk_norm is not None and self.qk_norm == "head" else t
+
+    def _capped(self, q, k, v, allowed):
+        """Attention with soft-capped scores, written out: softmax(cap tanh(q k^T scale / cap)) v."""
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+        scores = torch.tanh(q @ k.transpose(-1, -2) * scale / self.softcap) * self.softcap
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1) @ v
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm: x + attn(norm x), then x + ffn(norm x)."""
+    """x + r * attn(norm x), then x + r * ffn(norm x) ("pre"); "sandwich" norms the sublayer's output too
+    (Gemma 2 and 3), "post" only its output (OLMo 2). r: the residual multiplier (Granite), 1 elsewhere."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.attn_norm, self.attn = norm(cfg), CachedAttention(cfg)
-        self.ffn_norm, self.ffn = norm(cfg), FeedForward(cfg)
+        self.placement, self.multiplier = cfg.norm_placement, cfg.residual_multiplier
+        if self.placement != "post":
+            self.attn_norm = norm(cfg)
+        self.attn = CachedAttention(cfg)
+        if self.placement != "pre":
+            self.post_attn_norm = norm(cfg)
+        if self.placement != "post":
+            self.ffn_norm = norm(cfg)
+        self.ffn = FeedForward(cfg)
+        if self.placement != "pre":
+            self.post_ffn_norm = norm(cfg)
 
     def forward(self, x, allowed, rope, past_key, past_value):
-        y, key, value = self.attn(self.attn_norm(x), allowed, rope, past_key, past_value)
-        x = x + y
-        return x + self.ffn(self.ffn_norm(x)), key, value
+        h = x if self.placement == "post" else self.attn_norm(x)
+        y, key, value = self.attn(h, allowed, rope, past_key, past_value)
+        x = x + self._residual(y, "post_attn_norm")
+        h = x if self.placement == "post" else self.ffn_norm(x)
+        return x + self._residual(self.ffn(h), "post_ffn_norm"), key, value
+
+    def _residual(self, y, post: str):
+        if self.placement != "pre":
+            y = getattr(self, post)(y)
+        return y * self.multiplier if self.multiplier != 1.0 else y
 
 
 class Embeddings(nn.Module):
@@ -254,24 +360,30 @@ class Embeddings(nn.Module):
         self.position = (
             nn.Embedding(cfg.max_positions, cfg.hidden_size) if cfg.positions == "learned" else None
         )
+        self.multiplier = cfg.embedding_multiplier
 
     def forward(self, input_ids, position_ids):
         x = self.word(input_ids)
-        return x if self.position is None else x + self.position(position_ids)
+        x = x if self.position is None else x + self.position(position_ids)
+        return x * self.multiplier if self.multiplier != 1.0 else x
 
 
-def allowed_keys(attention_mask, seq: int):
-    """(B, 1, S, P + S) bool: query i (at cache index P + i) may read key j."""
+def allowed_keys(attention_mask, seq: int, window: int | None = None):
+    """(B, 1, S, P + S) bool: query i (at cache index P + i) may read key j; with a window, only the keys
+    j > P + i - window (it sees `window` keys, itself included)."""
     total = attention_mask.shape[1]
     past = total - seq
-    causal = torch.arange(total, device=attention_mask.device)[None, :] <= (
-        torch.arange(seq, device=attention_mask.device)[:, None] + past
-    )
+    key = torch.arange(total, device=attention_mask.device)[None, :]
+    position = torch.arange(seq, device=attention_mask.device)[:, None] + past
+    causal = key <= position
+    if window is not None:
+        causal = causal & (key > position - window)
     return attention_mask.bool()[:, None, None, :] & causal[None, None]
 
 
 class DecoderModel(nn.Module):
-    """Embeddings -> pre-norm blocks -> final norm -> LM head, reading and returning the KV cache."""
+    """Embeddings -> blocks -> final norm -> LM head (divided, soft-capped where the config says), reading and
+    returning the KV cache."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -288,35 +400,41 @@ class DecoderModel(nn.Module):
         """past: key, value of layer 0, then layer 1, ... Returns (logits, present key 0, value 0, ...)."""
         cfg = self.config
         x = self.embed(input_ids, position_ids)
-        allowed = allowed_keys(attention_mask, input_ids.shape[1])
-        rope = None
-        if cfg.positions == "rope":
-            rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
+        seq = input_ids.shape[1]
+        masks = {
+            t: allowed_keys(attention_mask, seq, cfg.sliding_window if t == "sliding" else None)
+            for t in dict.fromkeys(types)
+        }
+        tables = {}
+        for i, t in enumerate(types):
+            if cfg.rotates(i) and t not in tables:
+                local = t == "sliding" and cfg.rope_local_theta is not None  # a sliding layer's own theta
+                tables[t] = rope_tables(position_ids, cfg, x.dtype, local)
         present = []
         for i, block in enumerate(self.blocks):
-            x, key, value = block(x, allowed, rope, past[2 * i], past[2 * i + 1])
+            rope = tables[types[i]] if cfg.rotates(i) else None
+            x, key, value = block(x, masks[types[i]], rope, past[2 * i], past[2 * i + 1])
             present += [key, value]
         head = self.embed.word.weight if self.lm_head is None else self.lm_head.weight
-        return (F.linear(self.final_norm(x), head), *present)
+        logits = F.linear(self.final_norm(x), head)
+        if cfg.logits_divisor != 1.0:
+            logits = logits / cfg.logits_divisor
+        if cfg.final_softcap:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return (logits, *present)
 
 
 def empty_cache(cfg: DecoderConfig, batch: int, dtype=torch.float32) -> list:
     """The past of a prefill: every layer's key and value with P = 0."""
-    shape = (batch, cfg.kv_heads, 0, cfg.head_dim)
+    shape = (batch, cfg.kv_heads, 0, cfg.head_size)
     return [torch.zeros(shape, dtype=dtype) for _ in range(2 * cfg.num_layers)]
 
 
 def decoder_param_count(cfg: DecoderConfig) -> int:
-    """Closed-form parameter count of DecoderModel(cfg) (a tied head counted once)."""
-    h, f, kv = cfg.hidden_size, cfg.ffn_size, cfg.kv_heads * cfg.head_dim
-    norm_params = h * (2 if cfg.norm == "layer" else 1)
-    attn = 2 * h * h + 2 * h * kv + (2 * h + 2 * kv if cfg.attention_bias else 0)
-    ffn = (3 if cfg.ffn == "gated" else 2) * h * f + (
-        ((2 * f + h) if cfg.ffn == "gated" else (f + h)) if cfg.mlp_bias else 0
-    )
-    embed = cfg.vocab_size * h + (cfg.max_positions * h if cfg.positions == "learned" else 0)
-    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    return embed + cfg.num_layers * (attn + ffn + 2 * norm_params) + norm_params + head
+    """Closed-form parameter count of DecoderModel(cfg) (a tied head counted once): the shapes of
+    decoder_format, their one home."""
+    return weight_totals(cfg.to_dict())[1]
 
 
 def meta_param_count(cfg: DecoderConfig) -> int:

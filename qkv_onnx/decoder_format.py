@@ -1,7 +1,11 @@
 """What a decoder artifact (architecture 'decoder') is, as data: its config fields, its graph's inputs and
 outputs (prefill and decode in one graph, the KV cache in and out), and the weights its config implies. The
 manifest checks, the validator's bounds and the exporter read these, as they read artifact_format's for the
-encoders. NumPy-free and torch-free."""
+encoders. Torch-free."""
+
+import math
+
+from . import rope
 
 DECODER = "decoder"
 LOGITS = "logits"  # the output the int8 contract judges by next-token agreement too
@@ -52,30 +56,98 @@ CONFIG_FIELDS = {  # model_defs.decoder.DecoderConfig, field by field
 }
 
 
+def _scale(v) -> bool:
+    return type(v) is float and 0 < v < 1e6
+
+
+def _per_layer(allowed):
+    return lambda v: (
+        v is None or (isinstance(v, list) and 0 < len(v) <= 100_000 and all(x in allowed for x in v))
+    )
+
+
+QK_NORMS = (
+    "none",
+    "head",
+    "projection",
+)  # RMSNorm of q and k: none, over each head, over the whole projection
+PLACEMENTS = ("pre", "sandwich", "post")  # norms before each sublayer; before and after it; after it only
+LAYER_TYPES = ("full", "sliding")
+# The features of the current families (docs/decoders.md), each off by default: a manifest holds one only
+# where it is on, so an artifact of the GPT-2 and Llama styles is written (and read) as before they existed.
+FEATURES = {
+    "head_dim": (None, lambda v: v is None or (_positive_int(v) and v <= 4096)),  # None: hidden / heads
+    "out_bias": (None, lambda v: v is None or _flag(v)),  # the output projection's bias; None: attention_bias
+    "qk_norm": ("none", lambda v: v in QK_NORMS),
+    "norm_placement": ("pre", lambda v: v in PLACEMENTS),
+    "embedding_multiplier": (1.0, _scale),  # Gemma: sqrt(hidden); Granite
+    "residual_multiplier": (1.0, _scale),  # each sublayer's output, before it is added (Granite)
+    "attention_scale": (None, lambda v: v is None or _scale(v)),  # None: 1 / sqrt(head_dim)
+    "logits_divisor": (1.0, _scale),  # Granite's logits_scaling
+    "attention_softcap": (0.0, lambda v: v == 0.0 or _scale(v)),  # cap * tanh(score / cap); 0: none
+    "final_softcap": (0.0, lambda v: v == 0.0 or _scale(v)),  # the logits' cap
+    "sliding_window": (None, lambda v: v is None or _positive_int(v)),  # a sliding layer sees this many keys
+    "layer_types": (None, _per_layer(LAYER_TYPES)),  # None: every layer full
+    "rope_scaling": (None, lambda v: rope.scaling_problem(v) is None),
+    "rotary_dim": (None, lambda v: v is None or (_positive_int(v) and not v % 2)),  # None: head_dim
+    "rope_local_theta": (None, lambda v: v is None or (type(v) is float and v > 1)),  # sliding layers' theta
+    "rope_layers": (None, _per_layer((True, False))),  # per layer, whether it rotates; None: every layer
+}
+
+
+def feature(cfg: dict, name: str):
+    """A config's feature field, its default where the manifest leaves it out."""
+    return cfg.get(name, FEATURES[name][0])
+
+
 def kv_heads(cfg: dict) -> int:
     return cfg["num_kv_heads"] or cfg["num_heads"]
 
 
 def head_dim(cfg: dict) -> int:
-    return cfg["hidden_size"] // cfg["num_heads"]
+    """The width of one attention head: explicit (Qwen3, Gemma), else hidden / heads."""
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"]
+
+
+def layer_types(cfg: dict) -> list[str]:
+    return list(cfg.get("layer_types") or ["full"] * cfg["num_layers"])
 
 
 def config_problem(cfg: dict) -> str | None:
     """What is wrong with a decoder config read from a manifest, or None."""
-    unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
+    unknown = sorted(set(cfg) - set(CONFIG_FIELDS) - set(FEATURES))
     if unknown:
         return f"model config has unknown field {unknown[0]!r}"
     absent = [k for k in CONFIG_FIELDS if k not in cfg]
     if absent:
         return f"model config lacks {absent[0]!r}"
-    bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(cfg[k])]
+    checks = {**CONFIG_FIELDS, **{k: ok for k, (_, ok) in FEATURES.items()}}
+    bad = [k for k, ok in checks.items() if k in cfg and not ok(cfg[k])]
     if bad:
-        return f"model config {bad[0]} = {cfg[bad[0]]!r} is not valid"
-    if cfg["hidden_size"] % cfg["num_heads"] or cfg["num_heads"] % kv_heads(cfg):
+        problem = rope.scaling_problem(cfg[bad[0]]) if bad[0] == "rope_scaling" else None
+        return f"model config {problem or f'{bad[0]} = {cfg[bad[0]]!r} is not valid'}"
+    d = head_dim(cfg)
+    if (not cfg.get("head_dim") and cfg["hidden_size"] % cfg["num_heads"]) or cfg["num_heads"] % kv_heads(
+        cfg
+    ):
         layout = f"{cfg['hidden_size']}/{cfg['num_heads']}/{kv_heads(cfg)}"
         return f"model config has an impossible head layout: {layout}"
-    if cfg["positions"] == "rope" and head_dim(cfg) % 2:
-        return f"model config: RoPE needs an even head_dim, got {head_dim(cfg)}"
+    rotary = cfg.get("rotary_dim") or d
+    if cfg["positions"] == "rope" and (rotary % 2 or rotary > d):
+        return f"model config: RoPE needs an even rotary_dim of at most head_dim {d}, got {rotary}"
+    rotating = cfg["positions"] == "rope"
+    if not rotating and any(
+        k in cfg for k in ("rope_scaling", "rotary_dim", "rope_local_theta", "rope_layers")
+    ):
+        return "model config: RoPE settings on a model with learned positions"
+    for key in ("layer_types", "rope_layers"):
+        if key in cfg and len(cfg[key]) != cfg["num_layers"]:
+            return f"model config {key} has {len(cfg[key])} entries for {cfg['num_layers']} layers"
+    if ("sliding" in layer_types(cfg)) != ("sliding_window" in cfg):
+        return "model config: a sliding_window exactly when some layer type is sliding"
+    scaling = cfg.get("rope_scaling") or {}
+    if any(len(scaling.get(k, [0] * (rotary // 2))) != rotary // 2 for k in ("short_factor", "long_factor")):
+        return f"model config: longrope needs rotary_dim / 2 = {rotary // 2} factors of each kind"
     return None
 
 
@@ -102,54 +174,77 @@ def model_io(cfg: dict, dtype: str) -> tuple[list[dict], list[dict]]:
     return inputs, outputs
 
 
-def expected_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every parameter name and shape of model_defs.decoder.DecoderModel(cfg)'s state_dict (a tied LM head
-    is not stored twice: weights.npz holds embed.word.weight only)."""
-    h, f, v = cfg["hidden_size"], cfg["ffn_size"], cfg["vocab_size"]
-    kv = kv_heads(cfg) * head_dim(cfg)
+def layer_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """One block's parameters (names relative to blocks.N) and shapes: every block has the same."""
+    h, f, d = cfg["hidden_size"], cfg["ffn_size"], head_dim(cfg)
+    q, kv = cfg["num_heads"] * d, kv_heads(cfg) * d
+    ab, mb = cfg["attention_bias"], cfg["mlp_bias"]
+    out_bias = ab if feature(cfg, "out_bias") is None else feature(cfg, "out_bias")
 
     def linear(prefix, out_f, in_f, bias):
         return {f"{prefix}.weight": (out_f, in_f), **({f"{prefix}.bias": (out_f,)} if bias else {})}
 
-    def norm(prefix):
-        return {f"{prefix}.weight": (h,), **({f"{prefix}.bias": (h,)} if cfg["norm"] == "layer" else {})}
+    def norm(prefix, width=h):
+        return {
+            f"{prefix}.weight": (width,),
+            **({f"{prefix}.bias": (width,)} if cfg["norm"] == "layer" else {}),
+        }
 
+    placement = feature(cfg, "norm_placement")
+    out = norm("attn_norm") if placement != "post" else {}
+    out.update(linear("attn.q_proj", q, h, ab))
+    out.update(linear("attn.k_proj", kv, h, ab))
+    out.update(linear("attn.v_proj", kv, h, ab))
+    qk_norm = feature(cfg, "qk_norm")
+    if qk_norm != "none":
+        out.update(norm("attn.q_norm", d if qk_norm == "head" else q))
+        out.update(norm("attn.k_norm", d if qk_norm == "head" else kv))
+    out.update(linear("attn.out_proj", h, q, out_bias))
+    if placement != "pre":
+        out.update(norm("post_attn_norm"))
+    if placement != "post":
+        out.update(norm("ffn_norm"))
+    if cfg["ffn"] == "gated":
+        out.update(linear("ffn.gate_proj", f, h, mb))
+        out.update(linear("ffn.up_proj", f, h, mb))
+        out.update(linear("ffn.down_proj", h, f, mb))
+    else:
+        out.update(linear("ffn.fc1", f, h, mb))
+        out.update(linear("ffn.fc2", h, f, mb))
+    if placement != "pre":
+        out.update(norm("post_ffn_norm"))
+    return out
+
+
+def model_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """The parameters outside the blocks: embeddings, final norm, an untied LM head."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
     out = {"embed.word.weight": (v, h)}
     if cfg["positions"] == "learned":
         out["embed.position.weight"] = (cfg["max_positions"], h)
-    ab, mb = cfg["attention_bias"], cfg["mlp_bias"]
-    for i in range(cfg["num_layers"]):
-        p = f"blocks.{i}"
-        out.update(norm(f"{p}.attn_norm"))
-        out.update(linear(f"{p}.attn.q_proj", h, h, ab))
-        out.update(linear(f"{p}.attn.k_proj", kv, h, ab))
-        out.update(linear(f"{p}.attn.v_proj", kv, h, ab))
-        out.update(linear(f"{p}.attn.out_proj", h, h, ab))
-        out.update(norm(f"{p}.ffn_norm"))
-        if cfg["ffn"] == "gated":
-            out.update(linear(f"{p}.ffn.gate_proj", f, h, mb))
-            out.update(linear(f"{p}.ffn.up_proj", f, h, mb))
-            out.update(linear(f"{p}.ffn.down_proj", h, f, mb))
-        else:
-            out.update(linear(f"{p}.ffn.fc1", f, h, mb))
-            out.update(linear(f"{p}.ffn.fc2", h, f, mb))
-    out.update(norm("final_norm"))
+    out["final_norm.weight"] = (h,)
+    if cfg["norm"] == "layer":
+        out["final_norm.bias"] = (h,)
     if not cfg["tie_word_embeddings"]:
         out["lm_head.weight"] = (v, h)
     return out
 
 
+def expected_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter name and shape of model_defs.decoder.DecoderModel(cfg)'s state_dict, in its order (a
+    tied LM head is not stored twice: weights.npz holds embed.word.weight only)."""
+    outside = model_weights(cfg)
+    first = {k: v for k, v in outside.items() if k.startswith("embed.")}
+    block = layer_weights(cfg)
+    layers = {f"blocks.{i}.{k}": v for i in range(cfg["num_layers"]) for k, v in block.items()}
+    return {**first, **layers, **{k: v for k, v in outside.items() if k not in first}}
+
+
 def weight_totals(cfg: dict) -> tuple[int, int]:
-    """(tensors, elements) of expected_weights(cfg) in closed form, before anything is enumerated."""
-    h, f, v, layers = cfg["hidden_size"], cfg["ffn_size"], cfg["vocab_size"], cfg["num_layers"]
-    kv = kv_heads(cfg) * head_dim(cfg)
-    norm = (2, 2 * h) if cfg["norm"] == "layer" else (1, h)
-    ab, mb, gated = cfg["attention_bias"], cfg["mlp_bias"], cfg["ffn"] == "gated"
-    attn = (4 * (1 + ab), 2 * h * h + 2 * kv * h + ab * (2 * h + 2 * kv))
-    ffn = ((3 if gated else 2) * (1 + mb), (3 if gated else 2) * h * f + mb * ((2 * f if gated else f) + h))
-    tensors = 1 + (cfg["positions"] == "learned") + layers * (attn[0] + ffn[0] + 2 * norm[0]) + norm[0]
-    elements = v * h + (cfg["positions"] == "learned") * cfg["max_positions"] * h
-    elements += layers * (attn[1] + ffn[1] + 2 * norm[1]) + norm[1]
-    if not cfg["tie_word_embeddings"]:
-        tensors, elements = tensors + 1, elements + v * h
-    return tensors, elements
+    """(tensors, elements) of expected_weights(cfg), from one block's, before any layer is enumerated."""
+
+    def size(shapes):
+        return len(shapes), sum(math.prod(s) for s in shapes.values())
+
+    (bt, be), (mt, me) = size(layer_weights(cfg)), size(model_weights(cfg))
+    return mt + cfg["num_layers"] * bt, me + cfg["num_layers"] * be

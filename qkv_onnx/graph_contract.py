@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import rope
 from .artifact_format import (
     BACKENDS,
     DTYPES,
@@ -134,14 +135,21 @@ def _digest(a: np.ndarray) -> str:
 
 def derived_constants(model: dict) -> dict[tuple, str]:
     """{(shape, sha256 of the bytes): what it is} of the constants an export computes from the config alone:
-    a RoPE decoder's inverse frequencies theta^(-2i/head_dim), folded by the exporter in float32."""
+    a RoPE decoder's inverse frequencies (qkv_onnx/rope.py: each layer type's, longrope's long ones too), in
+    float32 as the module hands them to the exporter."""
     cfg = model["config"]
     if model["architecture"] != DECODER or cfg["positions"] != "rope":
         return {}
-    d = cfg["hidden_size"] // cfg["num_heads"]
-    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    inverse = (np.float32(1.0) / np.power(np.float32(cfg["rope_theta"]), exponent)).astype(np.float32)
-    return {(inverse.shape, _digest(inverse)): "RoPE inverse frequencies"}
+    tables = {
+        (False, False),
+        (False, rope.switches(cfg) is not None),
+        (bool(cfg.get("rope_local_theta")), False),
+    }
+    out = {}
+    for local, long in tables:
+        inverse = rope.frequencies(cfg, local, long, dtype=np.float32)[0]
+        out[inverse.shape, _digest(inverse)] = "RoPE inverse frequencies"
+    return out
 
 
 def split_initializers(

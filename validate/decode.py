@@ -14,8 +14,10 @@
 
 import numpy as np
 
+from .. import rope
 from ..accuracy_contract import NEXT_TOKEN_TIE
 from ..artifact_format import QUANTIZED, io_dtype, np_dtype
+from ..decoder_format import head_dim, kv_heads
 from ..inputs import make_inputs
 from ..stages import stage
 from .compare import compare_contract, compare_outputs, model_error_terms, tolerance
@@ -37,15 +39,35 @@ class Decoder:
         self.dtype = np_dtype(io_dtype(manifest["dtype"]))
 
     def empty(self, batch: int) -> list:
-        heads = self.cfg["num_kv_heads"] or self.cfg["num_heads"]
-        d = self.cfg["hidden_size"] // self.cfg["num_heads"]
-        return [np.zeros((batch, heads, 0, d), self.dtype) for _ in range(2 * self.layers)]
+        shape = (batch, kv_heads(self.cfg), 0, head_dim(self.cfg))
+        return [np.zeros(shape, self.dtype) for _ in range(2 * self.layers)]
 
     def __call__(self, ids, mask, past) -> tuple[np.ndarray, list]:
         """(logits, present) for new tokens `ids` under `mask` (past + new), positions from the mask."""
         positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 1)[:, -ids.shape[1] :]
         out = self.run([ids, mask, positions.astype(np.int64), *past])
         return out[0], list(out[1:])
+
+    def extend(self, ids, mask, past, new: int = 1) -> tuple[np.ndarray, list]:
+        """(logits, present) of the last `new` tokens of the sequence so far (`ids`, `mask`), reading `past`,
+        the cache of the ones before. A longrope model chooses its factors per call, by the call's largest
+        position: where this call crosses the switch (largest position + 1 past original_max_position_
+        embeddings) over a cache made below it, the whole sequence is run again without a cache, as Phi-3's
+        generate drops its cache there (docs/decoders.md)."""
+        if self.switch is not None and past[0].shape[2]:
+            longest = mask.sum(axis=1).max()  # largest position + 1: positions count the real tokens
+            if longest - new <= self.switch < longest:
+                logits, present = self(ids, mask, self.empty(ids.shape[0]))
+                return logits[:, -new:], present
+        return self(ids[:, -new:], mask, past)
+
+    @property
+    def switch(self) -> int | None:
+        return rope.switches(self.cfg) if self.cfg["positions"] == "rope" else None
+
+    def prefix(self, ids, mask, length: int) -> tuple[np.ndarray, list]:
+        """The uncached pass over the first `length` tokens: what each cached step is held to."""
+        return self(ids[:, :length], mask[:, :length], self.empty(ids.shape[0]))
 
 
 def prompt(manifest: dict, seed: int, extra: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,17 +97,23 @@ def decode_checks(name: str, run, manifest: dict, weights: dict, seed: int, gati
 
     with stage(STAGE_DECODE):
         try:
-            full, full_cache = dec(ids, mask, dec.empty(ids.shape[0]))
-            logits, past = dec(ids[:, :k], mask[:, :k], dec.empty(ids.shape[0]))
-            steps = [("prefill", logits, full[:, :k], past, k)]
+            full = dec(ids, mask, dec.empty(ids.shape[0]))
+
+            def reference(length):  # the uncached pass's logits and cache up to `length`
+                logits, cache = full if dec.switch is None else dec.prefix(ids, mask, length)
+                return logits[:, :length], [c[:, :, :length] for c in cache]
+
+            logits, past = dec.prefix(ids, mask, k)
+            steps = [("prefill", logits, *reference(k), past, k)]
             for i in range(DECODE_STEPS):
                 t = k + i
-                logits, past = dec(ids[:, t : t + 1], mask[:, : t + 1], past)
-                steps.append((f"step {i + 1}", logits, full[:, t : t + 1], past, t + 1))
+                logits, past = dec.extend(ids[:, : t + 1], mask[:, : t + 1], past)
+                want, want_cache = reference(t + 1)
+                steps.append((f"step {i + 1}", logits, want[:, t : t + 1], want_cache, past, t + 1))
         except Exception as e:
             return [failed_check(name, "cached decode", "logits", "full sequence", f"run failed: {e}", tol)]
-        for case, got, want, cache, length in steps:
-            pairs = [(got, want)] + [(c, f[:, :, :length]) for c, f in zip(cache, full_cache)]
+        for case, got, want, want_cache, cache, length in steps:
+            pairs = [(got, want)] + list(zip(cache, want_cache))
             real = [mask[:, length - got.shape[1] : length]] + [mask[:, :length]] * len(cache)
             checks += [
                 Check(name, case, out, "full sequence", judge(a, b, m), gating)
@@ -103,7 +131,8 @@ def greedy(dec: Decoder, ids: np.ndarray, mask: np.ndarray, n: int) -> tuple[np.
         tokens.append(lasts[-1].argmax(-1))
         if step + 1 < n:
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-            logits, past = dec(tokens[-1][:, None].astype(np.int64), mask, past)
+            ids = np.concatenate([ids, tokens[-1][:, None].astype(np.int64)], axis=1)
+            logits, past = dec.extend(ids, mask, past)
     return np.stack(tokens, 1), np.stack(lasts, 1)
 
 

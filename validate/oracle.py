@@ -1,12 +1,16 @@
 """Independent NumPy float64 oracle, written from the math (ONNX `Attention`, opset 23).
 
-Imports numpy and math only: never torch or onnxruntime. Weights are a dict of arrays keyed
+Imports numpy, math and the project's torch-free format modules (a decoder config's features, the RoPE
+frequencies' formulas): never torch or onnxruntime. Weights are a dict of arrays keyed
 by the reference module's parameter names; every function computes in float64.
 """
 
 import math
 
 import numpy as np
+
+from ..decoder_format import feature, head_dim, layer_types
+from ..rope import frequencies, switches
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -26,12 +30,13 @@ def softmax(x, axis=-1):
     return e / np.where(empty, 1.0, total)
 
 
-def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, bias=None):
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, bias=None, softcap=0.0):
     """ONNX Attention on 4-D inputs: q (B, Hq, Lq, d), k and v (B, Hkv, Lk, d) -> (B, Hq, Lq, dv).
 
     attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk); `bias`: one more
     additive float (a relative position bias) beside a bool mask.
-    is_causal: query i sees keys j <= i (top-left aligned). Grouped-query attention when
+    is_causal: query i sees keys j <= i (top-left aligned). `softcap` > 0: scores capped to (-cap, cap) by
+    cap * tanh(score / cap) before the mask. Grouped-query attention when
     Hkv < Hq: q head h uses kv head h // (Hq / Hkv). `probs`: a list that receives the
     attention probabilities (B, Hq, Lq, Lk) with the largest |score| a query attends to.
     """
@@ -44,6 +49,8 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, probs=None, 
     # contiguous operands: numpy's batched matmul uses BLAS only then (~10x faster than its strided loop)
     q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(np.swapaxes(k, -1, -2)), np.ascontiguousarray(v)
     scores = q @ k * scale  # (B, Hq, Lq, Lk)
+    if softcap:  # the op's softcap: cap * tanh(scores / cap), before masks and biases
+        scores = softcap * np.tanh(scores / softcap)
     lq, lk = scores.shape[-2:]
     allowed = np.ones(scores.shape, dtype=bool)
     if is_causal:
@@ -290,20 +297,27 @@ def silu(x):
         return x / (1.0 + np.exp(-x))
 
 
-def rope(x, position_ids, theta):
+def rope(x, position_ids, frequency, factor=1.0):
     """Rotary position embedding (Su et al., RoFormer) of x (B, H, S, d) at position_ids (B, S), in the
-    rotate-half layout: for i < d/2, the pair (x_i, x_{i + d/2}) is rotated in its plane by the angle
-    position * theta^(-2i/d)."""
+    rotate-half layout over its first r dims (the rest pass unrotated): for i < r/2, the pair
+    (x_i, x_{i + r/2}) is rotated in its plane by the angle position * inv_freq[i], and scaled by the
+    scaling's attention `factor`. `frequency`: theta (r = d, inv_freq[i] = theta^(-2i/d)), or the inverse
+    frequencies themselves (r = 2 len(inv_freq); qkv_onnx/rope.py: the scalings)."""
     x = np.asarray(x, dtype=np.float64)
     d = x.shape[-1]
-    if d % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {d}")
-    half = d // 2
-    frequency = theta ** (-2.0 * np.arange(half, dtype=np.float64) / d)  # (d/2,)
-    angle = np.asarray(position_ids, dtype=np.float64)[:, None, :, None] * frequency  # (B, 1, S, d/2)
-    cos, sin = np.cos(angle), np.sin(angle)
-    first, second = x[..., :half], x[..., half:]
-    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    if np.ndim(frequency) == 0:
+        if d % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {d}")
+        frequency = float(frequency) ** (-2.0 * np.arange(d // 2, dtype=np.float64) / d)
+    inv_freq = np.asarray(frequency, dtype=np.float64)
+    half = len(inv_freq)
+    r = 2 * half
+    if r > x.shape[-1]:
+        raise ValueError(f"RoPE over {r} dims of a head of {x.shape[-1]}")
+    angle = np.asarray(position_ids, dtype=np.float64)[:, None, :, None] * inv_freq  # (B, 1, S, r/2)
+    cos, sin = factor * np.cos(angle), factor * np.sin(angle)
+    first, second = x[..., :half], x[..., half:r]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin, x[..., r:]], axis=-1)
 
 
 def dense(x, w, prefix):
@@ -325,61 +339,98 @@ def _decoder_norm(x, w, prefix, cfg):
 
 
 def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | None = None, trace=None):
-    """A decoder-only LM (model_defs/decoder.py's DecoderConfig as a dict) over its KV cache.
+    """A decoder-only LM (model_defs/decoder.py's DecoderConfig as a dict, qkv_onnx/decoder_format's features)
+    over its KV cache.
 
     input_ids, position_ids (B, S); attention_mask (B, P + S), 1 = a real token; past: a list of (key, value)
     per layer, each (B, kv_heads, P, head_dim), or None for P = 0. Query i sits at cache index P + i and
-    attends key j iff j <= P + i and attention_mask[b, j] == 1; a query with no such key gets 0. Pre-norm
-    blocks, final norm, LM head (lm_head.weight, or embed.word.weight when absent: tied).
+    attends key j iff j <= P + i and attention_mask[b, j] == 1 (on a sliding layer also j > P + i - window);
+    a query with no such key gets 0. Per layer: norms before each sublayer, around it or after it, q/k
+    RMS-normed over each head or the whole projection, RoPE (scaled, partial, a sliding layer's own theta, or
+    none), scores scaled and soft-capped (cap tanh(s / cap)), each sublayer's output times the residual
+    multiplier; embeddings times their multiplier; final norm, LM head (lm_head.weight, or embed.word.weight
+    when absent: tied), logits divided and soft-capped.
     Returns (logits (B, S, V), present: a list of (key, value), each (B, kv_heads, P + S, head_dim))."""
     trace = trace or Trace()
     input_ids = np.asarray(input_ids)
     b, s = input_ids.shape
-    heads = cfg["num_heads"]
-    kv_heads = cfg.get("num_kv_heads") or heads
-    d = cfg["hidden_size"] // heads
+    heads, kv_heads, d = cfg["num_heads"], cfg.get("num_kv_heads") or cfg["num_heads"], head_dim(cfg)
     act = DECODER_ACTIVATIONS[cfg["hidden_act"]]
+    placement, r = feature(cfg, "norm_placement"), feature(cfg, "residual_multiplier")
+    qk_norm, cap = feature(cfg, "qk_norm"), feature(cfg, "attention_softcap")
+    scale = feature(cfg, "attention_scale") or 1.0 / math.sqrt(d)
     past = past or [(np.zeros((b, kv_heads, 0, d)), np.zeros((b, kv_heads, 0, d)))] * cfg["num_layers"]
     p = past[0][0].shape[2]
     mask = np.asarray(attention_mask).astype(bool)
     if mask.shape != (b, p + s):
         raise ValueError(f"attention_mask {mask.shape} is not (batch, past + seq) = {(b, p + s)}")
-    causal = np.arange(p + s)[None, :] <= p + np.arange(s)[:, None]  # (S, P + S)
-    allowed = mask[:, None, None, :] & causal[None, None]  # (B, 1, S, P + S)
+    query, key = p + np.arange(s)[:, None], np.arange(p + s)[None, :]  # cache indices
+    allowed = {
+        "full": mask[:, None, None, :] & (key <= query)[None, None],
+        "sliding": mask[:, None, None, :]
+        & ((key <= query) & (key > query - (cfg.get("sliding_window") or 0)))[None, None],
+    }
+    positions = np.asarray(position_ids)
+    longest = int(positions.max()) + 1 if positions.size else 0
+    tables = {}  # layer type -> (inv_freq, attention factor) of the RoPE it reads
+    if cfg["positions"] == "rope":
+        original = switches(cfg)
+        long = original is not None and longest > original
+        local = {t: t == "sliding" and bool(cfg.get("rope_local_theta")) for t in allowed}  # its own theta
+        tables = {t: frequencies(cfg, local=local[t], long=long and not local[t]) for t in allowed}
 
     x = w["embed.word.weight"][input_ids].astype(np.float64)
     if cfg["positions"] == "learned":
-        x = x + w["embed.position.weight"][np.asarray(position_ids)]
-    x = trace.keep("embeddings", None, x)
+        x = x + w["embed.position.weight"][positions]
+    x = trace.keep("embeddings", None, x * feature(cfg, "embedding_multiplier"))
 
     def split(t, n):  # (B, S, n*d) -> (B, n, S, d)
         return t.reshape(b, s, n, d).transpose(0, 2, 1, 3)
 
-    present = []
-    for layer in range(cfg["num_layers"]):
+    def sublayer(value, post):  # what a sublayer adds to the residual stream
+        return r * (value if placement == "pre" else _decoder_norm(value, w, post, cfg))
+
+    present, rotates = [], cfg.get("rope_layers") or [True] * cfg["num_layers"]
+    for layer, kind in enumerate(layer_types(cfg)):
         prefix = f"blocks.{layer}"
-        h = _decoder_norm(x, w, prefix + ".attn_norm", cfg)
-        q = split(dense(h, w, prefix + ".attn.q_proj"), heads)
-        k = split(dense(h, w, prefix + ".attn.k_proj"), kv_heads)
+        h = x if placement == "post" else _decoder_norm(x, w, prefix + ".attn_norm", cfg)
+        q, k = dense(h, w, prefix + ".attn.q_proj"), dense(h, w, prefix + ".attn.k_proj")
         v = split(dense(h, w, prefix + ".attn.v_proj"), kv_heads)
-        if cfg["positions"] == "rope":
-            q, k = rope(q, position_ids, cfg["rope_theta"]), rope(k, position_ids, cfg["rope_theta"])
+        if qk_norm == "projection":
+            q, k = (
+                _decoder_norm(q, w, prefix + ".attn.q_norm", cfg),
+                _decoder_norm(k, w, prefix + ".attn.k_norm", cfg),
+            )
+        q, k = split(q, heads), split(k, kv_heads)
+        if qk_norm == "head":
+            q, k = (
+                _decoder_norm(q, w, prefix + ".attn.q_norm", cfg),
+                _decoder_norm(k, w, prefix + ".attn.k_norm", cfg),
+            )
+        if cfg["positions"] == "rope" and rotates[layer]:
+            q, k = rope(q, positions, *tables[kind]), rope(k, positions, *tables[kind])
         k = np.concatenate([np.asarray(past[layer][0], np.float64), k], axis=2)
         v = np.concatenate([np.asarray(past[layer][1], np.float64), v], axis=2)
         present.append((k, v))
         probs = None if trace.probs is None else []
-        y = attention(q, k, v, allowed, probs=probs)  # (B, H, S, d)
+        y = attention(q, k, v, allowed[kind], scale=scale, probs=probs, softcap=cap)  # (B, H, S, d)
         if probs:
             trace.probs[layer], trace.score_scales[layer] = probs[0]
         y = dense(y.transpose(0, 2, 1, 3).reshape(b, s, heads * d), w, prefix + ".attn.out_proj")
-        x = trace.keep("attention_block", layer, x + trace.keep("attention", layer, y))
-        h = _decoder_norm(x, w, prefix + ".ffn_norm", cfg)
+        x = trace.keep(
+            "attention_block",
+            layer,
+            x + sublayer(trace.keep("attention", layer, y), prefix + ".post_attn_norm"),
+        )
+        h = x if placement == "post" else _decoder_norm(x, w, prefix + ".ffn_norm", cfg)
         if cfg["ffn"] == "gated":
             f = act(dense(h, w, prefix + ".ffn.gate_proj")) * dense(h, w, prefix + ".ffn.up_proj")
             f = dense(f, w, prefix + ".ffn.down_proj")
         else:
             f = dense(act(dense(h, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
-        x = trace.keep("block", layer, x + f)
+        x = trace.keep("block", layer, x + sublayer(f, prefix + ".post_ffn_norm"))
     x = trace.keep("final_norm", None, _decoder_norm(x, w, "final_norm", cfg))
     head = w["lm_head.weight"] if "lm_head.weight" in w else w["embed.word.weight"]
-    return x @ head.T, present
+    logits = x @ head.T / feature(cfg, "logits_divisor")
+    final_cap = feature(cfg, "final_softcap")
+    return (final_cap * np.tanh(logits / final_cap) if final_cap else logits), present
