@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..decoder_format import FEATURES
 from .checkpoint import (
     CheckpointError,
     _read_json,
@@ -27,12 +28,15 @@ from .decoder_families import (
     DECODER_FAMILIES,
     DecoderFamily,
     checkpoint_shapes,
+    read_rope,
+    read_sliding,
     to_our_layout,
 )
 from .families import FAMILIES
 
 _ABSENT = object()
 _INTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_size", "vocab_size", "max_positions")
+_OPTIONAL = ("num_kv_heads", "head_dim")  # null: derived from the others
 _FLOATS = ("norm_eps", "rope_theta")
 _BOOLS = ("attention_bias", "mlp_bias", "tie_word_embeddings")
 
@@ -110,12 +114,13 @@ def decoder_config_from_hf(config_json) -> DecoderConfig:
             )
     act_key = family.config["hidden_act"]
     act = get(act_key)
-    if not isinstance(act, str) or act not in ACTIVATIONS:
+    activations = {**ACTIVATIONS, **family.activations}
+    if not isinstance(act, str) or act not in activations:
         raise CheckpointError(
-            f"{path}: {act_key} {act!r} is not supported; only " + ", ".join(repr(a) for a in ACTIVATIONS)
+            f"{path}: {act_key} {act!r} is not supported; only " + ", ".join(repr(a) for a in activations)
         )
     values = {ours: get(theirs) for ours, theirs in family.config.items()}
-    values["hidden_act"] = ACTIVATIONS[act]
+    values["hidden_act"] = activations[act]
     for ours, (other, factor) in family.derived.items():
         if values[ours] is None and isinstance(values[other], int):
             values[ours] = factor * values[other]
@@ -123,13 +128,17 @@ def decoder_config_from_hf(config_json) -> DecoderConfig:
     bad = [
         k
         for k, v in values.items()
-        if (k in _INTS and not (v is None and k == "num_kv_heads") and not _positive_int(v))
+        if ((k in _INTS or k in _OPTIONAL) and not (v is None and k in _OPTIONAL) and not _positive_int(v))
         or (k in _FLOATS and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0))
         or (k in _BOOLS and not isinstance(v, bool))
     ]
     if bad:
         shown = ", ".join(f"{_key_name(family.config.get(k, k))} {values[k]!r}" for k in bad)
         raise CheckpointError(f"{path}: not a usable {family.name} config: {shown}")
+    try:
+        values.update(_features(merged, family, values))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e if isinstance(e, ValueError) else f'{e} is missing'}") from None
     try:
         cfg = DecoderConfig(**{k: float(v) if k in _FLOATS else v for k, v in values.items()})
     except (TypeError, ValueError) as e:
@@ -143,6 +152,21 @@ def decoder_config_from_hf(config_json) -> DecoderConfig:
                 "as the other keys imply"
             )
     return cfg
+
+
+def _features(merged: dict, family: DecoderFamily, values: dict) -> dict:
+    """The DecoderConfig features config.json turns on for `family`: its own readers (multipliers, caps,
+    scales), RoPE (read_rope) and sliding layers (read_sliding); ValueError naming a key we do not compute."""
+    out = {k: f(merged) for k, f in family.read.items() if k in FEATURES}
+    out.update(read_sliding(merged, family, values["num_layers"]))
+    if family.rope != "none":
+        d = values.get("head_dim") or (
+            values["hidden_size"] // values["num_heads"] if values["num_heads"] else 0
+        )
+        out.update(read_rope(merged, family, d))
+        if "sliding" not in out.get("layer_types", ()):
+            out.pop("rope_local_theta", None)  # no layer reads it
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _positive_int(v) -> bool:
@@ -198,7 +222,7 @@ def load_decoder_checkpoint(directory) -> tuple:
         optional=tied,
     )
     state = read_tensors(files, mapping)
-    state = to_our_layout(state, family)
+    state = to_our_layout(state, family, ours)
     for name, source in tied.items():
         head = state.pop(name, None)
         if head is not None and not torch.equal(head, state[source]):
