@@ -161,6 +161,7 @@ def read_rope(hf: dict, family: DecoderFamily, head_dim: int) -> dict:
     local = None
     if isinstance(params, dict) and "full_attention" in params:
         local, params = params.get("sliding_attention") or {}, params["full_attention"]
+    where = "rope_parameters" if params or not hf.get("rope_scaling") else "rope_scaling"  # 5.x, or 4.x
     params = dict(params or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
@@ -178,7 +179,7 @@ def read_rope(hf: dict, family: DecoderFamily, head_dim: int) -> dict:
     def number(key, default=None):
         value = params.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"rope_parameters.{key} {value!r} is not a number")
+            raise ValueError(f"{where}.{key} {value!r} is not a number")
         return float(value)
 
     if kind == "linear":
@@ -209,7 +210,7 @@ def read_rope(hf: dict, family: DecoderFamily, head_dim: int) -> dict:
             attention = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
         factors = {k: [float(x) for x in params.get(k) or ()] for k in ("short_factor", "long_factor")}
         if any(len(v) != dim // 2 for v in factors.values()):
-            raise ValueError(f"rope_parameters short_factor and long_factor need {dim // 2} values each")
+            raise ValueError(f"{where} short_factor and long_factor need {dim // 2} values each")
         out["rope_scaling"] = {
             "rope_type": "longrope",
             **factors,

@@ -512,21 +512,34 @@ def tap_label(tap: str, layer: int | None) -> str:
     return tap if layer is None else f"layer {layer} {tap}"
 
 
+def block_stages(architecture: str, cfg: dict) -> tuple[int, int]:
+    """The sequential rounding stages of a block's attention and feed-forward sublayers (tolerance policy):
+    one each, its norm included; a decoder's q/k norms add one to the attention, a norm after a sublayer
+    as well as before it (sandwich) one to each."""
+    if architecture != decoder_format.DECODER:
+        return 1, 1
+    after = decoder_format.feature(cfg, "norm_placement") == "sandwich"
+    qk = decoder_format.feature(cfg, "qk_norm") != "none"
+    return 1 + after + qk, 1 + after
+
+
 def tap_stages(architecture: str, cfg: dict, tap: str, layer: int | None) -> int:
-    """S of the tolerance policy up to a tap: the sequential sublayers computed before and in it
-    (embeddings 1, each block 2 (attention, feed-forward), pooler 1), as for the model's outputs."""
+    """S of the tolerance policy up to a tap: the sequential stages computed before and in it (embeddings 1,
+    each block its attention's and feed-forward's (block_stages), pooler 1), as for the model's outputs."""
     if architecture == "attention":
         return 2
     if architecture == "encoder-block":
         return 2 if tap == "block" else 1
-    before = 1 + 2 * (layer or 0)
+    attention, ffn = block_stages(architecture, cfg)
+    before = 1 + (attention + ffn) * (layer or 0)
+    blocks = (attention + ffn) * cfg["num_layers"]
     return {
         "embeddings": 1,
-        "attention": before + 1,
-        "attention_block": before + 1,
-        "block": before + 2,
-        "final_norm": 2 * cfg["num_layers"] + 1,
-        "pooler": 2 * cfg["num_layers"] + 2,
+        "attention": before + attention,
+        "attention_block": before + attention,
+        "block": before + attention + ffn,
+        "final_norm": blocks + 1,
+        "pooler": blocks + 2,
     }[tap]
 
 

@@ -44,7 +44,7 @@ from .artifact_format import (
     op_key,
     stored_weight_dtype,
 )
-from .decoder_format import DECODER
+from .decoder_format import DECODER, FEATURES
 
 TABLE_FILE = "graph_table.json"
 SMALL_CONSTANT = 16  # a constant the exporter writes itself (a shape, a scalar): at most this many elements
@@ -75,8 +75,11 @@ def features(model: dict) -> tuple[str, ...]:
         out += [f for f, on in FAMILY_FEATURES.items() if on(cfg)]
     if arch in ("encoder-block", "bert") and cfg.get("hidden_act", "gelu") != "gelu":
         out.append(cfg["hidden_act"])
-    if arch == DECODER:  # what the decoder styles change (model_defs/decoder.py: GPT2, LLAMA)
+    if (
+        arch == DECODER
+    ):  # what the decoder styles change (model_defs/decoder.py: GPT2, LLAMA), then the families'
         out += [f for f, on in DECODER_FEATURES.items() if on(cfg)] + [cfg["hidden_act"]]
+        out += [_feature_tag(k, cfg[k]) for k in FEATURES if k in cfg]
     return tuple(sorted(out))
 
 
@@ -96,6 +99,14 @@ DECODER_FEATURES = {
     "mlp-bias": lambda cfg: cfg["mlp_bias"],
     "tied-head": lambda cfg: cfg["tie_word_embeddings"],
 }
+
+
+def _feature_tag(name: str, value) -> str:
+    """A decoder feature as a table key: its name, and its value where that is a kind (qk-norm=head)."""
+    tag = name.replace("_", "-")
+    if isinstance(value, dict):
+        value = value.get("rope_type")
+    return f"{tag}={value}" if isinstance(value, str) else tag
 
 
 def row_key(manifest: dict) -> tuple:

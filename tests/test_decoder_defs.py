@@ -170,7 +170,7 @@ def test_gpt2_layout(tmp_path):
     assert "lm_head.weight" not in state  # tied: the embedding is the head
     assert set(state) == set(DecoderModel(cfg).state_dict())
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in state.values())
-    assert to_our_layout({}, DECODER_FAMILIES["gpt2"]) == {}
+    assert to_our_layout({}, DECODER_FAMILIES["gpt2"], {}) == {}
 
 
 def test_gpt2_configs(tmp_path):
@@ -228,10 +228,20 @@ def test_llama_configs(tmp_path):
 
 
 REFUSED_CONFIGS = [
-    (LLAMA_JSON, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    (LLAMA_JSON, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    (LLAMA_JSON, {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type"),
-    (LLAMA_JSON, {"head_dim": 16}, "head_dim 16"),
+    (
+        LLAMA_JSON,
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+        "rope_scaling.low_freq_factor None",
+    ),
+    (LLAMA_JSON, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+    (LLAMA_JSON, {"rope_parameters": {"rope_type": "ntk-by-parts"}}, "rope_type 'ntk-by-parts'"),
+    (LLAMA_JSON, {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported for llama"),
+    (
+        LLAMA_JSON,
+        {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+        "short_factor and long_factor need 4 values each",
+    ),
+    (LLAMA_JSON, {"head_dim": 0}, "head_dim 0"),
     (LLAMA_JSON, {"pretraining_tp": 2}, "pretraining_tp"),
     (LLAMA_JSON, {"hidden_act": "gelu_fast"}, "hidden_act 'gelu_fast'"),
     (LLAMA_JSON, {"num_key_value_heads": 3}, "kv heads 3"),
@@ -245,7 +255,7 @@ REFUSED_CONFIGS = [
     (GPT2_JSON, {"n_layer": 2.0}, "n_layer 2.0"),
     (GPT2_JSON, {"n_head": 5}, "bad head layout"),
     (GPT2_JSON, {"model_type": "bert"}, "an encoder"),
-    (GPT2_JSON, {"model_type": "mistral"}, "'mistral' is not a supported decoder"),
+    (GPT2_JSON, {"model_type": "falcon"}, "'falcon' is not a supported decoder"),
 ]
 
 
@@ -418,7 +428,7 @@ def test_full_sequence_logits(pair, name):
     assert err <= tol, f"{name}: max |ours - transformers| {err:.3g} > {tol:.3g}"
     assert ref[real].std() > 0.5  # logits far from uniform: the comparison means something
     assert len(present) == 2 * cfg.num_layers
-    assert all(p.shape == (2, cfg.kv_heads, SEQ, cfg.head_dim) for p in present)
+    assert all(p.shape == (2, cfg.kv_heads, SEQ, cfg.head_size) for p in present)
 
 
 @pytest.mark.slow
@@ -435,7 +445,7 @@ def test_cached_decode(pair, name):
         for t in range(PREFILL, SEQ):
             logits, *past = ours(ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1], *past)
             steps.append(logits)
-            assert past[0].shape == (2, cfg.kv_heads, t + 1, cfg.head_dim)
+            assert past[0].shape == (2, cfg.kv_heads, t + 1, cfg.head_size)
     got, real = torch.cat(steps, dim=1), mask.bool()
     err, tol = (got[real] - ref[real]).abs().max().item(), _tol(cfg, SEQ, ref[real])
     assert err <= tol, f"{name}: max |cached - transformers| {err:.3g} > {tol:.3g}"

@@ -5,7 +5,8 @@ An output passes when
 i.e. the error is judged relative to the output's scale (encoder outputs are LayerNorm-ed,
 O(1); an elementwise rtol would fail near zeros for no reason). With u the dtype's unit
 roundoff, K the longest accumulation (max of hidden, ffn and key length) and S the
-number of sequential sublayers (2 per encoder block, +2 for embeddings and pooler):
+number of sequential stages (2 per encoder block, +2 for embeddings and pooler; a decoder block's q/k norms
+and norms after its sublayers add theirs: artifact_format.block_stages):
   float32: tol = u * sqrt(K) * S. Each dot product of length K accumulated in float32 has a
            typical (probabilistic, Higham 2002 §3.5) error of u*sqrt(K) relative to its scale;
            residual sublayers pass errors on with gain about 1 (LayerNorm renormalizes), so
@@ -28,7 +29,8 @@ import math
 import numpy as np
 
 from ..accuracy_contract import judge
-from ..decoder_format import DECODER
+from ..artifact_format import block_stages
+from ..decoder_format import DECODER, head_dim
 from .results import Comparison, Metrics
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -55,12 +57,14 @@ def model_error_terms(manifest: dict, key_length: int, weights: dict | None = No
     architecture, cfg = manifest["model"]["architecture"], manifest["model"]["config"]
     if weights is None:
         hidden, ffn, layers = cfg["hidden_size"], cfg["ffn_size"], cfg["num_layers"]
+        if architecture == DECODER:  # an explicit head width may make the query wider than the hidden size
+            hidden = max(hidden, cfg["num_heads"] * head_dim(cfg))
     else:
-        hidden = max(w.shape[0] for k, w in weights.items() if k.endswith("q_proj.weight"))
+        hidden = max(max(w.shape) for k, w in weights.items() if k.endswith("q_proj.weight"))  # in or out
         ffn = max((w.shape[0] for k, w in weights.items() if k.endswith(FFN_IN)), default=0)
         layers = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
     widest = hidden if architecture == "attention" else max(hidden, ffn)
-    stages = 2 * layers + 2 if architecture in ("bert", DECODER) else 2
+    stages = layers * sum(block_stages(architecture, cfg)) + 2 if architecture in ("bert", DECODER) else 2
     return max(widest, key_length), stages
 
 
