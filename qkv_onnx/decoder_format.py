@@ -66,6 +66,7 @@ def _per_layer(allowed):
     )
 
 
+MAX_POSITIONS = 1 << 24  # tokens: past every context a decoder is trained for (Llama 4's is 10M)
 QK_NORMS = (
     "none",
     "head",
@@ -109,6 +110,15 @@ def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"]
 
 
+def unverified(cfg: dict) -> list[str]:
+    """What a decoder's manifest says that its graph does not encode, so that no check can prove it."""
+    if cfg["positions"] == "rope":  # a RoPE graph has no position table: any length runs
+        return [
+            f"max_positions {cfg['max_positions']} (RoPE needs no table; it bounds the cases judged only)"
+        ]
+    return []
+
+
 def layer_types(cfg: dict) -> list[str]:
     return list(cfg.get("layer_types") or ["full"] * cfg["num_layers"])
 
@@ -145,6 +155,12 @@ def config_problem(cfg: dict) -> str | None:
             return f"model config {key} has {len(cfg[key])} entries for {cfg['num_layers']} layers"
     if ("sliding" in layer_types(cfg)) != ("sliding_window" in cfg):
         return "model config: a sliding_window exactly when some layer type is sliding"
+    if "rope_local_theta" in cfg and "sliding" not in layer_types(cfg):
+        return "model config: rope_local_theta without a sliding layer to read it"
+    if "rope_layers" in cfg and not any(cfg["rope_layers"]):
+        return "model config: rope_layers turn RoPE off on every layer"
+    if cfg["max_positions"] > MAX_POSITIONS:
+        return f"model config max_positions {cfg['max_positions']} is past any model's ({MAX_POSITIONS})"
     scaling = cfg.get("rope_scaling") or {}
     if any(len(scaling.get(k, [0] * (rotary // 2))) != rotary // 2 for k in ("short_factor", "long_factor")):
         return f"model config: longrope needs rotary_dim / 2 = {rotary // 2} factors of each kind"

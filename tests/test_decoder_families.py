@@ -7,6 +7,7 @@ rotating; all under -m matrix): qkv-export writes one fused attention op per lay
 cached generate and of the oracle, and its 32 greedy tokens are generate's."""
 
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -289,3 +290,68 @@ def test_each_distinctive_feature_changes_the_logits(family, checkpoint):
         assert feature in d and feature in FEATURES, feature
         moved = np.abs(logits(_without(d, feature)) - reference).max()
         assert moved > 100 * atol, f"{feature}: off moves the logits by {moved:.2e} only (atol {atol:.2e})"
+
+
+# --- hostile manifests: a config field re-signed to a lie ------------------------------------------------
+
+
+def _scaled(**change):
+    return lambda scaling: {**scaling, **change}
+
+
+LIES = [  # (family, field, the lie: a value or a function of the true one); the first four run by default
+    ("mistral", "sliding_window", 4),
+    ("gemma2", "attention_softcap", 3.0),
+    ("llama", "rope_scaling", _scaled(factor=4.0)),
+    ("qwen3", "head_dim", 32),
+    ("gemma2", "final_softcap", 8.0),
+    ("gemma2", "attention_scale", 0.5),
+    ("phi3", "rope_scaling", _scaled(original_max_position_embeddings=32)),
+    ("phi3", "rope_scaling", _scaled(attention_factor=1.0)),
+    ("granite", "residual_multiplier", 0.25),
+    ("granite", "logits_divisor", 1.0),
+    ("smollm3", "rope_layers", [True, True]),
+    ("gemma3_text", "rope_local_theta", 1000.0),
+    ("gemma3_text", "layer_types", ["full", "sliding"]),
+    ("olmo2", "norm_placement", "sandwich"),
+    ("qwen2", "out_bias", True),
+]
+
+
+@pytest.mark.parametrize(
+    "family, field, lie",
+    [pytest.param(*lie, marks=() if n < 4 else pytest.mark.matrix) for n, lie in enumerate(LIES)],
+    ids=[f"{f}-{k}-{n}" for n, (f, k, _) in enumerate(LIES)],
+)
+def test_a_feature_resigned_to_a_lie_fails_validation(family, field, lie, artifact, tmp_path, capsys):
+    """The manifest says another window, cap, scale, RoPE scaling, head width, ... than the graph computes,
+    re-signed: validation fails (the rebuild's bytes differ, or the weights do not fit), one line, exit 2."""
+    from helpers import edit_manifest, single_error_line
+
+    copy = tmp_path / "a"
+    shutil.copytree(artifact(family, "onnx-attention"), copy)
+
+    def edit(m):
+        cfg = m["model"]["config"]
+        cfg[field] = lie(cfg[field]) if callable(lie) else lie
+
+    edit_manifest(copy, edit)
+    code, _, err, _ = run_cli(capsys, copy, "--providers", "cpu")
+    assert code == 2, err
+    assert str(copy) in single_error_line(err)
+
+
+def test_a_rope_decoders_length_is_reported_unverified_and_bounded(artifact, tmp_path, capsys):
+    """max_positions is no part of a RoPE graph: a plausible lie passes, with a note saying it is not
+    verified (it bounds the cases judged, nothing else); an impossible one (2^40) is an invalid manifest."""
+    from helpers import edit_manifest, single_error_line
+
+    copy = tmp_path / "a"
+    shutil.copytree(artifact("llama", "onnx-attention"), copy)
+    edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("max_positions", 100_000))
+    code, out, err, _ = run_cli(capsys, copy, "--providers", "cpu")
+    assert code == 0, err
+    assert "not verified, the graph does not encode it: max_positions 100000 (RoPE needs no table" in out
+    edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("max_positions", 1 << 40))
+    code, _, err, _ = run_cli(capsys, copy, "--providers", "cpu")
+    assert code == 2 and "max_positions 1099511627776 is past any model's" in single_error_line(err)

@@ -159,8 +159,8 @@ def parse_args(argv) -> argparse.Namespace:
         "--long",
         action="store_true",
         help="also judge a batch of two at the longest sequence the model takes (its position table: 512 "
-        "tokens for BERT; 512 for a model without one), the second row padded: kernels may switch paths "
-        "past the default cases' 128 tokens. The float64 oracle's cost grows with it",
+        "tokens for BERT; 512 for a model without one; at most 2048), the second row padded: kernels may "
+        "switch paths past the default cases' 128 tokens. The float64 oracle's cost grows with it",
     )
     p.add_argument("--text-file", type=Path, metavar="FILE", help="sentences, one per line, as with --text")
     p.add_argument(

@@ -16,7 +16,7 @@ from ..artifact_format import (
     max_sequence,
     seeded_cases,
 )
-from ..decoder_format import DECODER, LOGITS
+from ..decoder_format import DECODER, LOGITS, unverified
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import fit, make_inputs
 from ..stages import stage
@@ -47,6 +47,9 @@ STAGE_ORACLE, STAGE_COMPARE, STAGE_SESSIONS, STAGE_PEER = (
     "build PyTorch peer",
 )
 STAGE_PEER_RUNS, STAGE_LOCATE = "PyTorch peer runs", "locate (taps exposed)"
+
+
+LONGEST = 2048  # --long's tokens at most: the float64 oracle's attention is quadratic in them
 
 
 @dataclass
@@ -164,14 +167,15 @@ def text_case(artifact: Artifact, sentences: list[str]) -> Case:
 
 def build_cases(artifact: Artifact, seed: int, sentences: list[str] = (), long: bool = False) -> list[Case]:
     """Golden sets, the sentences, the seeded validation shapes, and with `long` a batch of two at the longest
-    sequence the model takes (its position table; 512 for a model without one), the second row padded."""
+    sequence the model takes (its position table; 512 for a model without one; at most LONGEST), the second
+    row padded."""
     cases = [Case(f"golden_{n}", ins, outs) for n, (ins, outs) in enumerate(artifact.golden)]
     if sentences:
         cases.append(text_case(artifact, sentences))
     m = artifact.manifest
     shapes = seeded_cases("validation", m["model"]["architecture"])
     if long:
-        longest = max_seq(m)
+        longest = min(max_seq(m), LONGEST)
         shapes = [*shapes, (2, longest, [longest, -(-3 * longest // 5)], 0)]
     for n, shape in enumerate(shapes):
         rng = np.random.default_rng([seed, n])
@@ -306,6 +310,10 @@ def validate_artifact(
         )
     if m["dtype"] in QUANTIZED:
         report.notes.append(holdout_note(m["quantization"]))
+    if m["model"]["architecture"] == DECODER and unverified(m["model"]["config"]):
+        report.notes.append(
+            "not verified, the graph does not encode it: " + "; ".join(unverified(m["model"]["config"]))
+        )
     cases = build_cases(artifact, seed, sentences, long)
     opening = start_sessions(artifact, providers, skip_unsupported, report)  # they open while references run
     try:
