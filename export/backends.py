@@ -24,7 +24,6 @@ from ..artifact_format import BACKENDS
 from ..decoder_format import DECODER
 from ..errors import ExportError, first_line
 from ..model_defs.attention import MultiHeadAttention
-from ..model_defs.decoder import CachedAttention
 from ..stages import stage
 from .cache import cap_scores, fold_cache, to_group_query_attention
 
@@ -104,9 +103,9 @@ def export_onnx(
 
 @contextlib.contextmanager
 def _fused_softcaps(module: torch.nn.Module, fused: bool):
-    """While tracing: each CachedAttention leaves its soft cap to the fused op (export/cache.py sets the op's
+    """While tracing: each attention leaves its soft cap to the fused op (export/cache.py sets the op's
     `softcap`) where the backend has one; the module computes it itself again afterwards."""
-    attentions = [m for m in module.modules() if isinstance(m, CachedAttention)]
+    attentions = [m for m in module.modules() if isinstance(m, MultiHeadAttention)]
     for m in attentions:
         m.fused_softcap = fused
     try:

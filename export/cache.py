@@ -55,7 +55,7 @@ def fold_cache(model: onnx.ModelProto) -> int:
 
 def cap_scores(model: onnx.ModelProto, cap: float) -> None:
     """Set every folded ONNX Attention's `softcap` (scores become cap * tanh(score / cap)): the module traced
-    SDPA for it (CachedAttention.fused_softcap). 0: no cap, as the exporter wrote."""
+    SDPA for it (MultiHeadAttention.fused_softcap). 0: no cap, as the exporter wrote."""
     if not cap:
         return
     for n in model.graph.node:

@@ -28,7 +28,9 @@ exit codes:
      output path unusable; a checkpoint with missing, unexpected or misshapen weights)
   3  internal error: a bug in qkv-onnx (the traceback is printed; please report it)
 
-Decoders (gpt2-*, llama-* presets; gpt2 and llama checkpoints): one graph does prefill and decode.
+Decoders (gpt2-*, llama-* presets; checkpoints of gpt2, llama, mistral, qwen2, qwen3, phi3, gemma,
+gemma2, gemma3_text, olmo2, granite, smollm3: sliding windows, soft caps, q/k norms, scaled RoPE as
+config, docs/decoders.md): one graph does prefill and decode.
   inputs   input_ids (batch, seq), attention_mask (batch, past + seq; left padding),
            position_ids (batch, seq), past_key_values.{{i}}.key / .value (batch, kv_heads, past,
            head_dim; past may be 0)

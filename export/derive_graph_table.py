@@ -3,12 +3,14 @@ architecture variant, backend, dtype and opset, measured on real exports.
 
     python -m qkv_onnx.export.derive_graph_table           # rewrite qkv_onnx/graph_table.json
     python -m qkv_onnx.export.derive_graph_table decoder   # re-derive one architecture's rows
+    python -m qkv_onnx.export.derive_graph_table components   # re-derive the decoder components only
 
 Each variant is exported at one and two layers (BERT; the others have no layer count): a count that
 grows with the layers is per layer, the rest is fixed. The tests check the table against real exports
 of every registry model, backend and dtype; rerun this after changing the exporter or its versions.
 """
 
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -89,6 +91,163 @@ VARIANTS += [
     for cfg in DECODER_VARIANTS
 ]
 
+# The features of the current decoder families as components of a Llama-style graph (graph_contract's
+# decoder_components): each is what its feature adds to the graph of the Llama style without GQA, biases or a
+# tied head (the last DECODER_VARIANTS row), measured as the difference of two exports, so the table grows by
+# one component per feature, not per combination. name -> (with, without): each a function of the units
+# (1 or 2) giving the config pair whose difference is that many units of the component: a per-layer
+# component at 1 and 2 layers, a per-kind one at 1 and 2 layers of its kind, a fixed one (None) once.
+_MIN = DECODER_VARIANTS[-1]
+_SLIDING = {"sliding_window": 4}
+_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0 + 0.1 * i for i in range(16)],
+    "long_factor": [2.0 + 0.3 * i for i in range(16)],
+    "original_max_position_embeddings": 64,
+}
+
+
+def _every(**change):
+    """A per-layer component: the feature on every one of `units` layers, against the same layers without."""
+    return lambda units: (replace(_MIN, num_layers=units, **change), replace(_MIN, num_layers=units))
+
+
+def _once(with_change: dict, without_change: dict | None = None, layers: int = 2):
+    """A fixed component: the feature against its absence (or `without_change`) at `layers` layers."""
+    return lambda units: (
+        replace(_MIN, num_layers=layers, **with_change),
+        replace(_MIN, num_layers=layers, **(without_change or {})),
+    )
+
+
+DECODER_COMPONENTS = {
+    "gqa": _every(num_kv_heads=2),
+    "attention-bias": _every(attention_bias=True),
+    "no-out-bias": lambda units: (
+        replace(_MIN, num_layers=units, attention_bias=True, out_bias=False),
+        replace(_MIN, num_layers=units, attention_bias=True),
+    ),
+    "out-bias-only": _every(out_bias=True),
+    "mlp-bias": _every(mlp_bias=True),
+    "tied-head": _once({"tie_word_embeddings": True}, layers=1),
+    "act=gelu_tanh": _every(hidden_act="gelu_tanh"),
+    "head-dim": _every(head_dim=48),
+    "qk-norm=head": _every(qk_norm="head"),
+    "qk-norm=projection": _every(qk_norm="projection"),
+    "norm-placement=sandwich": _every(norm_placement="sandwich"),
+    "norm-placement=post": _every(norm_placement="post"),
+    "residual-multiplier": _every(residual_multiplier=0.5),
+    "attention-scale": _every(attention_scale=0.25),
+    "attention-softcap": _every(attention_softcap=2.0),
+    "embedding-multiplier": _once({"embedding_multiplier": 3.0}, layers=1),
+    "logits-divisor": _once({"logits_divisor": 4.0}, layers=1),
+    "final-softcap": _once({"final_softcap": 5.0}, layers=1),
+    "sliding-mask": _once({**_SLIDING, "layer_types": ("sliding", "full")}),
+    "no-full-mask": _once(
+        {**_SLIDING, "layer_types": ("sliding", "sliding")}, {**_SLIDING, "layer_types": ("sliding", "full")}
+    ),
+    "rope-scaling=linear": _once({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, layers=1),
+    "rope-scaling=llama3": _once(
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+        layers=1,
+    ),
+    "rope-scaling=yarn": _once(
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": True,
+                "attention_factor": 1.0,
+            }
+        },
+        layers=1,
+    ),
+    "rope-scaling=longrope": _once({"rope_scaling": {**_LONGROPE, "attention_factor": 1.0}}, layers=1),
+    "attention-factor": _once(
+        {"rope_scaling": {**_LONGROPE, "attention_factor": 1.2}},
+        {"rope_scaling": {**_LONGROPE, "attention_factor": 1.0}},
+        layers=1,
+    ),
+    "partial-rotary": _every(rotary_dim=16),
+    "local-rope-table": _once(
+        {**_SLIDING, "layer_types": ("sliding", "full"), "rope_local_theta": 100.0},
+        {**_SLIDING, "layer_types": ("sliding", "full")},
+    ),
+    "no-rope-layer": lambda units: (
+        replace(_MIN, num_layers=units + 1, rope_layers=(False,) * units + (True,)),
+        replace(_MIN, num_layers=units + 1),
+    ),
+}
+PER_UNIT = {"gqa", "attention-bias", "no-out-bias", "out-bias-only", "mlp-bias", "act=gelu_tanh", "head-dim"}
+PER_UNIT |= {"qk-norm=head", "qk-norm=projection", "norm-placement=sandwich", "norm-placement=post"}
+PER_UNIT |= {"residual-multiplier", "attention-scale", "attention-softcap", "partial-rotary", "no-rope-layer"}
+
+
+_facts: dict[
+    tuple, dict
+] = {}  # a decoder's facts by (config, backend, dtype, opset): components share configs
+
+
+def _decoder_facts(cfg, backend: str, dtype: str, opset: int, directory: Path) -> dict:
+    key = (repr(cfg), backend, dtype, opset)
+    if key not in _facts:
+        _facts[key] = _export_facts(spec_for("decoder", DECODER, cfg), backend, dtype, opset, directory)
+    return _facts[key]
+
+
+def derive_component(name: str, backend: str, dtype: str, opset: int, directory: Path) -> dict:
+    """A component's (fixed, per unit) op and constant counts: the difference its feature makes, at one and
+    two units for a per-unit component, once for a fixed one."""
+
+    def delta(units):
+        a, b = (
+            _decoder_facts(cfg, backend, dtype, opset, directory) for cfg in DECODER_COMPONENTS[name](units)
+        )
+        ops = {k: a["ops"][k] - b["ops"][k] for k in a["ops"] | b["ops"]}
+        return {k: v for k, v in ops.items() if v}, a["constants"] - b["constants"]
+
+    one, c1 = delta(1)
+    if name not in PER_UNIT:
+        return {"ops": {k: (v, 0) for k, v in sorted(one.items())}, "constants": (c1, 0)}
+    two, c2 = delta(2)
+    ops = {k: (2 * one.get(k, 0) - two.get(k, 0), two.get(k, 0) - one.get(k, 0)) for k in sorted(one | two)}
+    return {"ops": {k: v for k, v in ops.items() if v != (0, 0)}, "constants": (2 * c1 - c2, c2 - c1)}
+
+
+def _components_of(backend: str, dtype: str, opset: int) -> dict:
+    """Every component's counts for one backend, dtype and opset (one worker's share)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return {
+            (name, backend, dtype, opset): derive_component(name, backend, dtype, opset, Path(tmp))
+            for name in DECODER_COMPONENTS
+        }
+
+
+def derive_components(log=print, workers: int = os.cpu_count() or 1) -> dict:
+    """Every decoder component's counts per backend, dtype and opset, one process per (backend, dtype, opset)
+    at a time on each CPU (each shares the exports of its components' common configs)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    keys = [(b, d, o) for b in BACKENDS for d in DTYPES for o in opsets(b, DECODER)]
+    out = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for part in pool.map(_components_of, *zip(*keys)):
+            out.update(part)
+            for key, c in part.items():
+                log(f"{key}: {c['ops']}")
+    return {key: out[key] for key in sorted(out, key=lambda k: (list(DECODER_COMPONENTS).index(k[0]), k[1:]))}
+
 
 def opsets(backend: str, architecture: str) -> list[int]:
     """The opsets a backend writes `architecture` at (a decoder: its cache op's, as for_architecture says)."""
@@ -156,13 +315,25 @@ def derive_table(log=print, architectures=None) -> dict:
     return rows
 
 
-def render(rows: dict) -> str:
-    """The table as graph_contract.read_table reads it: canonical JSON, one row per key."""
+def render(rows: dict, components: dict) -> str:
+    """The table as graph_contract.read_table reads it: canonical JSON, one row per key, one entry per decoder
+    component, backend, dtype and opset."""
     return canonical_json(
         {
             "generated_by": "python -m qkv_onnx.export.derive_graph_table",
             "exporter": exporter_versions(),
             "small_constant": SMALL_CONSTANT,
+            "components": [
+                {
+                    "component": name,
+                    "backend": backend,
+                    "dtype": dtype,
+                    "opset": opset,
+                    "ops": {k: list(v) for k, v in c["ops"].items()},
+                    "constants": list(c["constants"]),
+                }
+                for (name, backend, dtype, opset), c in components.items()
+            ],
             "rows": [
                 {
                     "architecture": arch,
@@ -182,17 +353,23 @@ def render(rows: dict) -> str:
 
 def main(argv=None) -> int:
     """No argument: the whole table. Architecture names (e.g. `decoder`): re-derive their rows only, keeping
-    the others (the same exporter versions required: the table has one header)."""
+    the others (the same exporter versions required: the table has one header); `components`: re-derive the
+    decoder components only."""
     architectures = list(sys.argv[1:] if argv is None else argv)
-    rows = derive_table(architectures=architectures)
+    only_components = architectures == ["components"]
+    rows = {} if only_components else derive_table(architectures=architectures)
+    components = (
+        derive_components() if not architectures or {"decoder", "components"} & set(architectures) else {}
+    )
     if architectures:
-        versions, kept = read_table(TABLE)
+        versions, kept, kept_components = read_table(TABLE)
         if versions != exporter_versions():
             raise SystemExit(
                 f"{TABLE} was derived with {versions}, not {exporter_versions()}: derive it whole"
             )
         rows = {**{k: v for k, v in kept.items() if k[0] not in architectures}, **rows}
-    TABLE.write_text(render(rows))
+        components = components or kept_components
+    TABLE.write_text(render(rows, components))
     print(f"wrote {TABLE}")
     return 0
 

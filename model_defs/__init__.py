@@ -1,13 +1,15 @@
 """PyTorch reference modules. Knows nothing about ONNX."""
 
 from .attention import MultiHeadAttention
+from .block import Block
 from .config import PRESETS, EncoderConfig, param_count
-from .encoder import BertModel, EncoderBlock
+from .encoder import BertModel, encoder_block
 from .registry import MODELS, ModelSpec, get_model
 
 __all__ = [
     "MultiHeadAttention",
-    "EncoderBlock",
+    "Block",
+    "encoder_block",
     "BertModel",
     "EncoderConfig",
     "PRESETS",

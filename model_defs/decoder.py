@@ -19,7 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import rope as rope_math
-from ..decoder_format import ACTIVATIONS, FEATURES, FFNS, NORMS, POSITIONS, config_problem, weight_totals
+from ..block import block_spec
+from ..decoder_format import (
+    ACTIVATIONS,
+    DECODER,
+    FEATURES,
+    FFNS,
+    NORMS,
+    POSITIONS,
+    config_problem,
+    weight_totals,
+)
+from .block import Block, make_norm
 
 
 @dataclass(frozen=True)
@@ -179,48 +190,8 @@ COUNTED_ONLY = {
 }
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, width: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
-
-    def forward(self, x):  # in float32 at least, as Llama
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
-
-
-def norm(cfg: DecoderConfig, width: int | None = None) -> nn.Module:
-    if cfg.norm == "rms":
-        return RMSNorm(width or cfg.hidden_size, cfg.norm_eps)
-    return nn.LayerNorm(width or cfg.hidden_size, eps=cfg.norm_eps)
-
-
-ACTIVATION = {
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "relu": F.relu,
-}
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.act = ACTIVATION[cfg.hidden_act]
-        h, f, bias = cfg.hidden_size, cfg.ffn_size, cfg.mlp_bias
-        self.gated = cfg.ffn == "gated"
-        if self.gated:
-            self.gate_proj, self.up_proj = nn.Linear(h, f, bias=bias), nn.Linear(h, f, bias=bias)
-            self.down_proj = nn.Linear(f, h, bias=bias)
-        else:
-            self.fc1, self.fc2 = nn.Linear(h, f, bias=bias), nn.Linear(f, h, bias=bias)
-
-    def forward(self, x):
-        if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc2(self.act(self.fc1(x)))
+def norm(cfg: DecoderConfig) -> nn.Module:
+    return make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
 
 
 def rope_tables(position_ids, cfg: DecoderConfig, dtype, local: bool = False):
@@ -230,11 +201,12 @@ def rope_tables(position_ids, cfg: DecoderConfig, dtype, local: bool = False):
     position + 1 passes the original length (per call, as transformers chooses)."""
     wide = torch.promote_types(dtype, torch.float32)
     d = cfg.to_dict()
-    inv, factor = rope_math.frequencies(d, local, dtype="float32")
+    precision = str(wide).removeprefix("torch.")  # float32 (exports), float64 (a float64 module)
+    inv, factor = rope_math.frequencies(d, local, dtype=precision)
     inv_freq = torch.from_numpy(inv).to(wide)
     original = None if local else rope_math.switches(d)
     if original is not None:
-        long = torch.from_numpy(rope_math.frequencies(d, long=True, dtype="float32")[0]).to(wide)
+        long = torch.from_numpy(rope_math.frequencies(d, long=True, dtype=precision)[0]).to(wide)
         inv_freq = torch.where(position_ids.max() + 1 > original, long, inv_freq)
     angles = position_ids[:, None, :, None].to(wide) * inv_freq  # (B, 1, S, r/2)
     angles = torch.cat([angles, angles], dim=-1)
@@ -242,115 +214,6 @@ def rope_tables(position_ids, cfg: DecoderConfig, dtype, local: bool = False):
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
     return cos.to(dtype), sin.to(dtype)
-
-
-def rotate(x, cos, sin):
-    """x (B, H, S, d) rotated in its first cos.shape[-1] dims (partial rotary: the rest pass through)."""
-    r = cos.shape[-1]
-    if r < x.shape[-1]:
-        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-class CachedAttention(nn.Module):
-    """Causal self-attention over the cache: new keys and values are appended to the past ones, and
-    the query at cache index P + i reads keys 0..P+i that the mask allows (a sliding layer's mask also drops
-    keys at or before P + i - window). Grouped-query attention when kv_heads < num_heads (query head h reads
-    kv head h // (num_heads / kv_heads)). q and k may be RMS-normed (over each head, or over the whole
-    projection) before RoPE; scores are scaled by `attention_scale` (default 1/sqrt(head_dim)) and may be
-    soft-capped: cap * tanh(score / cap). A query with no key to read (a left-padded row's padding) gets 0,
-    written into the graph on every backend: SDPA gives NaN there, which the next layer would spread over the
-    whole row.
-
-    `fused_softcap`: set by the exporter where the fused op caps the scores itself (the `softcap` of ONNX
-    `Attention` and of GroupQueryAttention): the graph then traces SDPA and export/cache.py sets the op's cap;
-    otherwise (eager, decomposed) the cap is computed here."""
-
-    fused_softcap = False
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-        bias = cfg.attention_bias
-        self.q_proj, self.k_proj = nn.Linear(h, q, bias=bias), nn.Linear(h, kv, bias=bias)
-        self.v_proj = nn.Linear(h, kv, bias=bias)
-        self.out_proj = nn.Linear(q, h, bias=bias if cfg.out_bias is None else cfg.out_bias)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm != "none":
-            per_head = cfg.qk_norm == "head"
-            self.q_norm = norm(cfg, cfg.head_size if per_head else q)
-            self.k_norm = norm(cfg, cfg.head_size if per_head else kv)
-        self.scale, self.softcap = cfg.attention_scale, cfg.attention_softcap
-
-    def forward(self, x, allowed, rope, past_key, past_value):
-        """x (B, S, D); allowed (B, 1, S, P + S) bool; rope: (cos, sin) or None; past (B, Hkv, P, d).
-        Returns (y (B, S, D), present key, present value)."""
-        B, S, _ = x.shape
-        q = self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None))
-        k = self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None))
-        v = self._heads(self.v_proj(x), self.num_kv_heads, None)
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
-        k = torch.cat([past_key, k], dim=2)
-        v = torch.cat([past_value, v], dim=2)
-        if self.softcap and not self.fused_softcap:
-            y = self._capped(q, k, v, allowed)
-        else:
-            gqa = self.num_kv_heads != self.num_heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=gqa)
-        y = torch.where(allowed.any(-1, keepdim=True), y, 0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)), k, v
-
-    def _heads(self, t, n: int, qk_norm):
-        """(B, S, n * d) -> (B, n, S, d), normed over the projection or each head where the config says."""
-        B, S, _ = t.shape
-        if qk_norm is not None and self.qk_norm == "projection":
-            t = qk_norm(t)
-        t = t.view(B, S, n, self.head_dim).transpose(1, 2)
-        return qk_norm(t) if qk_norm is not None and self.qk_norm == "head" else t
-
-    def _capped(self, q, k, v, allowed):
-        """Attention with soft-capped scores, written out: softmax(cap tanh(q k^T scale / cap)) v."""
-        group = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scale = self.head_dim**-0.5 if self.scale is None else self.scale
-        scores = torch.tanh(q @ k.transpose(-1, -2) * scale / self.softcap) * self.softcap
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=-1) @ v
-
-
-class DecoderBlock(nn.Module):
-    """x + r * attn(norm x), then x + r * ffn(norm x) ("pre"); "sandwich" norms the sublayer's output too
-    (Gemma 2 and 3), "post" only its output (OLMo 2). r: the residual multiplier (Granite), 1 elsewhere."""
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.placement, self.multiplier = cfg.norm_placement, cfg.residual_multiplier
-        if self.placement != "post":
-            self.attn_norm = norm(cfg)
-        self.attn = CachedAttention(cfg)
-        if self.placement != "pre":
-            self.post_attn_norm = norm(cfg)
-        if self.placement != "post":
-            self.ffn_norm = norm(cfg)
-        self.ffn = FeedForward(cfg)
-        if self.placement != "pre":
-            self.post_ffn_norm = norm(cfg)
-
-    def forward(self, x, allowed, rope, past_key, past_value):
-        h = x if self.placement == "post" else self.attn_norm(x)
-        y, key, value = self.attn(h, allowed, rope, past_key, past_value)
-        x = x + self._residual(y, "post_attn_norm")
-        h = x if self.placement == "post" else self.ffn_norm(x)
-        return x + self._residual(self.ffn(h), "post_ffn_norm"), key, value
-
-    def _residual(self, y, post: str):
-        if self.placement != "pre":
-            y = getattr(self, post)(y)
-        return y * self.multiplier if self.multiplier != 1.0 else y
 
 
 class Embeddings(nn.Module):
@@ -389,7 +252,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embeddings(cfg)
-        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(block_spec(DECODER, cfg.to_dict())) for _ in range(cfg.num_layers))
         self.final_norm = norm(cfg)
         # tied: the head is the token embedding itself (one parameter, one name in the state_dict)
         self.lm_head = (
@@ -414,7 +277,7 @@ class DecoderModel(nn.Module):
         present = []
         for i, block in enumerate(self.blocks):
             rope = tables[types[i]] if cfg.rotates(i) else None
-            x, key, value = block(x, masks[types[i]], rope, past[2 * i], past[2 * i + 1])
+            x, key, value = block(x, allowed=masks[types[i]], rope=rope, past=(past[2 * i], past[2 * i + 1]))
             present += [key, value]
         head = self.embed.word.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(self.final_norm(x), head)

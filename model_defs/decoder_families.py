@@ -350,9 +350,7 @@ _QWEN_SLIDING = {  # transformers' Qwen2/Qwen3: layers from max_window_layers on
 _GEMMA_NORMS = frozenset({"attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "final_norm"})
 _GEMMA = {  # what every Gemma shares: (1 + w) norms, sqrt(hidden) embeddings, GeGLU, a tied head
     "defaults": {"hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True, "head_dim": 256},
-    "activations": {
-        "gelu": "gelu_tanh"
-    },  # a Gemma config's "gelu" is the tanh form (transformers rewrites it)
+    "activations": {"gelu": "gelu_tanh"},  # a Gemma's "gelu" is the tanh form (transformers rewrites it)
     "read": {"embedding_multiplier": lambda hf: math.sqrt(hf["hidden_size"])},
     "fixed": {"mlp_bias": False},
 }
@@ -362,6 +360,7 @@ _GEMMA_2_3 = {  # Gemma 2 and 3 on top: sandwich norms, hidden_activation, the q
         **_GEMMA["defaults"],
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
     },
     "fixed": {**_GEMMA["fixed"], "norm_placement": "sandwich"},
     "layer": _SANDWICH,
@@ -392,7 +391,12 @@ _FAMILIES = [
     _LLAMA,
     _llama_like(
         "mistral",
-        defaults={"num_key_value_heads": 8, "intermediate_size": 14336, "max_position_embeddings": 131072},
+        defaults={
+            "num_key_value_heads": 8,
+            "intermediate_size": 14336,
+            "max_position_embeddings": 131072,
+            "sliding_window": 4096,
+        },
         fixed=_NO_BIAS,
         sliding={"window": "sliding_window", "layers": "all"},  # on by default (4096): null turns it off
     ),

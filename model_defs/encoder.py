@@ -8,46 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiHeadAttention
+from ..block import block_spec
+from .block import Block
 from .config import EncoderConfig
 
-ACTIVATION = {
-    "gelu": F.gelu,  # exact (erf) GELU, as BERT
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # transformers' gelu_new / gelu_pytorch_tanh
-    "relu": F.relu,
-}
 RELATIVE_MAX_DISTANCE = 128  # MPNet's: distances past it share the last bucket
 
 
-class FeedForward(nn.Module):
-    def __init__(self, hidden_size, ffn_size, act="gelu"):
-        super().__init__()
-        self.act = ACTIVATION[act]
-        self.fc1 = nn.Linear(hidden_size, ffn_size)
-        self.fc2 = nn.Linear(ffn_size, hidden_size)
-
-    def forward(self, x):  # (B, L, D) -> (B, L, D)
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class EncoderBlock(nn.Module):
-    """Attention + feed-forward with residuals; post-LN (BERT) or pre-LN."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.pre_layer_norm = cfg.pre_layer_norm
-        self.attn = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
-        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.hidden_act)
-        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x, key_padding_mask=None, bias=None):
-        """x (B, L, D), key_padding_mask (B, L) bool, bias: additive scores (1, H, L, L) or None."""
-        if self.pre_layer_norm:
-            x = x + self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask, attn_mask=bias)
-            return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x, key_padding_mask=key_padding_mask, attn_mask=bias))
-        return self.ffn_norm(x + self.ffn(x))
+def encoder_block(cfg: EncoderConfig) -> Block:
+    """The block of a BERT-family encoder (qkv_onnx/block.py: post-LN or pre-LN, LayerNorm, biases)."""
+    return Block(block_spec("bert", cfg.to_dict()))
 
 
 def positions(input_ids, cfg: EncoderConfig):
@@ -112,7 +82,7 @@ class BertModel(nn.Module):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.relative_bias = RelativePositionBias(cfg) if cfg.relative_attention_buckets else None
-        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(encoder_block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = (
             nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layer_norm else None
         )

@@ -9,9 +9,10 @@ from torch import nn
 from ..artifact_format import FLOAT_ROLES, model_io
 from ..inputs import make_inputs
 from .attention import MultiHeadAttention
+from .block import RMSNorm
 from .config import PRESETS, EncoderConfig
-from .decoder import DECODER_PRESETS, CachedAttention, DecoderConfig, DecoderModel, RMSNorm
-from .encoder import EncoderBlock, RelativePositionBias, encoder_class
+from .decoder import DECODER_PRESETS, DecoderConfig, DecoderModel
+from .encoder import RelativePositionBias, encoder_block, encoder_class
 from .numpy_io import from_numpy
 
 
@@ -37,11 +38,11 @@ class CrossAttentionLayer(AttentionLayer):
 
 
 class BlockLayer(nn.Module):
-    """One EncoderBlock taking an int64 padding mask."""
+    """One encoder block taking an int64 padding mask."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.block = EncoderBlock(cfg)
+        self.block = encoder_block(cfg)
 
     def forward(self, hidden_states, attention_mask):
         return self.block(hidden_states, attention_mask.bool())
@@ -183,7 +184,7 @@ def get_model(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-ATTENTION_MODULES = (MultiHeadAttention, CachedAttention)  # what the exporter fuses into one op each
+ATTENTION_MODULES = (MultiHeadAttention,)  # what the exporter fuses into one op each
 
 
 def count_attention_modules(module: nn.Module) -> int:

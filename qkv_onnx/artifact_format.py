@@ -7,6 +7,7 @@ domains each backend emits, and the graph walks both halves need.
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 import onnx
 
 from . import decoder_format
+from .block import block_spec, block_weights
+from .block import block_stages as stages_of
 from .errors import first_line
 
 FORMAT = "qkv-onnx-artifact/1"
@@ -513,14 +516,8 @@ def tap_label(tap: str, layer: int | None) -> str:
 
 
 def block_stages(architecture: str, cfg: dict) -> tuple[int, int]:
-    """The sequential rounding stages of a block's attention and feed-forward sublayers (tolerance policy):
-    one each, its norm included; a decoder's q/k norms add one to the attention, a norm after a sublayer
-    as well as before it (sandwich) one to each."""
-    if architecture != decoder_format.DECODER:
-        return 1, 1
-    after = decoder_format.feature(cfg, "norm_placement") == "sandwich"
-    qk = decoder_format.feature(cfg, "qk_norm") != "none"
-    return 1 + after + qk, 1 + after
+    """The rounding stages of a block's attention and feed-forward sublayers (qkv_onnx/block.py)."""
+    return stages_of(block_spec(architecture, cfg))
 
 
 def tap_stages(architecture: str, cfg: dict, tap: str, layer: int | None) -> int:
@@ -646,26 +643,17 @@ def _norm(prefix: str, width: int) -> dict:
     return {f"{prefix}.weight": (width,), f"{prefix}.bias": (width,)}
 
 
-def _attention_weights(prefix: str, cfg: dict) -> dict:
-    h = cfg["hidden_size"]
-    kv_width = h // cfg["num_heads"] * (cfg["num_kv_heads"] or cfg["num_heads"])
+def _block_weights(prefix: str, architecture: str, cfg: dict) -> dict:
+    """One block's parameters named under `prefix` (qkv_onnx/block.py); an attention model's: its
+    attention's."""
+    shapes = block_weights(block_spec(architecture, cfg))
     return {
-        **_linear(f"{prefix}.q_proj", h, h),
-        **_linear(f"{prefix}.k_proj", kv_width, h),
-        **_linear(f"{prefix}.v_proj", kv_width, h),
-        **_linear(f"{prefix}.out_proj", h, h),
+        f"{prefix}{k}": v for k, v in shapes.items() if architecture != "attention" or k.startswith("attn.")
     }
 
 
-def _block_weights(prefix: str, cfg: dict) -> dict:
-    h, f = cfg["hidden_size"], cfg["ffn_size"]
-    return {
-        **_attention_weights(f"{prefix}.attn", cfg),
-        **_norm(f"{prefix}.attn_norm", h),
-        **_linear(f"{prefix}.ffn.fc1", f, h),
-        **_linear(f"{prefix}.ffn.fc2", h, f),
-        **_norm(f"{prefix}.ffn_norm", h),
-    }
+def _count(shapes: dict) -> tuple[int, int]:
+    return len(shapes), sum(math.prod(s) for s in shapes.values())
 
 
 def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
@@ -673,12 +661,10 @@ def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
     must be, known before anything is read or enumerated (a manifest may claim 10^12 layers)."""
     if architecture == decoder_format.DECODER:
         return decoder_format.weight_totals(cfg)
-    h, f = cfg["hidden_size"], cfg["ffn_size"]
-    kv = h // cfg["num_heads"] * (cfg["num_kv_heads"] or cfg["num_heads"])
-    attention = (8, 2 * (h * h + h) + 2 * (kv * h + kv))
-    block = (attention[0] + 8, attention[1] + 4 * h + (f * h + f) + (h * f + h))
+    h = cfg["hidden_size"]
+    block = _count(_block_weights("", architecture, cfg))
     if architecture == "attention":
-        return attention
+        return block
     if architecture == "encoder-block":
         return block
     e, types, buckets = cfg["embedding_size"] or h, cfg["type_vocab_size"], cfg["relative_attention_buckets"]
@@ -701,10 +687,8 @@ def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]
     content of weights.npz (the state_dict of model_defs' module, checked against it in the tests)."""
     if architecture == decoder_format.DECODER:
         return decoder_format.expected_weights(cfg)
-    if architecture == "attention":
-        return _attention_weights("attn", cfg)
-    if architecture == "encoder-block":
-        return _block_weights("block", cfg)
+    if architecture in ("attention", "encoder-block"):
+        return _block_weights("block." if architecture == "encoder-block" else "", architecture, cfg)
     h = cfg["hidden_size"]
     e = cfg["embedding_size"] or h
     out = {
@@ -717,7 +701,7 @@ def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]
     if cfg["relative_attention_buckets"]:
         out["relative_bias.weight"] = (cfg["relative_attention_buckets"], cfg["num_heads"])
     for i in range(cfg["num_layers"]):
-        out.update(_block_weights(f"blocks.{i}", cfg))
+        out.update(_block_weights(f"blocks.{i}.", architecture, cfg))
     if cfg["pre_layer_norm"]:
         out.update(_norm("final_norm", h))
     if cfg["with_pooler"]:

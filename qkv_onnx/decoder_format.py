@@ -192,44 +192,9 @@ def model_io(cfg: dict, dtype: str) -> tuple[list[dict], list[dict]]:
 
 def layer_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
     """One block's parameters (names relative to blocks.N) and shapes: every block has the same."""
-    h, f, d = cfg["hidden_size"], cfg["ffn_size"], head_dim(cfg)
-    q, kv = cfg["num_heads"] * d, kv_heads(cfg) * d
-    ab, mb = cfg["attention_bias"], cfg["mlp_bias"]
-    out_bias = ab if feature(cfg, "out_bias") is None else feature(cfg, "out_bias")
+    from .block import block_spec, block_weights
 
-    def linear(prefix, out_f, in_f, bias):
-        return {f"{prefix}.weight": (out_f, in_f), **({f"{prefix}.bias": (out_f,)} if bias else {})}
-
-    def norm(prefix, width=h):
-        return {
-            f"{prefix}.weight": (width,),
-            **({f"{prefix}.bias": (width,)} if cfg["norm"] == "layer" else {}),
-        }
-
-    placement = feature(cfg, "norm_placement")
-    out = norm("attn_norm") if placement != "post" else {}
-    out.update(linear("attn.q_proj", q, h, ab))
-    out.update(linear("attn.k_proj", kv, h, ab))
-    out.update(linear("attn.v_proj", kv, h, ab))
-    qk_norm = feature(cfg, "qk_norm")
-    if qk_norm != "none":
-        out.update(norm("attn.q_norm", d if qk_norm == "head" else q))
-        out.update(norm("attn.k_norm", d if qk_norm == "head" else kv))
-    out.update(linear("attn.out_proj", h, q, out_bias))
-    if placement != "pre":
-        out.update(norm("post_attn_norm"))
-    if placement != "post":
-        out.update(norm("ffn_norm"))
-    if cfg["ffn"] == "gated":
-        out.update(linear("ffn.gate_proj", f, h, mb))
-        out.update(linear("ffn.up_proj", f, h, mb))
-        out.update(linear("ffn.down_proj", h, f, mb))
-    else:
-        out.update(linear("ffn.fc1", f, h, mb))
-        out.update(linear("ffn.fc2", h, f, mb))
-    if placement != "pre":
-        out.update(norm("post_ffn_norm"))
-    return out
+    return block_weights(block_spec(DECODER, cfg))
 
 
 def model_weights(cfg: dict) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,10 @@ other count is the float32 row's. Each int8 weight must be its parameter quantiz
 (symmetric: zero points 0, scale max|w|/127, every element within half a step of the parameter).
 
 Keyed by (architecture, features, backend, dtype, opset): a new float dtype or backend adds rows to the
-table, not code here. Torch-free: numpy and onnx only.
+table, not code here. A decoder with the current families' features has no row of its own: its counts are
+the Llama style's row plus each feature's component (what the feature adds, once, per layer or per layer of
+its kind: decoder_components), so the table grows with the features, not with their combinations; a
+composition nobody derived (another style) is refused. Torch-free: numpy and onnx only.
 """
 
 import hashlib
@@ -44,7 +47,7 @@ from .artifact_format import (
     op_key,
     stored_weight_dtype,
 )
-from .decoder_format import DECODER, FEATURES
+from .decoder_format import DECODER, FEATURES, feature, kv_heads, layer_types
 
 TABLE_FILE = "graph_table.json"
 SMALL_CONSTANT = 16  # a constant the exporter writes itself (a shape, a scalar): at most this many elements
@@ -326,13 +329,130 @@ def _difference(got: dict, want: dict) -> str:
     return ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
 
 
+LLAMA_STYLE = ("gated-ffn", "rms-norm", "rope", "silu")  # the features of the row components build on
+
+
+def decoder_components(cfg: dict) -> dict[str, int] | None:
+    """{component: units} that make a decoder's graph from the Llama style's row (derive_graph_table's
+    DECODER_COMPONENTS: what each feature adds, per layer it applies to, per layer of its kind, or once), or
+    None where no composition is known (another style; every rotating layer reading a local theta)."""
+    if (cfg["positions"], cfg["norm"], cfg["ffn"]) != ("rope", "rms", "gated"):
+        return None
+    n, types = cfg["num_layers"], layer_types(cfg)
+    rotates = list(cfg.get("rope_layers") or [True] * n)
+    local = feature(cfg, "rope_local_theta") is not None
+    if local and all(t == "sliding" for t, r in zip(types, rotates) if r):
+        return None
+    scaling = feature(cfg, "rope_scaling") or {}
+    bias, out_bias = cfg["attention_bias"], feature(cfg, "out_bias")
+    units = {
+        "gqa": n * (kv_heads(cfg) != cfg["num_heads"]),
+        "attention-bias": n * bias,
+        "no-out-bias": n * (bias and out_bias is False),
+        "out-bias-only": n * (not bias and out_bias is True),
+        "mlp-bias": n * cfg["mlp_bias"],
+        "tied-head": int(cfg["tie_word_embeddings"]),
+        **{f"act={a}": n for a in [cfg["hidden_act"]] if a != "silu"},
+        "head-dim": n * ("head_dim" in cfg),
+        **{f"qk-norm={q}": n for q in [feature(cfg, "qk_norm")] if q != "none"},
+        **{f"norm-placement={p}": n for p in [feature(cfg, "norm_placement")] if p != "pre"},
+        **{k: n * (k.replace("-", "_") in cfg) for k in ("residual-multiplier", "attention-scale")},
+        "attention-softcap": n * ("attention_softcap" in cfg),
+        **{
+            k: int(k.replace("-", "_") in cfg)
+            for k in ("embedding-multiplier", "logits-divisor", "final-softcap")
+        },
+        "sliding-mask": int("sliding" in types),
+        "no-full-mask": int("full" not in types),
+        **({f"rope-scaling={scaling['rope_type']}": 1} if scaling else {}),
+        "attention-factor": int(scaling.get("attention_factor", 1.0) != 1.0),
+        "partial-rotary": sum(rotates) * ("rotary_dim" in cfg),
+        "local-rope-table": int(local and any(t == "sliding" for t, r in zip(types, rotates) if r)),
+        "no-rope-layer": n - sum(rotates),
+    }
+    return {k: v for k, v in units.items() if v}
+
+
+def composed_row(key: tuple, cfg: dict) -> dict | None:
+    """A decoder's row made from the Llama style's row and its components' counts (fixed where present, plus
+    per unit), for the backend, dtype and opset of `key`; None where the table cannot compose it."""
+    arch, _, backend, dtype, opset = key
+    units = decoder_components(cfg) if arch == DECODER else None
+    base = ROWS.get((DECODER, LLAMA_STYLE, backend, dtype, opset))
+    parts = [COMPONENTS.get((name, backend, dtype, opset)) for name in units or ()]
+    if units is None or base is None or None in parts:
+        return None
+    layers = cfg["num_layers"]
+    ops = {k: fixed + per * layers for k, (fixed, per) in base["ops"].items()}
+    constants = base["constants"][0] + base["constants"][1] * layers
+    for n, part in zip(units.values(), parts):
+        for k, (fixed, per) in part["ops"].items():
+            ops[k] = ops.get(k, 0) + fixed + per * n
+        constants += part["constants"][0] + part["constants"][1] * n
+    return {
+        "ops": {k: (v, 0) for k, v in ops.items() if v},
+        "constants": (constants, 0),
+        "domains": base["domains"],
+    }
+
+
+ATTENTION_ATTRIBUTES = {"Attention": ("scale", "softcap"), "GroupQueryAttention": ("scale", "softcap")}
+
+
+def check_attention_attributes(model: onnx.ModelProto, cfg: dict) -> None:
+    """A decoder's fused attention ops, layer by layer in graph order, carry the config's score scale and soft
+    cap (0: none) and, in GroupQueryAttention, each sliding layer's window (`local_window_size`): what the op
+    computes with, that no op count shows. Raises ContractError naming the layer and attribute."""
+    fused = [n for n in model.graph.node if (n.domain, n.op_type) in every_attention_op()]
+    if not fused:
+        return
+    scale = feature(cfg, "attention_scale")
+    for layer, (node, kind) in enumerate(zip(fused, layer_types(cfg))):
+        found = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in node.attribute}
+        want = {"softcap": float(feature(cfg, "attention_softcap")), "scale": scale}
+        if node.op_type == "GroupQueryAttention":
+            want["local_window_size"] = cfg["sliding_window"] if kind == "sliding" else None
+        for name, value in want.items():
+            got = found.get(name)
+            got = None if got in (None, 0, -1) and not value else got
+            same = (
+                got == value
+                if not isinstance(value, float)
+                else got is not None and np.float32(got) == np.float32(value)
+            )
+            if not same and not (value in (None, 0.0) and got is None):
+                raise ContractError(
+                    f"layer {layer}'s {node.op_type} has {name} {got}, the config says {value}"
+                )
+
+
+def unchecked(manifest: dict) -> list[str]:
+    """A decoder config's values the structural contract does not read off the graph (constants it counts but
+    does not compare): a rebuild proves them, parity on the cases judged shows what they change there."""
+    cfg, backend = manifest["model"]["config"], manifest.get("backend")
+    if manifest["model"]["architecture"] != DECODER:
+        return []
+    keys = ["embedding_multiplier", "residual_multiplier", "logits_divisor", "final_softcap"]
+    if backend != "ort-contrib":  # GroupQueryAttention's local_window_size is checked
+        keys.append("sliding_window")
+    if backend == "decomposed":  # no fused op's attributes: the scale and cap are constants too
+        keys += ["attention_scale", "attention_softcap"]
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "longrope":  # where it switches; its tables' bytes are checked
+        keys.append("original_max_position_embeddings")
+    if "attention_factor" in scaling:
+        keys.append("attention_factor")
+    return [f"{k} {cfg[k] if k in cfg else scaling[k]}" for k in keys if k in cfg or k in scaling]
+
+
 def check_structure(model: onnx.ModelProto, manifest: dict, weights: dict) -> None:
     """Raise ContractError unless `model` is, in vocabulary, op histogram, opset imports and initializers,
-    what the exporter writes for the manifest's model (its row of the table; an int8 graph: its float32
-    row, quantized)."""
+    what the exporter writes for the manifest's model (its row of the table, or a decoder's composed from
+    its components; an int8 graph: its float32 row, quantized)."""
     key = row_key(manifest)
     quantized = key[3] in QUANTIZED
-    row = ROWS.get((*key[:3], "float32", key[4]) if quantized else key)
+    float_key = (*key[:3], "float32", key[4]) if quantized else key
+    row = ROWS.get(float_key) or composed_row(float_key, manifest["model"]["config"])
     if row is None:
         arch, feats, backend, dtype, opset = key
         raise ContractError(
@@ -341,6 +461,8 @@ def check_structure(model: onnx.ModelProto, manifest: dict, weights: dict) -> No
         )
     domains = {"": key[4], **row["domains"]}
     check_vocabulary(model, (*STANDARD_DOMAINS, *row["domains"]))
+    if key[0] == DECODER:
+        check_attention_attributes(model, manifest["model"]["config"])
     imports = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     if imports != domains:
         raise ContractError(f"opset imports {imports}, the exporter writes {domains}")
@@ -447,7 +569,25 @@ def read_table(path: Path) -> tuple[dict, dict]:
         }
     if not isinstance(doc.get("exporter"), dict):
         raise TableError(f"{path}: no exporter versions")
-    return doc["exporter"], rows
+    components = {}
+    for c in doc.get("components", []):
+        ok = (
+            isinstance(c, dict)
+            and all(isinstance(c.get(k), str) for k in ("component", "backend", "dtype"))
+            and type(c.get("opset")) is int
+            and isinstance(c.get("ops"), dict)
+            and all(isinstance(k, str) and _counts(v) for k, v in c["ops"].items())
+            and _counts(c.get("constants"))
+        )
+        if not ok:
+            raise TableError(
+                f"{path}: a component that is not {{component, backend, dtype, opset, ops, ...}}"
+            )
+        components[c["component"], c["backend"], c["dtype"], c["opset"]] = {
+            "ops": {k: tuple(v) for k, v in c["ops"].items()},
+            "constants": tuple(c["constants"]),
+        }
+    return doc["exporter"], rows, components
 
 
-EXPORTER, ROWS = read_table(Path(__file__).with_name(TABLE_FILE))
+EXPORTER, ROWS, COMPONENTS = read_table(Path(__file__).with_name(TABLE_FILE))

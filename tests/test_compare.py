@@ -75,7 +75,9 @@ def test_tolerance_unknown_dtype_raises():
 
 def test_error_terms_of_a_bert_manifest():
     """K: the longest accumulation (hidden, ffn or keys); S: 2 per layer + embeddings + pooler."""
-    m = {"model": {"architecture": "bert", "config": {"hidden_size": 128, "ffn_size": 512, "num_layers": 2}}}
+    from qkv_onnx.model_defs.config import PRESETS
+
+    m = {"model": {"architecture": "bert", "config": PRESETS["bert-tiny"].to_dict()}}  # hidden 128, ffn 512
     assert model_error_terms(m, 7) == (512, 6)
     assert model_error_terms(m, 600) == (600, 6)
     m["model"]["architecture"] = "attention"

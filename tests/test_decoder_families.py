@@ -10,14 +10,18 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from helpers import rotation, run_cli, trained_vectors
 
+from qkv_onnx.accuracy_contract import judge
 from qkv_onnx.decoder_format import FEATURES
 from qkv_onnx.export.cli import main as export_main
+from qkv_onnx.graph_contract import check_structure
 from qkv_onnx.validate import oracle
+from qkv_onnx.validate.artifact import load_artifact
 from qkv_onnx.validate.compare import model_error_terms, tolerance
 from qkv_onnx.validate.decode import GREEDY_TOKENS, Decoder, greedy, margins
 
@@ -123,7 +127,10 @@ FAMILIES = {
 }
 BACKENDS = ["onnx-attention", "ort-contrib", "decomposed"]
 FUSED = {"onnx-attention": "Attention", "ort-contrib": "com.microsoft::GroupQueryAttention"}
-CELLS = rotation(list(FAMILIES), BACKENDS)
+# (backend, dtype): float32 on every backend, float16 and int8 on a fused one each (as the Llama cells of
+# tests/test_decoders.py); the default run keeps one per family, rotating, all under -m matrix
+KINDS = [(b, "float32") for b in BACKENDS] + [("onnx-attention", "float16"), ("ort-contrib", "int8")]
+CELLS = rotation(list(FAMILIES), KINDS)
 
 
 def make_checkpoint(family: str, directory):
@@ -158,13 +165,13 @@ def checkpoint(tmp_path_factory):
 def artifact(checkpoint, tmp_path_factory):
     cache = {}
 
-    def get(family, backend):
-        if (family, backend) not in cache:
-            out = tmp_path_factory.mktemp("families") / f"{family}-{backend}"
+    def get(family, backend, dtype="float32"):
+        if (family, backend, dtype) not in cache:
+            out = tmp_path_factory.mktemp("families") / f"{family}-{backend}-{dtype}"
             args = ["--weights", str(checkpoint(family)[0]), "--backend", backend, "--out", str(out)]
-            assert export_main(args) == 0
-            cache[family, backend] = out
-        return cache[family, backend]
+            assert export_main([*args, "--dtype", dtype]) == 0
+            cache[family, backend, dtype] = out
+        return cache[family, backend, dtype]
 
     return get
 
@@ -220,11 +227,15 @@ def oracle_run(manifest: dict, out):
     return lambda inputs: list(oracle.forward("decoder", cfg, {}, weights, inputs))
 
 
-@pytest.mark.parametrize("family, backend", CELLS)
+@pytest.mark.parametrize("family, kind", CELLS)
 def test_family_exports_fused_validates_and_decodes_as_transformers(
-    family, backend, checkpoint, artifact, tmp_path, capsys
+    family, kind, checkpoint, artifact, tmp_path, capsys
 ):
-    out = artifact(family, backend)
+    """float32: the logits within twice the rounding tolerance of transformers' (both round) and within it of
+    the oracle's, and the same 32 greedy tokens; float16 likewise at its own tolerance; int8 by its accuracy
+    contract (next-token agreement, token cosine, relative error of the logits)."""
+    backend, dtype = kind
+    out = artifact(family, backend, dtype)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["checkpoint"]["family"] == family
     counts, layers = manifest["op_counts"], manifest["model"]["config"]["num_layers"]
@@ -234,20 +245,30 @@ def test_family_exports_fused_validates_and_decodes_as_transformers(
     code, _, err, doc = run_cli(capsys, out, "--providers", "cpu", "--json", tmp_path / "v.json")
     assert code == 0, err
     assert "byte-identical to the exporter's rebuild" in doc["artifacts"][0]["graph_check"]
+    structural = load_artifact(out, rebuild=False)  # without torch: the Llama row and the family's components
+    check_structure(onnx.load(str(structural.model_path)), structural.manifest, structural.weights)
+    structural.close()
 
     hf = checkpoint(family)[1]
     want_tokens, want_logits = generate(hf)
     got = teacher_forced(Decoder(manifest, session_run(out)), want_tokens)
     by_oracle = teacher_forced(Decoder(manifest, oracle_run(manifest, out)), want_tokens)
+    if dtype == "int8":
+        for reference in (want_logits, by_oracle):
+            contract = judge(got, reference, None, False, logits=True)
+            assert contract.passed, contract.describe()
+        return
     k, stages = model_error_terms(manifest, PROMPT + GREEDY_TOKENS)
-    atol = 2 * tolerance("float32", k, stages) * np.abs(want_logits).max()  # two roundings: ours, theirs
+    atol = 2 * tolerance(dtype, k, stages) * np.abs(want_logits).max()  # two roundings: ours, theirs
     assert np.abs(got - want_logits).max() <= atol, "artifact vs transformers"
     assert np.abs(by_oracle - want_logits).max() <= atol, "oracle vs transformers"
     assert np.abs(got - by_oracle).max() <= atol / 2, "artifact vs oracle"
-
-    tokens, logits = greedy(Decoder(manifest, session_run(out)), *prompt(), GREEDY_TOKENS)
-    np.testing.assert_array_equal(tokens, want_tokens)
-    assert margins(want_logits).min() > 2 * np.abs(logits - want_logits).max(), "a near tie: equal by luck"
+    if dtype == "float32":
+        tokens, logits = greedy(Decoder(manifest, session_run(out)), *prompt(), GREEDY_TOKENS)
+        np.testing.assert_array_equal(tokens, want_tokens)
+        assert margins(want_logits).min() > 2 * np.abs(logits - want_logits).max(), (
+            "a near tie: equal by luck"
+        )
 
 
 def _without(cfg: dict, feature: str) -> dict:

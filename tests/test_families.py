@@ -216,7 +216,7 @@ def _refused(tmp_path, capsys, config: dict) -> str:
     return single_error_line(capsys.readouterr().err, "qkv-export")
 
 
-@pytest.mark.parametrize("model_type", ["deberta-v2", "mistral"])
+@pytest.mark.parametrize("model_type", ["deberta-v2", "falcon"])
 def test_a_family_we_do_not_serve_is_refused(model_type, tmp_path, capsys):
     line = _refused(tmp_path, capsys, {"model_type": model_type})
     assert f"model_type '{model_type}' is not supported" in line and "roberta" in line and "llama" in line

@@ -8,9 +8,9 @@ import torch
 from qkv_onnx.model_defs import (
     PRESETS,
     BertModel,
-    EncoderBlock,
     EncoderConfig,
     MultiHeadAttention,
+    encoder_block,
     param_count,
 )
 from qkv_onnx.model_defs.registry import MODELS, count_attention_modules, get_model, init_random_weights
@@ -188,13 +188,13 @@ def test_bad_head_layout_rejected_by_module():
         MultiHeadAttention(64, 8, num_kv_heads=3)
 
 
-# --- EncoderBlock and BertModel -----------------------------------------------------------------
+# --- the encoder block and BertModel -----------------------------------------------------------------
 
 
 def test_pre_and_post_layer_norm_blocks_differ():
     cfg = EncoderConfig(num_layers=1, hidden_size=64, num_heads=4, ffn_size=128)
-    post = init_random_weights(EncoderBlock(cfg), 3).double()
-    pre = init_random_weights(EncoderBlock(replace(cfg, pre_layer_norm=True)), 3).double()
+    post = init_random_weights(encoder_block(cfg), 3).double()
+    pre = init_random_weights(encoder_block(replace(cfg, pre_layer_norm=True)), 3).double()
     x, pad = randn(2, 5, 64), padding([5, 2], 5)
     with torch.no_grad():
         a, b = post(x, pad), pre(x, pad)

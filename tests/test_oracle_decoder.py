@@ -481,7 +481,8 @@ def test_names_and_graph_order_match_the_decoder_module(cfg):
     fed to oracle.forward as is, inputs and outputs in graph order, prefill then a cached step."""
     import torch
 
-    from qkv_onnx.model_defs.decoder import CachedAttention, DecoderConfig, DecoderModel, empty_cache
+    from qkv_onnx.model_defs.attention import MultiHeadAttention
+    from qkv_onnx.model_defs.decoder import DecoderConfig, DecoderModel, empty_cache
 
     torch.manual_seed(0)
     model = DecoderModel(DecoderConfig.from_dict(cfg)).eval()
@@ -489,7 +490,7 @@ def test_names_and_graph_order_match_the_decoder_module(cfg):
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
     for module in model.modules():
-        if isinstance(module, CachedAttention):
+        if isinstance(module, MultiHeadAttention):
             module.zero_empty_rows = True  # as exported: no NaN from the all-padding query rows
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
     ids, mask, pos = left_padded([8, 5], 8, cfg["vocab_size"], seed=8)

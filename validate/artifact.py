@@ -40,7 +40,7 @@ from ..artifact_format import (
     with_defaults,
 )
 from ..errors import ArtifactError, BrokenEnvironment, first_line, show
-from ..graph_contract import ContractError, check_structure, check_vocabulary, weight_dtype
+from ..graph_contract import ContractError, check_structure, check_vocabulary, unchecked, weight_dtype
 from ..stages import stage
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
 from .intake import check_tree, copy_verified
@@ -79,7 +79,9 @@ class Artifact:
                 self.foreign_ops = check_structural(
                     self.path, self.private, self.manifest, self.weights, self.limits
                 )
-                self.graph_check = structural_check(f"the exporter cannot run here ({e})")
+                self.graph_check = structural_check(
+                    f"the exporter cannot run here ({e})", unchecked(self.manifest)
+                )
                 return
             self.foreign_ops = tuple(sorted(k for k in counts if "::" in k))
 
@@ -115,12 +117,14 @@ class Artifact:
             self._scratch = None
 
 
-def structural_check(why: str) -> str:
-    """The report's line for a graph judged by the structural contract, and why it was not rebuilt."""
-    return (
+def structural_check(why: str, values: list[str] = ()) -> str:
+    """The report's line for a graph judged by the structural contract, why it was not rebuilt, and the
+    config values it does not read off the graph (graph_contract.unchecked)."""
+    line = (
         "graph: structural contract (vocabulary, op counts, inputs and outputs, initializers = weights.npz) "
         f"and onnx.checker; not rebuilt: {why}"
     )
+    return line + ("; not checked without a rebuild: " + ", ".join(values) if values else "")
 
 
 def read_manifest(directory: Path) -> dict:
@@ -496,7 +500,7 @@ def load_artifact(
             graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
-            graph_check = structural_check(why)
+            graph_check = structural_check(why, unchecked(manifest))
     except BaseException:
         if pending is not None:
             pending.cancel()

@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-from ..decoder_format import feature, head_dim, layer_types
+from ..block import block_spec
+from ..decoder_format import DECODER, feature, head_dim, layer_types
 from ..rope import frequencies, switches
 
 
@@ -152,67 +153,87 @@ def multi_head_attention(
     x,
     w,
     prefix,
-    num_heads,
-    num_kv_heads,
+    spec,
     context=None,
-    key_padding_mask=None,
+    allowed=None,
     is_causal=False,
-    scale=None,
     probs=None,
     bias=None,
+    rotary=None,
+    past=None,
 ):
-    """Projections, attention per head, output projection. key_padding_mask (B, Lk): True/1 = attend.
-    `probs`: a list that receives the attention probabilities."""
+    """Projections (biases where the weights have them), q and k normed where the block's `spec` says
+    (qkv_onnx/block.py), RoPE (`rotary`: (position_ids, inv_freq, factor)), the cache `past` (key, value)
+    that new keys and values are appended to, attention per head (scale, soft cap), output projection.
+    `allowed`: bool broadcastable to (B, H, Lq, Lk), True = attend. `probs`: a list that receives the
+    attention probabilities. Returns y, and with a cache (present key, present value) too."""
     context = x if context is None else context
-    b, lq, width = x.shape
-    lk, d = context.shape[1], width // num_heads
+    b, lq, _ = x.shape
+    d = spec["head_dim"]
 
-    def heads(t, n):  # (B, L, n*d) -> (B, n, L, d)
-        return t.reshape(b, -1, n, d).transpose(0, 2, 1, 3)
+    def heads(t, n, norm=None):  # (B, L, n*d) -> (B, n, L, d), its q/k norm over the projection or each head
+        if norm and spec["qk_norm"] == "projection":
+            t = normalize(t, w, norm, spec["norm"], spec["eps"])
+        t = t.reshape(b, -1, n, d).transpose(0, 2, 1, 3)
+        return normalize(t, w, norm, spec["norm"], spec["eps"]) if norm and spec["qk_norm"] == "head" else t
 
-    q = heads(linear(x, w, prefix + ".q_proj"), num_heads)
-    k = heads(linear(context, w, prefix + ".k_proj"), num_kv_heads)
-    v = heads(linear(context, w, prefix + ".v_proj"), num_kv_heads)
-    mask = (
-        None if key_padding_mask is None else np.asarray(key_padding_mask).astype(bool).reshape(b, 1, 1, lk)
-    )
-    y = attention(q, k, v, mask, is_causal, scale, probs, bias)  # (B, H, Lq, d)
-    return linear(y.transpose(0, 2, 1, 3).reshape(b, lq, width), w, prefix + ".out_proj")
+    qk_norm = spec["qk_norm"] != "none"
+    q = heads(dense(x, w, prefix + ".q_proj"), spec["heads"], qk_norm and prefix + ".q_norm")
+    k = heads(dense(context, w, prefix + ".k_proj"), spec["kv_heads"], qk_norm and prefix + ".k_norm")
+    v = heads(dense(context, w, prefix + ".v_proj"), spec["kv_heads"])
+    if rotary is not None:
+        q, k = rope(q, *rotary), rope(k, *rotary)
+    if past is not None:
+        k = np.concatenate([np.asarray(past[0], np.float64), k], axis=2)
+        v = np.concatenate([np.asarray(past[1], np.float64), v], axis=2)
+    y = attention(q, k, v, allowed, is_causal, spec["scale"], probs, bias, spec["softcap"])  # (B, H, Lq, d)
+    y = dense(y.transpose(0, 2, 1, 3).reshape(b, lq, spec["heads"] * d), w, prefix + ".out_proj")
+    return y if past is None else (y, (k, v))
 
 
-def encoder_block(x, w, prefix, cfg, key_padding_mask=None, trace=None, layer=0, bias=None):
-    """BERT post-LN block, or pre-LN when cfg['pre_layer_norm']. `trace` records its taps as `layer`; `bias`:
-    scores added in attention (relative positions)."""
-    eps = cfg["layer_norm_eps"]
-    kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
-    trace = trace or Trace()
+def block(x, w, prefix, spec, trace, layer, allowed=None, bias=None, rotary=None, past=None):
+    """One transformer block as its `spec` says (qkv_onnx/block.py): attention then feed-forward, each added
+    to the residual stream with its norms where the placement puts them (BERT's post-LN: norm(x + f(x));
+    pre: x + f(norm x); sandwich: x + norm(f(norm x)); post: x + norm(f(x))), times the residual multiplier.
+    `trace` records its taps as `layer`. Returns x, and with a cache `past` the present (key, value) too."""
+    placement, r = spec["placement"], spec["residual_multiplier"]
     probs = None if trace.probs is None else []
 
-    def attn(t):
-        y = multi_head_attention(
-            t,
-            w,
-            prefix + ".attn",
-            cfg["num_heads"],
-            kv_heads,
-            key_padding_mask=key_padding_mask,
-            probs=probs,
-            bias=bias,
-        )
-        if probs:
-            trace.probs[layer], trace.score_scales[layer] = probs[0]
-        return trace.keep("attention", layer, y)
+    def norm(t, name):
+        return normalize(t, w, f"{prefix}.{name}", spec["norm"], spec["eps"])
 
-    act = ACTIVATIONS[cfg.get("hidden_act", "gelu")]
+    def added(t, name):  # what a sublayer adds to the residual stream
+        return r * (norm(t, f"post_{name}_norm") if placement in ("sandwich", "post") else t)
 
-    def ffn(t):
-        return linear(act(linear(t, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
+    outside = placement in ("post-residual", "post")
+    h = x if outside else norm(x, "attn_norm")
+    y = multi_head_attention(
+        h, w, prefix + ".attn", spec, allowed=allowed, probs=probs, bias=bias, rotary=rotary, past=past
+    )
+    y, present = (y, None) if past is None else y
+    if probs:
+        trace.probs[layer], trace.score_scales[layer] = probs[0]
+    y = trace.keep("attention", layer, y)
+    x = norm(x + y, "attn_norm") if placement == "post-residual" else x + added(y, "attn")
+    x = trace.keep("attention_block", layer, x)
+    h = x if outside else norm(x, "ffn_norm")
+    act = DECODER_ACTIVATIONS[spec["act"]]
+    if spec["gated"]:
+        gated = act(dense(h, w, prefix + ".ffn.gate_proj")) * dense(h, w, prefix + ".ffn.up_proj")
+        f = dense(gated, w, prefix + ".ffn.down_proj")
+    else:
+        f = dense(act(dense(h, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
+    x = norm(x + f, "ffn_norm") if placement == "post-residual" else x + added(f, "ffn")
+    x = trace.keep("block", layer, x)
+    return x if past is None else (x, present)
 
-    if cfg["pre_layer_norm"]:
-        x = trace.keep("attention_block", layer, x + attn(layer_norm(x, w, prefix + ".attn_norm", eps)))
-        return trace.keep("block", layer, x + ffn(layer_norm(x, w, prefix + ".ffn_norm", eps)))
-    x = trace.keep("attention_block", layer, layer_norm(x + attn(x), w, prefix + ".attn_norm", eps))
-    return trace.keep("block", layer, layer_norm(x + ffn(x), w, prefix + ".ffn_norm", eps))
+
+def padding(key_padding_mask):
+    """A padding mask (B, Lk), 1 = attend, as the boolean (B, 1, 1, Lk) attention broadcasts."""
+    if key_padding_mask is None:
+        return None
+    m = np.asarray(key_padding_mask).astype(bool)
+    return m.reshape(m.shape[0], 1, 1, m.shape[1])
 
 
 def bert(w, cfg, *inputs, trace=None):
@@ -229,8 +250,9 @@ def bert(w, cfg, *inputs, trace=None):
         x = linear(x, w, "embeddings.project")
     x = trace.keep("embeddings", None, x)
     bias = relative_bias(w, cfg, length) if cfg["relative_attention_buckets"] else None
+    spec = block_spec("bert", cfg)
     for i in range(cfg["num_layers"]):
-        x = encoder_block(x, w, f"blocks.{i}", cfg, attention_mask, trace, i, bias)
+        x = block(x, w, f"blocks.{i}", spec, trace, i, padding(attention_mask), bias)
     if cfg["pre_layer_norm"]:
         x = trace.keep("final_norm", None, layer_norm(x, w, "final_norm", eps))
     if not cfg["with_pooler"]:
@@ -254,19 +276,18 @@ def forward(architecture, cfg, options, weights, inputs, trace=None):
         return bert(w, cfg, *inputs, trace=trace)
     if architecture == "encoder-block":
         x, mask = inputs
-        return (encoder_block(np.asarray(x, np.float64), w, "block", cfg, mask, trace),)
+        spec = block_spec(architecture, cfg)
+        return (block(np.asarray(x, np.float64), w, "block", spec, trace, 0, padding(mask)),)
     if architecture == "attention":
         x, *context, mask = inputs
-        kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
         probs = None if trace.probs is None else []
         y = multi_head_attention(
             np.asarray(x, np.float64),
             w,
             "attn",
-            cfg["num_heads"],
-            kv_heads,
+            block_spec(architecture, cfg),
             context=np.asarray(context[0], np.float64) if context else None,
-            key_padding_mask=mask,
+            allowed=padding(mask),
             is_causal=options.get("causal", False),
             probs=probs,
         )
@@ -329,12 +350,12 @@ def dense(x, w, prefix):
 DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": silu}
 
 
-def _decoder_norm(x, w, prefix, cfg):
-    if cfg["norm"] == "rms":
-        return rms_norm(x, w, prefix, cfg["norm_eps"])
+def normalize(x, w, prefix, kind, eps):
+    """LayerNorm ("layer": its bias where the weights have one) or RMSNorm ("rms") over the last axis."""
+    if kind == "rms":
+        return rms_norm(x, w, prefix, eps)
     mean = x.mean(axis=-1, keepdims=True)
-    y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + cfg["norm_eps"])
-    y = y * w[prefix + ".weight"]
+    y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + eps) * w[prefix + ".weight"]
     return y + w[prefix + ".bias"] if prefix + ".bias" in w else y
 
 
@@ -354,11 +375,7 @@ def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | 
     trace = trace or Trace()
     input_ids = np.asarray(input_ids)
     b, s = input_ids.shape
-    heads, kv_heads, d = cfg["num_heads"], cfg.get("num_kv_heads") or cfg["num_heads"], head_dim(cfg)
-    act = DECODER_ACTIVATIONS[cfg["hidden_act"]]
-    placement, r = feature(cfg, "norm_placement"), feature(cfg, "residual_multiplier")
-    qk_norm, cap = feature(cfg, "qk_norm"), feature(cfg, "attention_softcap")
-    scale = feature(cfg, "attention_scale") or 1.0 / math.sqrt(d)
+    kv_heads, d = cfg.get("num_kv_heads") or cfg["num_heads"], head_dim(cfg)
     past = past or [(np.zeros((b, kv_heads, 0, d)), np.zeros((b, kv_heads, 0, d)))] * cfg["num_layers"]
     p = past[0][0].shape[2]
     mask = np.asarray(attention_mask).astype(bool)
@@ -384,52 +401,15 @@ def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | 
         x = x + w["embed.position.weight"][positions]
     x = trace.keep("embeddings", None, x * feature(cfg, "embedding_multiplier"))
 
-    def split(t, n):  # (B, S, n*d) -> (B, n, S, d)
-        return t.reshape(b, s, n, d).transpose(0, 2, 1, 3)
-
-    def sublayer(value, post):  # what a sublayer adds to the residual stream
-        return r * (value if placement == "pre" else _decoder_norm(value, w, post, cfg))
-
-    present, rotates = [], cfg.get("rope_layers") or [True] * cfg["num_layers"]
+    spec, present = block_spec(DECODER, cfg), []
+    rotates = cfg.get("rope_layers") or [True] * cfg["num_layers"]
     for layer, kind in enumerate(layer_types(cfg)):
-        prefix = f"blocks.{layer}"
-        h = x if placement == "post" else _decoder_norm(x, w, prefix + ".attn_norm", cfg)
-        q, k = dense(h, w, prefix + ".attn.q_proj"), dense(h, w, prefix + ".attn.k_proj")
-        v = split(dense(h, w, prefix + ".attn.v_proj"), kv_heads)
-        if qk_norm == "projection":
-            q, k = (
-                _decoder_norm(q, w, prefix + ".attn.q_norm", cfg),
-                _decoder_norm(k, w, prefix + ".attn.k_norm", cfg),
-            )
-        q, k = split(q, heads), split(k, kv_heads)
-        if qk_norm == "head":
-            q, k = (
-                _decoder_norm(q, w, prefix + ".attn.q_norm", cfg),
-                _decoder_norm(k, w, prefix + ".attn.k_norm", cfg),
-            )
-        if cfg["positions"] == "rope" and rotates[layer]:
-            q, k = rope(q, positions, *tables[kind]), rope(k, positions, *tables[kind])
-        k = np.concatenate([np.asarray(past[layer][0], np.float64), k], axis=2)
-        v = np.concatenate([np.asarray(past[layer][1], np.float64), v], axis=2)
-        present.append((k, v))
-        probs = None if trace.probs is None else []
-        y = attention(q, k, v, allowed[kind], scale=scale, probs=probs, softcap=cap)  # (B, H, S, d)
-        if probs:
-            trace.probs[layer], trace.score_scales[layer] = probs[0]
-        y = dense(y.transpose(0, 2, 1, 3).reshape(b, s, heads * d), w, prefix + ".attn.out_proj")
-        x = trace.keep(
-            "attention_block",
-            layer,
-            x + sublayer(trace.keep("attention", layer, y), prefix + ".post_attn_norm"),
+        rotary = (positions, *tables[kind]) if cfg["positions"] == "rope" and rotates[layer] else None
+        x, cache = block(
+            x, w, f"blocks.{layer}", spec, trace, layer, allowed[kind], rotary=rotary, past=past[layer]
         )
-        h = x if placement == "post" else _decoder_norm(x, w, prefix + ".ffn_norm", cfg)
-        if cfg["ffn"] == "gated":
-            f = act(dense(h, w, prefix + ".ffn.gate_proj")) * dense(h, w, prefix + ".ffn.up_proj")
-            f = dense(f, w, prefix + ".ffn.down_proj")
-        else:
-            f = dense(act(dense(h, w, prefix + ".ffn.fc1")), w, prefix + ".ffn.fc2")
-        x = trace.keep("block", layer, x + sublayer(f, prefix + ".post_ffn_norm"))
-    x = trace.keep("final_norm", None, _decoder_norm(x, w, "final_norm", cfg))
+        present.append(cache)
+    x = trace.keep("final_norm", None, normalize(x, w, "final_norm", cfg["norm"], cfg["norm_eps"]))
     head = w["lm_head.weight"] if "lm_head.weight" in w else w["embed.word.weight"]
     logits = x @ head.T / feature(cfg, "logits_divisor")
     final_cap = feature(cfg, "final_softcap")
