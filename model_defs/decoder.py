@@ -210,10 +210,9 @@ def rope_tables(position_ids, cfg: DecoderConfig, dtype, local: bool = False):
         inv_freq = torch.where(position_ids.max() + 1 > original, long, inv_freq)
     angles = position_ids[:, None, :, None].to(wide) * inv_freq  # (B, 1, S, r/2)
     angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    if factor != 1.0:
-        cos, sin = cos * factor, sin * factor
-    return cos.to(dtype), sin.to(dtype)
+    if factor == 1.0:
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
 class Embeddings(nn.Module):
