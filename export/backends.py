@@ -20,8 +20,7 @@ import warnings
 import onnx
 import torch
 
-from ..artifact_format import BACKENDS
-from ..decoder_format import DECODER
+from ..artifact_format import ARCHITECTURES, BACKENDS
 from ..errors import ExportError, first_line
 from ..model_defs.attention import MultiHeadAttention
 from ..stages import stage
@@ -94,7 +93,7 @@ def export_onnx(
     import onnx_ir
 
     model = onnx_ir.serde.serialize_model(program.model)
-    if architecture == DECODER:
+    if ARCHITECTURES[architecture].cached:
         _name_total(model)
         if b.attention_ops:
             _cache_into_attention(model, module, b)

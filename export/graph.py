@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..artifact_format import BACKENDS, graph_io, model_layers
+from ..artifact_format import ARCHITECTURES, BACKENDS, graph_io, model_layers
 from ..model_defs.registry import (
     ModelSpec,
     count_attention_modules,
@@ -25,12 +25,6 @@ from .taps import find_taps
 
 TRACE_CASE = (2, 16, [16, 11])  # shapes torch.export traces with: not 0 or 1, so no dim specializes
 TRACE_PAST = 3  # a decoder's cached tokens in the trace (not 0 or 1 either)
-STITCHED = ("bert",)  # architectures stitched from a two-layer template (export/stitch.py)
-# architectures built from a template of the model itself (below two layers, or not stitched), its weights
-# replaced: a process exports each description once. Not decoders: their probe weights cost more than one
-# whole export saves (gpt2-small +5%), and a process seldom exports a decoder's description twice.
-REWEIGHTED = ("attention", "encoder-block", "bert")
-TAPPED = ("attention", "encoder-block", "bert", "decoder")  # architectures whose graphs have taps (taps.py)
 TRACE_SEED = 0  # the trace's input values: fixed, so the graph depends on the model and options only
 PROBE_SEED = 1  # the two-layer export's weights: any seeded, all-distinct values
 STAGE_READ_BACK, STAGE_FUSION_CHECK = "onnx.load (read graph back)", "fusion check"
@@ -40,13 +34,13 @@ STAGE_STITCH, STAGE_SAVE, STAGE_CANONICAL = "stitch the layers", "save model.onn
 def _dynamic_shapes(spec: ModelSpec) -> tuple:
     """One torch.export Dim per symbolic name; sequences of a BERT model are bounded by its positions, a
     decoder's cache may be empty. A decoder's cache inputs are its forward's *past: one nested tuple."""
-    dims = {}
+    dims, arch = {}, ARCHITECTURES[spec.architecture]
     shapes = []
     for inp in spec.inputs:
         axes = {}
         for axis, d in enumerate(inp.shape):
             if isinstance(d, str):
-                bounded = spec.architecture == "bert" and d != "batch"
+                bounded = not arch.cached and arch.layered and d != "batch"  # a BERT's position table
                 dims.setdefault(
                     d,
                     torch.export.Dim(
@@ -107,9 +101,10 @@ def build_graph(
 def _template_spec(spec: ModelSpec) -> ModelSpec | None:
     """The model whose template build_graph takes `spec`'s graph from (a stitched model's two-layer version,
     or `spec` itself), or None when it is exported whole."""
-    if layers(spec) >= 2 and spec.architecture in STITCHED:
+    arch = ARCHITECTURES[spec.architecture]
+    if layers(spec) >= 2 and arch.stitched:
         return spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
-    return spec if spec.architecture in REWEIGHTED else None
+    return spec if arch.reweighted else None
 
 
 def prepare(spec: ModelSpec, backend: str, dtype: str, opset: int) -> None:
@@ -184,7 +179,7 @@ def describe(
     graph's are its float32 source's)."""
     with stage(STAGE_FUSION_CHECK):
         op_counts = check_fusion(graph, backend, n_attention, spec.architecture)
-        if taps is None and spec.architecture in TAPPED:
+        if taps is None:
             taps = find_taps(graph, spec.architecture, spec.config.to_dict(), list(spec.outputs))
     fusions = {k: v for k, v in op_counts.items() if k.startswith("com.microsoft::")}
     return ExportedGraph(

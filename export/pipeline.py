@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..artifact_format import (
+    ARCHITECTURES,
     ARTIFACT_DTYPES,
     BACKENDS,
     MODEL,
@@ -98,7 +99,7 @@ def _golden_sets(tmp: Path, spec: ModelSpec, module, dtype: str, seed: int, chec
         make_inputs(records, cfg, *fit(c[:3], longest - c[3]), np.random.default_rng([seed, n]), past=c[3])
         for n, c in enumerate(seeded_cases("golden", spec.architecture))
     ]
-    text = spec.architecture != DECODER  # a decoder's sentences are validation's greedy prompts instead
+    text = not ARCHITECTURES[spec.architecture].cached  # a decoder's: validation's greedy prompts instead
     if text and checkpoint and _copy_tokenizer(checkpoint["directory"], tmp / TOKENIZER_DIR):
         from ..text import SAMPLE_SENTENCES, tokenize
 
@@ -249,7 +250,7 @@ def _quantize(float_dir: Path, tmp: Path, spec: ModelSpec, taps: list[dict], see
     from .quantize import Calibration, search
 
     records, cfg = spec.input_records("float32"), spec.config.to_dict()
-    decoder = spec.architecture == DECODER
+    decoder = ARCHITECTURES[spec.architecture].cached
     mask_at = next(k for k, i in enumerate(spec.inputs) if i.role == "padding_mask")
 
     def tokens(n: int, shape) -> dict:

@@ -22,14 +22,11 @@ import numpy as np
 import onnx
 
 from ..accuracy_contract import LIMITS, judge, within, worst_values
-from ..artifact_format import model_layers
-from ..decoder_format import DECODER
+from ..artifact_format import ARCHITECTURES, model_layers
 from ..errors import ExportError
 from ..graph_edit import expose
 from ..stages import stage
 from .taps import SCOPES_KEY, _Scopes
-
-LAYERED = ("bert", DECODER)  # architectures whose sublayers are blocks.K.*
 
 SETTINGS = {
     "method": "onnxruntime.quantization.quantize_dynamic",
@@ -63,9 +60,8 @@ def product_groups(model: onnx.ModelProto, architecture: str, num_layers: int) -
     'layer k attention' (Q, K, V and output projections), 'layer k feed-forward', 'pooler'."""
     g = _Scopes(model)
     products = weight_products(model)
-    prefixes = (
-        ["attn", "block"] if architecture not in LAYERED else [f"blocks.{k}" for k in range(num_layers)]
-    )
+    layered = ARCHITECTURES[architecture].layered  # its sublayers are blocks.K.*
+    prefixes = [f"blocks.{k}" for k in range(num_layers)] if layered else ["block"]
     groups: dict[str, list[str]] = {}
     for node, paths in zip(g.nodes, g.paths):
         if node.name not in products:
@@ -86,11 +82,12 @@ def _group(paths: set[str], architecture: str, prefixes: list[str]) -> str | Non
         return "pooler"
     if "embeddings" in paths:  # ELECTRA's projection of the embeddings to the hidden size
         return "embeddings"
-    if architecture == "attention":
+    arch = ARCHITECTURES[architecture]
+    if arch.kind == "attention":
         return "layer 0 attention" if "attn" in paths else None
-    if architecture == DECODER and not any(p.startswith("blocks.") for p in paths):
+    if arch.cached and not any(p.startswith("blocks.") for p in paths):
         return "head"  # an untied LM head (a tied one multiplies by the embedding's Transpose: not quantized)
-    for k, prefix in enumerate(prefixes if architecture in LAYERED else ["block"]):
+    for k, prefix in enumerate(prefixes):
         if f"{prefix}.attn" in paths:
             return f"layer {k} attention"
         if f"{prefix}.ffn" in paths:

@@ -12,7 +12,7 @@ import ast
 
 import onnx
 
-from ..decoder_format import DECODER
+from ..artifact_format import ARCHITECTURES
 from ..errors import ExportError
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -92,13 +92,13 @@ def _attention(g: _Scopes, module: str, layer: int) -> dict:
 def find_taps(model: onnx.ModelProto, architecture: str, cfg: dict, outputs: list[str]) -> list[dict]:
     """The taps of an exported graph, in the order the model computes them; ExportError when the graph does
     not have them where the exporter should have put them."""
-    g = _Scopes(model)
-    if architecture == DECODER:
+    g, arch = _Scopes(model), ARCHITECTURES[architecture]
+    if arch.cached:
         return _decoder_taps(g, cfg["num_layers"])
     pre_ln = cfg["pre_layer_norm"]
-    if architecture == "attention":
+    if arch.kind == "attention":
         return [_tap("attention", 0, outputs[0])]
-    if architecture == "encoder-block":
+    if arch.kind == "block":
         block = "block"
         post_attention = _norm_in(g, f"{block}.ffn_norm") if pre_ln else _norm_out(g, f"{block}.attn_norm")
         return [

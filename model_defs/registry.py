@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifact_format import FLOAT_ROLES, model_io
+from ..artifact_format import ARCHITECTURES, FLOAT_ROLES, model_io
 from ..inputs import make_inputs
 from .attention import MultiHeadAttention
 from .block import RMSNorm
@@ -88,20 +88,24 @@ class ModelSpec:
 
 def config_of(architecture: str, d: dict) -> EncoderConfig | DecoderConfig:
     """The config record of `architecture` from a manifest's dict."""
-    return (DecoderConfig if architecture == "decoder" else EncoderConfig).from_dict(d)
+    return (DecoderConfig if ARCHITECTURES[architecture].cached else EncoderConfig).from_dict(d)
+
+
+# the module of each architecture, from its config and options
+MODULES = {
+    "attention": lambda cfg, options: (CrossAttentionLayer if options.get("cross") else AttentionLayer)(
+        cfg, causal=options.get("causal", False)
+    ),
+    "encoder-block": lambda cfg, options: BlockLayer(cfg),
+    "bert": lambda cfg, options: encoder_class(cfg)(cfg),
+    "decoder": lambda cfg, options: DecoderModel(cfg),
+}
 
 
 def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
-    if architecture == "attention":
-        layer = CrossAttentionLayer if options.get("cross") else AttentionLayer
-        return layer(cfg, causal=options.get("causal", False))
-    if architecture == "encoder-block":
-        return BlockLayer(cfg)
-    if architecture == "bert":
-        return encoder_class(cfg)(cfg)
-    if architecture == "decoder":
-        return DecoderModel(cfg)
-    raise ValueError(f"unknown architecture {architecture!r}")
+    if architecture not in MODULES:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    return MODULES[architecture](cfg, options)
 
 
 def build_for_weights(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:

@@ -35,14 +35,49 @@ ARTIFACT_DTYPES = DTYPES + QUANTIZED
 TEXT_GOLDEN_SET = 3  # golden set of real sentences (checkpoints with a tokenizer), after the seeded ones
 INPUT_ROLES = ("hidden", "token_ids", "segment_ids", "padding_mask", "position_ids", "past_key", "past_value")
 FLOAT_ROLES = ("hidden", "past_key", "past_value")  # in the artifact's float dtype; the other roles are int64
-ARCHITECTURES = ("attention", "encoder-block", "bert", decoder_format.DECODER)
 DIMS = ("batch", "seq", "kv_seq", "past", "total")  # the symbolic dims validation knows how to size
 STANDARD_DOMAINS = ("", "ai.onnx")
 REQUIRED_KEYS = ("format", "model", "backend", "dtype", "inputs", "outputs", "files", "golden_sets")
 MAX_LAYERS = 128  # BERT-style encoders have 2 to 48; each layer costs nodes to export, check and run
 MAX_GOLDEN_SETS = 8  # an export writes 3, plus 1 of real sentences for a checkpoint with a tokenizer
-OPTIONS = {"attention": ("causal", "cross")}  # the module options each architecture takes (all bool)
 _GOLDEN = re.compile(r"test_data_set_(\d+)/(input|output)_(\d+)\.pb")
+
+
+# --- the architectures an artifact may hold ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture an artifact may hold, as the code reads it: no code asks for one by name."""
+
+    name: str
+    kind: str  # "attention" (an attention module alone), "block" (one block), "layers" (blocks.N, num_layers)
+    cached: bool = False  # a decoder over its KV cache: prefill and decode in one graph (decoder_format)
+    options: tuple[str, ...] = ()  # the module options its manifest's model takes, each a bool
+    stitched: bool = False  # export: a deep model's graph stitched from its two-layer version's
+    reweighted: bool = True  # export: its graph taken from a template of itself, its weights replaced
+
+    @property
+    def layered(self) -> bool:
+        """Whether it repeats its block num_layers times (blocks.N)."""
+        return self.kind == "layers"
+
+
+ARCHITECTURES = {
+    a.name: a
+    for a in (
+        Architecture("attention", "attention", options=("causal", "cross")),
+        Architecture("encoder-block", "block"),
+        Architecture("bert", "layers", stitched=True),
+        # a decoder's probe weights cost more than one whole export saves (gpt2-small +5%), and a process
+        # seldom exports a decoder's description twice: exported whole
+        Architecture(decoder_format.DECODER, "layers", cached=True, reweighted=False),
+    )
+}
+
+
+def architecture(name: str) -> Architecture:
+    return ARCHITECTURES[name]
 
 
 # --- the backend table -------------------------------------------------------------------------
@@ -65,7 +100,7 @@ class Backend:
     def for_architecture(self, architecture: str) -> "Backend":
         """The backend as it writes `architecture`: a decoder's graph has its own opset and attention ops
         (export/cache.py writes them, not onnxscript's fusions)."""
-        if architecture != decoder_format.DECODER:
+        if not ARCHITECTURES[architecture].cached:
             return self
         if not self.decoder:
             raise ValueError(f"backend {self.name} does not write decoders")
@@ -285,8 +320,8 @@ FAMILY_DEFAULTS = {
 def with_defaults(manifest: dict) -> None:
     """Give a manifest written before the families (its digest already checked) their BERT defaults."""
     model = manifest.get("model")
-    encoder = isinstance(model, dict) and model.get("architecture") != decoder_format.DECODER
-    if encoder and isinstance(model.get("config"), dict):
+    known = isinstance(model, dict) and model.get("architecture") in ARCHITECTURES
+    if known and not ARCHITECTURES[model["architecture"]].cached and isinstance(model.get("config"), dict):
         model["config"] = {**FAMILY_DEFAULTS, **model["config"]}
 
 
@@ -308,7 +343,7 @@ CALIBRATION_LONG = [(4, 64, [64, 41, 17, 64], 0), (2, 128, [128, 90], 0)]
 
 def seeded_cases(kind: str, architecture: str) -> list[tuple]:
     """The seeded cases of `kind` (golden, validation or calibration) for an architecture."""
-    if architecture == decoder_format.DECODER:
+    if ARCHITECTURES[architecture].cached:
         cases = {"golden": decoder_format.GOLDEN_CASES, "calibration": CALIBRATION_LONG}
         return {**cases, "validation": decoder_format.VALIDATION_CASES}[kind]
     calibration = CALIBRATION_LONG[:1] + VALIDATION_CASES
@@ -317,7 +352,7 @@ def seeded_cases(kind: str, architecture: str) -> list[tuple]:
 
 def model_layers(architecture: str, cfg: dict) -> int:
     """How many times a model repeats its block (1 for a model without blocks)."""
-    return cfg["num_layers"] if architecture in ("bert", decoder_format.DECODER) else 1
+    return cfg["num_layers"] if ARCHITECTURES[architecture].layered else 1
 
 
 def max_sequence(cfg: dict) -> int:
@@ -410,8 +445,8 @@ def manifest_problem(m: dict) -> str | None:
 
 def _config_problem(model: dict) -> str | None:
     """What is wrong with a manifest model's config and options, or None."""
-    cfg = model["config"]
-    if model["architecture"] == decoder_format.DECODER:
+    cfg, arch = model["config"], ARCHITECTURES[model["architecture"]]
+    if arch.cached:
         problem = decoder_format.config_problem(cfg)
         options = f"model options {model['options']!r}: a decoder takes none" if model["options"] else None
         return problem or options
@@ -424,7 +459,7 @@ def _config_problem(model: dict) -> str | None:
     bad = [k for k, ok in CONFIG_FIELDS.items() if not ok(cfg.get(k))]
     if bad:
         return f"model config {bad[0]} = {model['config'].get(bad[0])!r} is not valid"
-    wanted = OPTIONS.get(model["architecture"], ())
+    wanted = arch.options
     options = model["options"]
     if sorted(options) != sorted(wanted) or not all(type(v) is bool for v in options.values()):
         return f"model options {options!r}: architecture {model['architecture']} takes " + (
@@ -523,9 +558,10 @@ def block_stages(architecture: str, cfg: dict) -> tuple[int, int]:
 def tap_stages(architecture: str, cfg: dict, tap: str, layer: int | None) -> int:
     """S of the tolerance policy up to a tap: the sequential stages computed before and in it (embeddings 1,
     each block its attention's and feed-forward's (block_stages), pooler 1), as for the model's outputs."""
-    if architecture == "attention":
+    kind = ARCHITECTURES[architecture].kind
+    if kind == "attention":
         return 2
-    if architecture == "encoder-block":
+    if kind == "block":
         return 2 if tap == "block" else 1
     attention, ffn = block_stages(architecture, cfg)
     before = 1 + (attention + ffn) * (layer or 0)
@@ -605,7 +641,8 @@ def model_io(architecture: str, cfg: dict, options: dict, dtype: str) -> tuple[l
     """(inputs, outputs) of the reference module of `architecture`, as the manifest lists them: inputs
     {name, role, dtype, shape}, outputs {name, dtype, shape}, symbolic 'batch', 'seq' and 'kv_seq'. What
     the exporter writes for it (model_defs' registry is built from it; the tests compare real exports)."""
-    if architecture == decoder_format.DECODER:
+    arch = ARCHITECTURES[architecture]
+    if arch.cached:
         return decoder_format.model_io(cfg, dtype)
     h = cfg["hidden_size"]
 
@@ -613,7 +650,7 @@ def model_io(architecture: str, cfg: dict, options: dict, dtype: str) -> tuple[l
         record = {"name": name, "dtype": dtype if role in (None, "hidden") else "int64", "shape": list(shape)}
         return {**record, "role": role} if role else record
 
-    if architecture == "bert":
+    if arch.layered:
         ids = ("batch", "seq")
         inputs = [
             value("input_ids", ids, "token_ids"),
@@ -624,7 +661,7 @@ def model_io(architecture: str, cfg: dict, options: dict, dtype: str) -> tuple[l
         if cfg["with_pooler"]:
             outputs.append(value("pooler_output", ("batch", h)))
         return inputs, outputs
-    cross = architecture == "attention" and options.get("cross", False)
+    cross = options.get("cross", False)  # an attention module's option
     inputs = [value("hidden_states", ("batch", "seq", h), "hidden")]
     if cross:
         inputs.append(value("context", ("batch", "kv_seq", h), "hidden"))
@@ -647,9 +684,8 @@ def _block_weights(prefix: str, architecture: str, cfg: dict) -> dict:
     """One block's parameters named under `prefix` (qkv_onnx/block.py); an attention model's: its
     attention's."""
     shapes = block_weights(block_spec(architecture, cfg))
-    return {
-        f"{prefix}{k}": v for k, v in shapes.items() if architecture != "attention" or k.startswith("attn.")
-    }
+    alone = ARCHITECTURES[architecture].kind == "attention"
+    return {f"{prefix}{k}": v for k, v in shapes.items() if not alone or k.startswith("attn.")}
 
 
 def _count(shapes: dict) -> tuple[int, int]:
@@ -657,38 +693,37 @@ def _count(shapes: dict) -> tuple[int, int]:
 
 
 def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
-    """(tensors, elements) of expected_weights(architecture, cfg), in closed form: how big weights.npz
-    must be, known before anything is read or enumerated (a manifest may claim 10^12 layers)."""
-    if architecture == decoder_format.DECODER:
+    """(tensors, elements) of expected_weights(architecture, cfg), from one block's and the model's own,
+    before any layer is enumerated: how big weights.npz must be (a manifest may claim 10^12 layers)."""
+    arch = ARCHITECTURES[architecture]
+    if arch.cached:
         return decoder_format.weight_totals(cfg)
-    h = cfg["hidden_size"]
     block = _count(_block_weights("", architecture, cfg))
-    if architecture == "attention":
+    if not arch.layered:
         return block
-    if architecture == "encoder-block":
-        return block
-    e, types, buckets = cfg["embedding_size"] or h, cfg["type_vocab_size"], cfg["relative_attention_buckets"]
-    tensors = 4 + (types > 0) + 2 * bool(cfg["embedding_size"]) + (buckets > 0)
-    tensors += cfg["num_layers"] * block[0] + 2 * cfg["pre_layer_norm"] + 2 * cfg["with_pooler"]
-    elements = (
-        (cfg["vocab_size"] + cfg["max_positions"] + types) * e
-        + 2 * e
-        + (e * h + h) * bool(cfg["embedding_size"])
-        + buckets * cfg["num_heads"]
-        + cfg["num_layers"] * block[1]
-        + 2 * h * cfg["pre_layer_norm"]
-        + (h * h + h) * cfg["with_pooler"]
-    )
-    return tensors, elements
+    outside = _count(_encoder_weights(cfg))
+    return outside[0] + cfg["num_layers"] * block[0], outside[1] + cfg["num_layers"] * block[1]
 
 
 def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]:
     """Every parameter name and shape the reference module of `architecture` has under `cfg`: the exact
     content of weights.npz (the state_dict of model_defs' module, checked against it in the tests)."""
-    if architecture == decoder_format.DECODER:
+    arch = ARCHITECTURES[architecture]
+    if arch.cached:
         return decoder_format.expected_weights(cfg)
-    if architecture in ("attention", "encoder-block"):
-        return _block_weights("block." if architecture == "encoder-block" else "", architecture, cfg)
+    if not arch.layered:
+        return _block_weights("block." if arch.kind == "block" else "", architecture, cfg)
+    outside = _encoder_weights(cfg)
+    first = {k: v for k, v in outside.items() if k.startswith(("embeddings.", "relative_bias."))}
+    blocks = {}
+    for i in range(cfg["num_layers"]):
+        blocks.update(_block_weights(f"blocks.{i}.", architecture, cfg))
+    return {**first, **blocks, **{k: v for k, v in outside.items() if k not in first}}
+
+
+def _encoder_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """A BERT-family encoder's parameters outside its blocks: embeddings, relative bias, final norm,
+    pooler."""
     h = cfg["hidden_size"]
     e = cfg["embedding_size"] or h
     out = {
@@ -700,8 +735,6 @@ def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]
     }
     if cfg["relative_attention_buckets"]:
         out["relative_bias.weight"] = (cfg["relative_attention_buckets"], cfg["num_heads"])
-    for i in range(cfg["num_layers"]):
-        out.update(_block_weights(f"blocks.{i}.", architecture, cfg))
     if cfg["pre_layer_norm"]:
         out.update(_norm("final_norm", h))
     if cfg["with_pooler"]:

@@ -17,7 +17,9 @@ PLACEMENTS = ("post-residual", "pre", "sandwich", "post")
 
 def block_spec(architecture: str, cfg: dict) -> dict:
     """The block of a model of `architecture` under its manifest `cfg`."""
-    if architecture == decoder_format.DECODER:
+    from .artifact_format import ARCHITECTURES  # it reads this module's records: imported when first asked
+
+    if ARCHITECTURES[architecture].cached:
         bias = cfg["attention_bias"]
         out_bias = decoder_format.feature(cfg, "out_bias")
         return {

@@ -37,12 +37,14 @@ from onnx import numpy_helper
 
 from . import rope
 from .artifact_format import (
+    ARCHITECTURES,
     BACKENDS,
     DTYPES,
     QUANTIZED,
     STANDARD_DOMAINS,
     all_nodes,
     every_attention_op,
+    model_layers,
     np_dtype,
     op_key,
     stored_weight_dtype,
@@ -64,25 +66,20 @@ class ContractError(ValueError):
 
 def features(model: dict) -> tuple[str, ...]:
     """The variant of an architecture a manifest's model is, as the table keys it."""
-    cfg, options, arch = model["config"], model["options"], model["architecture"]
-    out = []
-    if arch == "attention":
-        out += [k for k in ("causal", "cross") if options.get(k)]
+    cfg, arch = model["config"], ARCHITECTURES[model["architecture"]]
+    out = [k for k in arch.options if model["options"].get(k)]
     if cfg.get("num_kv_heads") not in (None, cfg["num_heads"]):
         out.append("gqa")
-    if arch in ("encoder-block", "bert") and cfg["pre_layer_norm"]:
-        out.append("pre-ln")
-    if arch == "bert" and not cfg["with_pooler"]:
-        out.append("no-pooler")
-    if arch == "bert":  # what the BERT families change (model_defs/families.py)
-        out += [f for f, on in FAMILY_FEATURES.items() if on(cfg)]
-    if arch in ("encoder-block", "bert") and cfg.get("hidden_act", "gelu") != "gelu":
-        out.append(cfg["hidden_act"])
-    if (
-        arch == DECODER
-    ):  # what the decoder styles change (model_defs/decoder.py: GPT2, LLAMA), then the families'
+    if arch.cached:  # what the decoder styles change (model_defs/decoder.py: GPT2, LLAMA), then the families'
         out += [f for f, on in DECODER_FEATURES.items() if on(cfg)] + [cfg["hidden_act"]]
         out += [_feature_tag(k, cfg[k]) for k in FEATURES if k in cfg]
+    elif (
+        arch.kind != "attention"
+    ):  # an encoder's block, and the BERT families' changes (model_defs/families.py)
+        out += ["pre-ln"] if cfg["pre_layer_norm"] else []
+        out += ["no-pooler"] if arch.layered and not cfg["with_pooler"] else []
+        out += [f for f, on in FAMILY_FEATURES.items() if arch.layered and on(cfg)]
+        out += [cfg["hidden_act"]] if cfg.get("hidden_act", "gelu") != "gelu" else []
     return tuple(sorted(out))
 
 
@@ -119,8 +116,7 @@ def row_key(manifest: dict) -> tuple:
 
 
 def layers(manifest: dict) -> int:
-    layered = manifest["model"]["architecture"] in ("bert", DECODER)
-    return manifest["model"]["config"]["num_layers"] if layered else 1
+    return model_layers(manifest["model"]["architecture"], manifest["model"]["config"])
 
 
 def check_vocabulary(model: onnx.ModelProto, allowed_domains: tuple[str, ...]) -> None:
@@ -152,7 +148,7 @@ def derived_constants(model: dict) -> dict[tuple, str]:
     a RoPE decoder's inverse frequencies (qkv_onnx/rope.py: each layer type's, longrope's long ones too), in
     float32 as the module hands them to the exporter."""
     cfg = model["config"]
-    if model["architecture"] != DECODER or cfg["positions"] != "rope":
+    if not ARCHITECTURES[model["architecture"]].cached or cfg["positions"] != "rope":
         return {}
     tables = {
         (False, False),
@@ -377,7 +373,7 @@ def composed_row(key: tuple, cfg: dict) -> dict | None:
     """A decoder's row made from the Llama style's row and its components' counts (fixed where present, plus
     per unit), for the backend, dtype and opset of `key`; None where the table cannot compose it."""
     arch, _, backend, dtype, opset = key
-    units = decoder_components(cfg) if arch == DECODER else None
+    units = decoder_components(cfg) if ARCHITECTURES[arch].cached else None
     base = ROWS.get((DECODER, LLAMA_STYLE, backend, dtype, opset))
     parts = [COMPONENTS.get((name, backend, dtype, opset)) for name in units or ()]
     if units is None or base is None or None in parts:
@@ -430,7 +426,7 @@ def unchecked(manifest: dict) -> list[str]:
     """A decoder config's values the structural contract does not read off the graph (constants it counts but
     does not compare): a rebuild proves them, parity on the cases judged shows what they change there."""
     cfg, backend = manifest["model"]["config"], manifest.get("backend")
-    if manifest["model"]["architecture"] != DECODER:
+    if not ARCHITECTURES[manifest["model"]["architecture"]].cached:
         return []
     keys = ["embedding_multiplier", "residual_multiplier", "logits_divisor", "final_softcap"]
     if backend != "ort-contrib":  # GroupQueryAttention's local_window_size is checked
@@ -461,7 +457,7 @@ def check_structure(model: onnx.ModelProto, manifest: dict, weights: dict) -> No
         )
     domains = {"": key[4], **row["domains"]}
     check_vocabulary(model, (*STANDARD_DOMAINS, *row["domains"]))
-    if key[0] == DECODER:
+    if ARCHITECTURES[key[0]].cached:
         check_attention_attributes(model, manifest["model"]["config"])
     imports = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     if imports != domains:

@@ -11,6 +11,7 @@ what its parameters cost.
 import math
 
 from ..artifact_format import (
+    ARCHITECTURES,
     MANIFEST,
     MODEL,
     TOKENIZER_DIR,
@@ -24,7 +25,6 @@ from ..artifact_format import (
     stored_weight_dtype,
     weight_totals,
 )
-from ..decoder_format import DECODER
 from ..errors import ArtifactError, show
 
 MAX_GOLDEN_BATCH = 8  # export writes batches of 1-3 and one of 6 sentences
@@ -43,7 +43,7 @@ def max_seq(manifest: dict) -> int:
     """Longest sequence (and key sequence, cache) golden data may have: the position table of a BERT or a
     decoder, else 512."""
     cfg, architecture = manifest["model"]["config"], manifest["model"]["architecture"]
-    return max_sequence(cfg) if architecture in ("bert", DECODER) else DEFAULT_MAX_SEQ
+    return max_sequence(cfg) if ARCHITECTURES[architecture].layered else DEFAULT_MAX_SEQ
 
 
 def weights_bytes(manifest: dict) -> tuple[int, int]:

@@ -29,8 +29,8 @@ import math
 import numpy as np
 
 from ..accuracy_contract import judge
-from ..artifact_format import block_stages
-from ..decoder_format import DECODER, head_dim
+from ..artifact_format import ARCHITECTURES, block_stages
+from ..decoder_format import head_dim
 from .results import Comparison, Metrics
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -55,16 +55,17 @@ def model_error_terms(manifest: dict, key_length: int, weights: dict | None = No
     actually present (widths of the projections and the FFN, the number of blocks), not the config: the
     config must match them exactly, and cannot widen the tolerance."""
     architecture, cfg = manifest["model"]["architecture"], manifest["model"]["config"]
+    arch = ARCHITECTURES[architecture]
     if weights is None:
         hidden, ffn, layers = cfg["hidden_size"], cfg["ffn_size"], cfg["num_layers"]
-        if architecture == DECODER:  # an explicit head width may make the query wider than the hidden size
+        if arch.cached:  # an explicit head width may make the query wider than the hidden size
             hidden = max(hidden, cfg["num_heads"] * head_dim(cfg))
     else:
         hidden = max(max(w.shape) for k, w in weights.items() if k.endswith("q_proj.weight"))  # in or out
         ffn = max((w.shape[0] for k, w in weights.items() if k.endswith(FFN_IN)), default=0)
         layers = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
-    widest = hidden if architecture == "attention" else max(hidden, ffn)
-    stages = layers * sum(block_stages(architecture, cfg)) + 2 if architecture in ("bert", DECODER) else 2
+    widest = hidden if arch.kind == "attention" else max(hidden, ffn)
+    stages = layers * sum(block_stages(architecture, cfg)) + 2 if arch.layered else 2
     return max(widest, key_length), stages
 
 

@@ -270,36 +270,40 @@ def as_float64(weights):
 def forward(architecture, cfg, options, weights, inputs, trace=None):
     """Run the model an artifact's manifest describes; inputs and outputs in graph order. A `Trace` records
     the taps (and, when it asks for them, the attention probabilities) on the way."""
-    w = as_float64(weights)
-    trace = trace or Trace()
-    if architecture == "bert":
-        return bert(w, cfg, *inputs, trace=trace)
-    if architecture == "encoder-block":
-        x, mask = inputs
-        spec = block_spec(architecture, cfg)
-        return (block(np.asarray(x, np.float64), w, "block", spec, trace, 0, padding(mask)),)
-    if architecture == "attention":
-        x, *context, mask = inputs
-        probs = None if trace.probs is None else []
-        y = multi_head_attention(
-            np.asarray(x, np.float64),
-            w,
-            "attn",
-            block_spec(architecture, cfg),
-            context=np.asarray(context[0], np.float64) if context else None,
-            allowed=padding(mask),
-            is_causal=options.get("causal", False),
-            probs=probs,
-        )
-        if probs:
-            trace.probs[0], trace.score_scales[0] = probs[0]
-        return (trace.keep("attention", 0, y),)
-    if architecture == "decoder":
-        input_ids, attention_mask, position_ids, *cache = inputs
-        past = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] or None
-        logits, present = decoder(w, cfg, input_ids, attention_mask, position_ids, past, trace)
-        return (logits, *(t for pair in present for t in pair))
-    raise ValueError(f"the oracle does not know architecture {architecture!r}")
+    if architecture not in MODELS:
+        raise ValueError(f"the oracle does not know architecture {architecture!r}")
+    return MODELS[architecture](as_float64(weights), cfg, options, inputs, trace or Trace())
+
+
+def _attention_module(w, cfg, options, inputs, trace):
+    x, *context, mask = inputs
+    probs = None if trace.probs is None else []
+    y = multi_head_attention(
+        np.asarray(x, np.float64),
+        w,
+        "attn",
+        block_spec("attention", cfg),
+        context=np.asarray(context[0], np.float64) if context else None,
+        allowed=padding(mask),
+        is_causal=options.get("causal", False),
+        probs=probs,
+    )
+    if probs:
+        trace.probs[0], trace.score_scales[0] = probs[0]
+    return (trace.keep("attention", 0, y),)
+
+
+def _encoder_block(w, cfg, options, inputs, trace):
+    x, mask = inputs
+    spec = block_spec("encoder-block", cfg)
+    return (block(np.asarray(x, np.float64), w, "block", spec, trace, 0, padding(mask)),)
+
+
+def _decoder(w, cfg, options, inputs, trace):
+    input_ids, attention_mask, position_ids, *cache = inputs
+    past = [(cache[i], cache[i + 1]) for i in range(0, len(cache), 2)] or None
+    logits, present = decoder(w, cfg, input_ids, attention_mask, position_ids, past, trace)
+    return (logits, *(t for pair in present for t in pair))
 
 
 # --- decoder-only language models (GPT-2 style and Llama style) with a KV cache -----------------------
@@ -414,3 +418,12 @@ def decoder(w, cfg: dict, input_ids, attention_mask, position_ids, past: list | 
     logits = x @ head.T / feature(cfg, "logits_divisor")
     final_cap = feature(cfg, "final_softcap")
     return (final_cap * np.tanh(logits / final_cap) if final_cap else logits), present
+
+
+# each architecture's model: (float64 weights, config, options, inputs, trace) -> outputs in graph order
+MODELS = {
+    "attention": _attention_module,
+    "encoder-block": _encoder_block,
+    "bert": lambda w, cfg, options, inputs, trace: bert(w, cfg, *inputs, trace=trace),
+    DECODER: _decoder,
+}

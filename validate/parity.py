@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..artifact_format import (
+    ARCHITECTURES,
     MANIFEST,
     QUANTIZED,
     TEXT_GOLDEN_SET,
@@ -16,7 +17,7 @@ from ..artifact_format import (
     max_sequence,
     seeded_cases,
 )
-from ..decoder_format import DECODER, LOGITS, unverified
+from ..decoder_format import LOGITS, unverified
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..inputs import fit, make_inputs
 from ..stages import stage
@@ -310,7 +311,8 @@ def validate_artifact(
         )
     if m["dtype"] in QUANTIZED:
         report.notes.append(holdout_note(m["quantization"]))
-    if m["model"]["architecture"] == DECODER and unverified(m["model"]["config"]):
+    decoder = ARCHITECTURES[m["model"]["architecture"]].cached
+    if decoder and unverified(m["model"]["config"]):
         report.notes.append(
             "not verified, the graph does not encode it: " + "; ".join(unverified(m["model"]["config"]))
         )
@@ -322,7 +324,7 @@ def validate_artifact(
             sessions = await_sessions(artifact, opening, report)
         report.notes.append(peer_note)
         _run_cases(artifact, cases, expected, sessions, report)
-        if m["model"]["architecture"] == DECODER:
+        if decoder:
             _decoder_checks(artifact, sessions, report, seed, peer)
         artifact.verify_graph()  # nothing above counts unless the graph is the exporter's
         if artifact.graph_check != report.graph_check:  # the rebuild could not run: structural instead
@@ -343,7 +345,9 @@ def _decoder_checks(artifact: Artifact, sessions: list, report: Report, seed: in
         weights64 = oracle.as_float64(w)  # once: forward() takes float64 weights without a copy
 
         def reference_run(inputs):
-            return list(oracle.forward(DECODER, m["model"]["config"], {}, weights64, inputs))
+            return list(
+                oracle.forward(m["model"]["architecture"], m["model"]["config"], {}, weights64, inputs)
+            )
 
         reference = "oracle"
     if peer is not None:
@@ -510,7 +514,7 @@ def localize(report: Report, artifact: Artifact, everything: bool = False) -> No
     the taps exposed; with `everything` (--locate) every runtime that ran does, on every case. An artifact
     without taps (qkv-onnx 0.1) gets a note instead."""
     if "taps" not in report.manifest:
-        decoder = report.manifest["model"]["architecture"] == DECODER
+        decoder = ARCHITECTURES[report.manifest["model"]["architecture"]].cached
         why = "decoder taps are not recorded yet" if decoder else "the artifact has no taps (qkv-onnx 0.1)"
         report.notes.append(f"localization: unavailable, {why}")
         return
