@@ -5,7 +5,7 @@ config.json onto them); their defaults are BERT's."""
 
 from dataclasses import asdict, dataclass, fields
 
-from ..artifact_format import ACTIVATIONS, POSITIONS, max_sequence
+from ..artifact_format import ACTIVATIONS, POSITIONS, max_sequence, weight_totals
 
 
 @dataclass(frozen=True)
@@ -78,25 +78,6 @@ PRESETS = {
 }
 
 
-def attention_param_count(hidden: int, num_heads: int, kv_heads: int, kv_dim: int | None = None) -> int:
-    """Q, K, V and output projections, with biases."""
-    kv_dim = hidden if kv_dim is None else kv_dim
-    kv_width = hidden // num_heads * kv_heads
-    return (hidden * hidden + hidden) + 2 * (kv_dim * kv_width + kv_width) + (hidden * hidden + hidden)
-
-
-def block_param_count(cfg: EncoderConfig) -> int:
-    """One encoder block: attention, two LayerNorms, the feed-forward pair."""
-    h, f = cfg.hidden_size, cfg.ffn_size
-    return attention_param_count(h, cfg.num_heads, cfg.kv_heads) + 2 * (2 * h) + (h * f + f) + (f * h + h)
-
-
 def param_count(cfg: EncoderConfig) -> int:
-    """Closed-form parameter count of `BertModel(cfg)`."""
-    h, e = cfg.hidden_size, cfg.embedding_width
-    embeddings = (cfg.vocab_size + cfg.max_positions + cfg.type_vocab_size) * e + 2 * e
-    projection = e * h + h if cfg.embedding_size else 0
-    relative = cfg.relative_attention_buckets * cfg.num_heads
-    final_norm = 2 * h if cfg.pre_layer_norm else 0
-    pooler = h * h + h if cfg.with_pooler else 0
-    return embeddings + projection + relative + cfg.num_layers * block_param_count(cfg) + final_norm + pooler
+    """Closed-form parameter count of `BertModel(cfg)`: the weights its config implies (artifact_format)."""
+    return weight_totals("bert", cfg.to_dict())[1]
