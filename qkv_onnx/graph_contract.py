@@ -399,7 +399,7 @@ def check_attention_attributes(model: onnx.ModelProto, cfg: dict) -> None:
     """A decoder's fused attention ops, layer by layer in graph order, carry the config's score scale and soft
     cap (0: none) and, in GroupQueryAttention, each sliding layer's window (`local_window_size`): what the op
     computes with, that no op count shows. Raises ContractError naming the layer and attribute."""
-    fused = [n for n in model.graph.node if (n.domain, n.op_type) in every_attention_op()]
+    fused = [n for n in model.graph.node if op_key(n.domain, n.op_type) in every_attention_op()]
     if not fused:
         return
     scale = feature(cfg, "attention_scale")

@@ -351,6 +351,7 @@ def test_a_feature_resigned_to_a_lie_fails_validation(family, field, lie, artifa
 
     copy = tmp_path / "a"
     shutil.copytree(artifact(family, "onnx-attention"), copy)
+    capsys.readouterr()  # what making the checkpoint printed
 
     def edit(m):
         cfg = m["model"]["config"]
@@ -369,6 +370,7 @@ def test_a_rope_decoders_length_is_reported_unverified_and_bounded(artifact, tmp
 
     copy = tmp_path / "a"
     shutil.copytree(artifact("llama", "onnx-attention"), copy)
+    capsys.readouterr()
     edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("max_positions", 100_000))
     code, out, err, _ = run_cli(capsys, copy, "--providers", "cpu")
     assert code == 0, err
@@ -376,3 +378,27 @@ def test_a_rope_decoders_length_is_reported_unverified_and_bounded(artifact, tmp
     edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("max_positions", 1 << 40))
     code, _, err, _ = run_cli(capsys, copy, "--providers", "cpu")
     assert code == 2 and "max_positions 1099511627776 is past any model's" in single_error_line(err)
+
+
+def test_without_a_rebuild_a_lie_is_refused_or_named_unchecked(artifact, tmp_path, capsys):
+    """--no-rebuild (the structural contract): a cap re-signed to a lie is refused (each fused op's softcap is
+    read off the graph); a window re-signed to a lie is named on the graph line as not checked without a
+    rebuild (on the ONNX Attention backend it is a constant of the mask), never silently vouched for."""
+    from helpers import edit_manifest, single_error_line
+
+    copy = tmp_path / "cap"
+    shutil.copytree(artifact("gemma2", "onnx-attention"), copy)
+    shutil.copytree(artifact("mistral", "onnx-attention"), tmp_path / "window")
+    capsys.readouterr()  # what the checkpoints' making printed
+    edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("attention_softcap", 3.0))
+    code, _, err, _ = run_cli(capsys, copy, "--providers", "cpu", "--no-rebuild")
+    assert code == 2 and "layer 0's Attention has softcap 1.0, the config says 3.0" in single_error_line(err)
+
+    copy = tmp_path / "window"
+    edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("sliding_window", 5))
+    code, out, err, doc = run_cli(
+        capsys, copy, "--providers", "cpu", "--no-rebuild", "--json", tmp_path / "r.json"
+    )
+    line = doc["artifacts"][0]["graph_check"]
+    assert "graph: structural contract" in line and "not checked without a rebuild: sliding_window 5" in line
+    assert code == 1, err  # and here the cases judged are long enough for the lie to show in the numbers
