@@ -4,6 +4,7 @@ architecture variant, backend, dtype and opset, measured on real exports.
     python -m qkv_onnx.export.derive_graph_table           # rewrite qkv_onnx/graph_table.json
     python -m qkv_onnx.export.derive_graph_table decoder   # re-derive one architecture's rows
     python -m qkv_onnx.export.derive_graph_table components   # re-derive the decoder components only
+    python -m qkv_onnx.export.derive_graph_table components NAME ...   # those components only
 
 Each variant is exported at one and two layers (BERT; the others have no layer count): a count that
 grows with the layers is per layer, the rest is fixed. The tests check the table against real exports
@@ -139,6 +140,12 @@ DECODER_COMPONENTS = {
     "residual-multiplier": _every(residual_multiplier=0.5),
     "attention-scale": _every(attention_scale=0.25),
     "attention-softcap": _every(attention_softcap=2.0),
+    # the cap on a GQA model: its written-out attention repeats the kv heads itself, so where the decomposed
+    # graph has no SDPA, GQA's own ops are not there either (the two do not add)
+    "attention-softcap-gqa": lambda units: (
+        replace(_MIN, num_layers=units, num_kv_heads=2, attention_softcap=2.0),
+        replace(_MIN, num_layers=units, num_kv_heads=2),
+    ),
     "embedding-multiplier": _once({"embedding_multiplier": 3.0}, layers=1),
     "logits-divisor": _once({"logits_divisor": 4.0}, layers=1),
     "final-softcap": _once({"final_softcap": 5.0}, layers=1),
@@ -192,6 +199,7 @@ DECODER_COMPONENTS = {
 PER_UNIT = {"gqa", "attention-bias", "no-out-bias", "out-bias-only", "mlp-bias", "act=gelu_tanh", "head-dim"}
 PER_UNIT |= {"qk-norm=head", "qk-norm=projection", "norm-placement=sandwich", "norm-placement=post"}
 PER_UNIT |= {"residual-multiplier", "attention-scale", "attention-softcap", "partial-rotary", "no-rope-layer"}
+PER_UNIT |= {"attention-softcap-gqa"}
 
 
 _facts: dict[
@@ -225,21 +233,23 @@ def derive_component(name: str, backend: str, dtype: str, opset: int, directory:
     return {"ops": {k: v for k, v in ops.items() if v != (0, 0)}, "constants": (2 * c1 - c2, c2 - c1)}
 
 
-def _components_of(backend: str, dtype: str, opset: int) -> dict:
-    """Every component's counts for one backend, dtype and opset (one worker's share)."""
+def _components_of(backend: str, dtype: str, opset: int, names: tuple) -> dict:
+    """The components' counts for one backend, dtype and opset (one worker's share)."""
     with tempfile.TemporaryDirectory() as tmp:
         return {
             (name, backend, dtype, opset): derive_component(name, backend, dtype, opset, Path(tmp))
-            for name in DECODER_COMPONENTS
+            for name in names
         }
 
 
-def derive_components(log=print, workers: int = os.cpu_count() or 1) -> dict:
-    """Every decoder component's counts per backend, dtype and opset, one process per (backend, dtype, opset)
-    at a time on each CPU (each shares the exports of its components' common configs)."""
+def derive_components(log=print, workers: int = os.cpu_count() or 1, names=None) -> dict:
+    """The decoder components' counts (every one, or those `names`) per backend, dtype and opset, one process
+    per (backend, dtype, opset) at a time on each CPU (each shares the exports of its components' common
+    configs)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    keys = [(b, d, o) for b in BACKENDS for d in DTYPES for o in opsets(b, DECODER)]
+    names = tuple(names or DECODER_COMPONENTS)
+    keys = [(b, d, o, names) for b in BACKENDS for d in DTYPES for o in opsets(b, DECODER)]
     out = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for part in pool.map(_components_of, *zip(*keys)):
@@ -353,14 +363,14 @@ def render(rows: dict, components: dict) -> str:
 
 def main(argv=None) -> int:
     """No argument: the whole table. Architecture names (e.g. `decoder`): re-derive their rows only, keeping
-    the others (the same exporter versions required: the table has one header); `components`: re-derive the
-    decoder components only."""
+    the others (the same exporter versions required: the table has one header); `components [NAME ...]`:
+    re-derive the decoder components only (those NAMEs only)."""
     architectures = list(sys.argv[1:] if argv is None else argv)
-    only_components = architectures == ["components"]
+    only_components = architectures[:1] == ["components"]
+    names = architectures[1:] if only_components else None  # some components only
     rows = {} if only_components else derive_table(architectures=architectures)
-    components = (
-        derive_components() if not architectures or {"decoder", "components"} & set(architectures) else {}
-    )
+    wanted = not architectures or {"decoder", "components"} & set(architectures)
+    components = derive_components(names=names) if wanted else {}
     if architectures:
         versions, kept, kept_components = read_table(TABLE)
         if versions != exporter_versions():
@@ -368,7 +378,9 @@ def main(argv=None) -> int:
                 f"{TABLE} was derived with {versions}, not {exporter_versions()}: derive it whole"
             )
         rows = {**{k: v for k, v in kept.items() if k[0] not in architectures}, **rows}
-        components = components or kept_components
+        components = {**kept_components, **components}
+    order = list(DECODER_COMPONENTS)
+    components = {k: components[k] for k in sorted(components, key=lambda k: (order.index(k[0]), k[1:]))}
     TABLE.write_text(render(rows, components))
     print(f"wrote {TABLE}")
     return 0

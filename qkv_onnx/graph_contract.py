@@ -341,8 +341,9 @@ def decoder_components(cfg: dict) -> dict[str, int] | None:
         return None
     scaling = feature(cfg, "rope_scaling") or {}
     bias, out_bias = cfg["attention_bias"], feature(cfg, "out_bias")
+    gqa = kv_heads(cfg) != cfg["num_heads"]
     units = {
-        "gqa": n * (kv_heads(cfg) != cfg["num_heads"]),
+        "gqa": n * gqa,
         "attention-bias": n * bias,
         "no-out-bias": n * (bias and out_bias is False),
         "out-bias-only": n * (not bias and out_bias is True),
@@ -353,7 +354,8 @@ def decoder_components(cfg: dict) -> dict[str, int] | None:
         **{f"qk-norm={q}": n for q in [feature(cfg, "qk_norm")] if q != "none"},
         **{f"norm-placement={p}": n for p in [feature(cfg, "norm_placement")] if p != "pre"},
         **{k: n * (k.replace("-", "_") in cfg) for k in ("residual-multiplier", "attention-scale")},
-        "attention-softcap": n * ("attention_softcap" in cfg),
+        # a written-out cap repeats the kv heads itself: on a GQA model its component is another
+        **{f"attention-softcap{'-gqa' if gqa else ''}": n for _ in ["cap"] if "attention_softcap" in cfg},
         **{
             k: int(k.replace("-", "_") in cfg)
             for k in ("embedding-multiplier", "logits-divisor", "final-softcap")
