@@ -99,12 +99,14 @@ VARIANTS += [
 # (1 or 2) giving the config pair whose difference is that many units of the component: a per-layer
 # component at 1 and 2 layers, a per-kind one at 1 and 2 layers of its kind, a fixed one (None) once.
 _MIN = DECODER_VARIANTS[-1]
-_SLIDING = {"sliding_window": 4}
+# Values no other constant of these graphs has: the exporter merges equal small constants, and a component's
+# count of them must be the most a model can have (the contract's is an upper bound).
+_SLIDING = {"sliding_window": 7}
 _LONGROPE = {
     "rope_type": "longrope",
     "short_factor": [1.0 + 0.1 * i for i in range(16)],
     "long_factor": [2.0 + 0.3 * i for i in range(16)],
-    "original_max_position_embeddings": 64,
+    "original_max_position_embeddings": 61,
 }
 
 
@@ -137,18 +139,18 @@ DECODER_COMPONENTS = {
     "qk-norm=projection": _every(qk_norm="projection"),
     "norm-placement=sandwich": _every(norm_placement="sandwich"),
     "norm-placement=post": _every(norm_placement="post"),
-    "residual-multiplier": _every(residual_multiplier=0.5),
-    "attention-scale": _every(attention_scale=0.25),
-    "attention-softcap": _every(attention_softcap=2.0),
+    "residual-multiplier": _every(residual_multiplier=0.3125),
+    "attention-scale": _every(attention_scale=0.2875),
+    "attention-softcap": _every(attention_softcap=2.75),
     # the cap on a GQA model: its written-out attention repeats the kv heads itself, so where the decomposed
     # graph has no SDPA, GQA's own ops are not there either (the two do not add)
     "attention-softcap-gqa": lambda units: (
-        replace(_MIN, num_layers=units, num_kv_heads=2, attention_softcap=2.0),
+        replace(_MIN, num_layers=units, num_kv_heads=2, attention_softcap=2.75),
         replace(_MIN, num_layers=units, num_kv_heads=2),
     ),
-    "embedding-multiplier": _once({"embedding_multiplier": 3.0}, layers=1),
-    "logits-divisor": _once({"logits_divisor": 4.0}, layers=1),
-    "final-softcap": _once({"final_softcap": 5.0}, layers=1),
+    "embedding-multiplier": _once({"embedding_multiplier": 3.25}, layers=1),
+    "logits-divisor": _once({"logits_divisor": 4.25}, layers=1),
+    "final-softcap": _once({"final_softcap": 5.25}, layers=1),
     "sliding-mask": _once({**_SLIDING, "layer_types": ("sliding", "full")}),
     "no-full-mask": _once(
         {**_SLIDING, "layer_types": ("sliding", "sliding")}, {**_SLIDING, "layer_types": ("sliding", "full")}
@@ -182,7 +184,7 @@ DECODER_COMPONENTS = {
     ),
     "rope-scaling=longrope": _once({"rope_scaling": {**_LONGROPE, "attention_factor": 1.0}}, layers=1),
     "attention-factor": _once(
-        {"rope_scaling": {**_LONGROPE, "attention_factor": 1.2}},
+        {"rope_scaling": {**_LONGROPE, "attention_factor": 1.2125}},
         {"rope_scaling": {**_LONGROPE, "attention_factor": 1.0}},
         layers=1,
     ),

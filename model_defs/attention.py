@@ -170,6 +170,6 @@ class MultiHeadAttention(nn.Module):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
         scores = torch.tanh(q @ k.transpose(-1, -2) * scale / self.softcap) * self.softcap
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        if allowed is not None:  # per layer, as the SDPA it stands for (no mask op shared by layers)
+            scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1) @ v

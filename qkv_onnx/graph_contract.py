@@ -354,8 +354,14 @@ def decoder_components(cfg: dict) -> dict[str, int] | None:
         **{f"qk-norm={q}": n for q in [feature(cfg, "qk_norm")] if q != "none"},
         **{f"norm-placement={p}": n for p in [feature(cfg, "norm_placement")] if p != "pre"},
         **{k: n * (k.replace("-", "_") in cfg) for k in ("residual-multiplier", "attention-scale")},
-        # a written-out cap repeats the kv heads itself: on a GQA model its component is another
-        **{f"attention-softcap{'-gqa' if gqa else ''}": n for _ in ["cap"] if "attention_softcap" in cfg},
+        # a written-out cap repeats the kv heads itself (on a GQA model its component is another) and masks
+        # each layer's scores itself, where SDPA's graph turns each distinct mask into a bias once: its fixed
+        # part counts once per kind of layer
+        **{
+            f"attention-softcap{'-gqa' if gqa else ''}": (len(set(types)), n)
+            for _ in ["cap"]
+            if "attention_softcap" in cfg
+        },
         **{
             k: int(k.replace("-", "_") in cfg)
             for k in ("embedding-multiplier", "logits-divisor", "final-softcap")
@@ -384,9 +390,10 @@ def composed_row(key: tuple, cfg: dict) -> dict | None:
     ops = {k: fixed + per * layers for k, (fixed, per) in base["ops"].items()}
     constants = base["constants"][0] + base["constants"][1] * layers
     for n, part in zip(units.values(), parts):
+        once, n = n if isinstance(n, tuple) else (1, n)  # how many times its fixed part counts; its units
         for k, (fixed, per) in part["ops"].items():
-            ops[k] = ops.get(k, 0) + fixed + per * n
-        constants += part["constants"][0] + part["constants"][1] * n
+            ops[k] = ops.get(k, 0) + once * fixed + per * n
+        constants += once * part["constants"][0] + part["constants"][1] * n
     return {
         "ops": {k: (v, 0) for k, v in ops.items() if v},
         "constants": (constants, 0),
