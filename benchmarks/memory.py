@@ -36,10 +36,11 @@ def floor_bytes(seq: int, batch: int = 1) -> dict:
     without any L×L matrix: attention keeps input, Q, K, V and its output (5·H per token), the
     feed-forward keeps input, its FFN-wide hidden and output (2·H + F). `scores` is one fp32 L×L matrix
     per head, what an attention that materializes its scores adds."""
-    from ..model_defs.config import EncoderConfig, block_param_count
+    from ..artifact_format import weight_totals
+    from ..model_defs.config import EncoderConfig
 
     hidden, ffn, heads = LAYER["hidden_size"], LAYER["ffn_size"], LAYER["num_heads"]
-    weights = block_param_count(EncoderConfig(**LAYER)) * BYTES
+    weights = weight_totals("encoder-block", EncoderConfig(**LAYER).to_dict())[1] * BYTES
     activations = batch * seq * max(5 * hidden, 2 * hidden + ffn) * BYTES
     return {
         "weights": weights,

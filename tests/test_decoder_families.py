@@ -392,7 +392,7 @@ def test_without_a_rebuild_a_lie_is_refused_or_named_unchecked(artifact, tmp_pat
     capsys.readouterr()  # what the checkpoints' making printed
     edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("attention_softcap", 3.0))
     code, _, err, _ = run_cli(capsys, copy, "--providers", "cpu", "--no-rebuild")
-    assert code == 2 and "layer 0's Attention has softcap 1.0, the config says 3.0" in single_error_line(err)
+    assert code == 2 and "layer 0's Attention has softcap 2.0, the config says 3.0" in single_error_line(err)
 
     copy = tmp_path / "window"
     edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("sliding_window", 5))
