@@ -36,6 +36,7 @@ from ..model_defs.registry import (
     init_random_weights,
     spec_for,
 )
+from ..scratch import Watchdog
 from ..stages import stage
 from ..versions import package_versions
 from .graph import export_model, prepare, read_back
@@ -175,6 +176,7 @@ def export_artifact(
         float_dir = tmp.parent / f".{out.name}.tmp-float32-{os.getpid()}"
         shutil.rmtree(float_dir, ignore_errors=True)
         float_dir.mkdir()
+    watchdogs = [Watchdog(d) for d in {tmp, float_dir}]  # a killed export leaves neither behind
     try:
         with ThreadPoolExecutor(1) as background:  # on a second core while the exporter traces (GIL-free I/O)
             weights_file = background.submit(_write_weights, tmp / WEIGHTS, weights)
@@ -238,6 +240,8 @@ def export_artifact(
     finally:
         if float_dir != tmp:
             shutil.rmtree(float_dir, ignore_errors=True)
+        for watchdog in watchdogs:
+            watchdog.release()
     return manifest
 
 

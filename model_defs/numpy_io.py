@@ -1,6 +1,8 @@
 """torch <-> NumPy, bfloat16 included: NumPy has no bfloat16 of its own, ml_dtypes' (what onnx uses)
 holds it."""
 
+import warnings
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -18,6 +20,16 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
     return torch.from_numpy(np.array(a))
+
+
+def shared(a: np.ndarray) -> torch.Tensor:
+    """A read-only array (validation's memory-mapped weights) as a tensor on the same memory, for a module
+    that only reads its parameters (inference, export): a model's weights are not copied into the heap."""
+    if a.dtype == ml_dtypes.bfloat16:
+        return from_numpy(a)
+    with warnings.catch_warnings():  # torch warns that it cannot protect a read-only array from writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def weights_to_numpy(state: dict) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ table) is `qkv_onnx.artifact_format`.
 
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,9 @@ from ..artifact_format import (
 )
 from ..errors import ArtifactError, BrokenEnvironment, first_line, show
 from ..graph_contract import ContractError, check_structure, check_vocabulary, unchecked, weight_dtype
+from ..scratch import ScratchDir
 from ..stages import stage
+from .budget import Plan, gib, needs, plan
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
 from .intake import check_tree, copy_verified
 from .npz import read_weights
@@ -65,8 +66,9 @@ class Artifact:
     private: Path | None = None  # the verified copy of the files: what every later step reads
     graph_check: str = ""  # how the graph was judged: a line for the report
     limits: Limits | None = None  # the sandbox limits of this artifact's checker and runtimes
-    _scratch: object = field(default=None, repr=False)  # the TemporaryDirectory holding `private`
+    _scratch: object = field(default=None, repr=False)  # the ScratchDir holding `private`
     _pending: PendingRebuild | None = field(default=None, repr=False)  # a rebuild still running
+    plan: Plan = field(default_factory=Plan)  # how its stages share the memory budget (budget.py)
 
     def verify_graph(self) -> None:
         """Wait for a rebuild started in the background (load_artifact(background=True)) and require the
@@ -464,19 +466,24 @@ def load_artifact(
     memory: int | None = None,
     seconds: float | None = None,
     background: bool = False,
+    budget: int | None = None,
+    runtimes: int = 1,
+    tokens: int = 256,
 ) -> Artifact:
     """Verify and load an artifact; raises ArtifactError naming the first problem. With `rebuild` (and
     torch and the manifest's exporter versions here) the graph must be the exporter's rebuild, byte for
     byte; otherwise, or with rebuild=False, the structural contract judges it. `memory` and `seconds`
     override the sandbox limits sized from the model. With `background`, the rebuild runs in a child
     process while the caller goes on (computing the oracle): Artifact.verify_graph() waits for it, and
-    model_path does too, so no runtime opens an unproven graph."""
+    model_path does too, so no runtime opens an unproven graph. With a `budget` (bytes), the stages are
+    planned to fit it (budget.py: `runtimes` sessions, the oracle on `tokens` positions): the rebuild may
+    start only when verify_graph is called, or not at all (the structural contract instead)."""
     directory = Path(directory)
     with stage(STAGES["manifest"]):
         manifest = read_manifest(directory)
         check_listed_sizes(directory, manifest)
         check_tree(directory, manifest)
-    scratch = tempfile.TemporaryDirectory(prefix="qkv-validate-")
+    scratch = ScratchDir("qkv-validate-")  # removed even if this process is killed
     pending = None
     try:
         private = Path(scratch.name) / "artifact"
@@ -486,9 +493,17 @@ def load_artifact(
         model_bytes = sum(e["bytes"] for r, e in manifest["files"].items() if r.startswith(MODEL))
         limits = Limits.for_model(model_bytes, memory, seconds)
         why = rebuild_problem(manifest) if rebuild else "disabled (--no-rebuild or --no-torch)"
+        planned = plan(needs(manifest, tokens), budget, runtimes, why is None)
+        if why is None and planned.rebuild == "skip":
+            why = f"not run within the memory budget of {gib(budget)} (--max-memory)"
         if why is None:  # started first: the exporter runs in its child while the rest is read
             pending = PendingRebuild(
-                directory, private, manifest, Path(scratch.name) / "rebuild", model_bytes
+                directory,
+                private,
+                manifest,
+                Path(scratch.name) / "rebuild",
+                model_bytes,
+                start=planned.rebuild == "beside",
             )
         with stage(STAGES["weights"]):
             weights = load_weights(private, directory, manifest)
@@ -507,7 +522,7 @@ def load_artifact(
         scratch.cleanup()
         raise
     artifact = Artifact(
-        directory, manifest, weights, golden, foreign, private, graph_check, limits, scratch, pending
+        directory, manifest, weights, golden, foreign, private, graph_check, limits, scratch, pending, planned
     )
     if not background:
         try:

@@ -25,8 +25,9 @@ from ..errors import (
 from ..stages import stage
 from .artifact import load_artifact
 from .attention_maps import write_maps
+from .budget import available, parse_size
 from .junit import junit_xml
-from .parity import compare_backends, localize, validate_artifact
+from .parity import LONGEST, compare_backends, localize, validate_artifact
 from .report import markdown, matrix_markdown, to_json
 from .runtimes import RUNTIMES, select_runtimes
 from .step_summary import append_step_summary, summary_markdown
@@ -142,6 +143,15 @@ def parse_args(argv) -> argparse.Namespace:
         "from the model: 2 GiB + 4x the model's bytes + 64 MiB per CPU)",
     )
     p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory validation may take in all, e.g. 16G or 800M (default: what the machine has available "
+        "when it starts). Its stages are planned to fit from the manifest's sizes: the oracle converts "
+        "weights to float64 per read instead of once, the rebuild runs after the runtimes instead of "
+        "beside them, and a stage that still cannot fit is not run, with a line saying so in the report "
+        "(the structural contract instead of the rebuild; a runtime not run leaves the verdict NOT JUDGED)",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
         metavar="SECONDS",
@@ -221,6 +231,10 @@ def run(args) -> int:
         if value is not None and not value > 0:
             raise UsageError(f"{flag} must be a positive number, got {value}")
     memory = None if args.memory_limit is None else int(args.memory_limit * (1 << 30))
+    try:
+        budget = available() if args.max_memory is None else parse_size(args.max_memory)
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
     with stage(STAGE_PROBE):
         selection = select_runtimes(args.providers)
     providers, notes, auto = selection.names, selection.notes, selection.auto
@@ -235,7 +249,16 @@ def run(args) -> int:
         start = time.perf_counter()
         artifact = None
         try:  # the artifact's own problems are ArtifactError/ProviderError; anything else is our bug
-            artifact = load_artifact(directory, rebuild, memory, args.time_limit, background=True)
+            artifact = load_artifact(
+                directory,
+                rebuild,
+                memory,
+                args.time_limit,
+                background=True,
+                budget=budget,
+                runtimes=len(providers),
+                tokens=2 * LONGEST if args.long else 256,
+            )
             report = validate_artifact(
                 artifact, providers, args.seed, not args.no_torch, auto, sentences, args.long
             )

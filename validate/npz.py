@@ -2,8 +2,9 @@
 config implies, each member's sizes and `.npy` header checked before its data is touched.
 
 Nothing is decompressed (a member that expands is refused, not inflated), nothing is unpickled (an
-object dtype is not the expected dtype), no member is read twice or left unchecked. The arrays are
-read-only views of the member bytes, read once from the private copy.
+object dtype is not the expected dtype), no member is read twice or left unchecked, no two members'
+bytes overlap. The arrays are read-only memory maps of the members' bytes in the private copy (a file
+only this process writes): a model's weights are the page cache's to hold, not copied into the heap.
 """
 
 import io
@@ -46,8 +47,13 @@ def _directory_size(path: Path) -> tuple[int, int]:
         return entries, cd_size
 
 
-def _member_array(data: bytes, name: str, shape: tuple, dtype: np.dtype, where: str) -> np.ndarray:
-    fp = io.BytesIO(data)
+def _member_array(
+    path: Path, start: int, size: int, name: str, shape: tuple, dtype: np.dtype, where: str
+) -> np.ndarray:
+    """The member whose `size` bytes begin at `start` of `path`, its .npy header checked, memory-mapped."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        fp = io.BytesIO(f.read(min(size, NPY_HEADER_MAX + 16)))
     try:
         version = np.lib.format.read_magic(fp)
         read_header = {
@@ -66,11 +72,26 @@ def _member_array(data: bytes, name: str, shape: tuple, dtype: np.dtype, where: 
             f"{dtype.name}{list(shape)}"
         )
     offset = fp.tell()
-    if len(data) != offset + math.prod(shape) * dtype.itemsize:
-        raise ArtifactError(
-            f"{where}: member {name!r} has {len(data) - offset} bytes of data for {list(shape)}"
-        )
-    return np.frombuffer(data, dtype, math.prod(shape), offset).reshape(shape)
+    if size != offset + math.prod(shape) * dtype.itemsize:
+        raise ArtifactError(f"{where}: member {name!r} has {size - offset} bytes of data for {list(shape)}")
+    if not math.prod(shape):
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", start + offset, shape)
+
+
+def _data_start(f, info: zipfile.ZipInfo, end: int) -> int:
+    """Where `info`'s bytes begin: after its local header, whose name must be the directory's."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise _Unreadable(f"no local header for {info.filename!r}")
+    n, extra = struct.unpack("<HH", header[26:30])
+    if f.read(n) != info.orig_filename.encode():
+        raise _Unreadable(f"the local header of {info.filename!r} names another member")
+    start = info.header_offset + 30 + n + extra
+    if start + info.file_size > end:
+        raise _Unreadable(f"{info.filename!r} runs past the end of the archive")
+    return start
 
 
 class _Unreadable(Exception):
@@ -135,8 +156,14 @@ def _read(path: Path, where: str, expected: dict[str, tuple], dtype: np.dtype) -
                     f"{where}: member {info.filename!r} is {info.file_size} bytes; "
                     f"{dtype.name}{list(expected[name])} takes {need}"
                 )
-        arrays = {}
-        for info in infos:
+        with open(path, "rb") as f:
+            end = f.seek(0, 2)
+            spans = sorted(((_data_start(f, i, end), i) for i in infos), key=lambda span: span[0])
+        arrays, free_from = {}, 0
+        for start, info in spans:
+            if info.header_offset < free_from:
+                raise ArtifactError(f"{where}: member {info.filename!r} overlaps the one before it")
+            free_from = start + info.file_size
             name = info.filename[: -len(".npy")]
-            arrays[name] = _member_array(_zip(zf.read, info), name, expected[name], dtype, where)
+            arrays[name] = _member_array(path, start, info.file_size, name, expected[name], dtype, where)
     return {k: arrays[k] for k in expected}

@@ -6,6 +6,7 @@ by the reference module's parameter names; every function computes in float64.
 """
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -262,8 +263,31 @@ def bert(w, cfg, *inputs, trace=None):
     return x, trace.keep("pooler", None, np.tanh(pre))
 
 
-def as_float64(weights):
-    """The weight dict in float64 (no copy for arrays that already are)."""
+class Float64Weights(Mapping):
+    """The weights in float64 one tensor at a time, as the model reads them: what the oracle holds is a
+    layer's worth, not twice the model (a 1B model's float64 weights alone are 8.8 GB)."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __getitem__(self, name):
+        return np.asarray(self.weights[name], dtype=np.float64)
+
+    def __contains__(self, name):
+        return name in self.weights
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
+
+
+def as_float64(weights, lazy: bool = False):
+    """The weights in float64: converted once (no copy for arrays that already are), or `lazy`, on each
+    read (Float64Weights)."""
+    if lazy or isinstance(weights, Float64Weights):
+        return weights if isinstance(weights, Float64Weights) else Float64Weights(weights)
     return {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
 
 

@@ -198,6 +198,9 @@ def start_sessions(
     for name in providers:
         runtime = RUNTIMES[name]
         status = report.runtimes[name] = RuntimeStatus(runtime.label, runtime.gating)
+        if artifact.plan.sessions is not None and len(opening) >= artifact.plan.sessions:
+            status.reason = "not run: it does not fit the memory budget (--max-memory)"
+            continue
         gap = runtime.gap(artifact)
         if gap:
             status.reason = f"not run: {gap}"
@@ -244,7 +247,7 @@ def await_sessions(
             "outputs are not judged at all (verdict NOT JUDGED, exit 4, unless --allow-unjudged); its run "
             "errors and NaN/Inf still fail"
         )
-    if not sessions and not report.errors:
+    if not sessions and not report.errors and artifact.plan.sessions != 0:
         report.errors.append(f"{show(shown)}: no runtime asked for can run it: " + "; ".join(report.notes))
     return sessions
 
@@ -316,6 +319,7 @@ def validate_artifact(
         report.notes.append(
             "not verified, the graph does not encode it: " + "; ".join(unverified(m["model"]["config"]))
         )
+    report.notes += artifact.plan.notes
     cases = build_cases(artifact, seed, sentences, long)
     opening = start_sessions(artifact, providers, skip_unsupported, report)  # they open while references run
     try:
@@ -326,6 +330,9 @@ def validate_artifact(
         _run_cases(artifact, cases, expected, sessions, report)
         if decoder:
             _decoder_checks(artifact, sessions, report, seed, peer)
+        if artifact.plan.rebuild == "after":  # the runtimes' memory is the rebuild's now
+            for session in opening:
+                session.close()
         artifact.verify_graph()  # nothing above counts unless the graph is the exporter's
         if artifact.graph_check != report.graph_check:  # the rebuild could not run: structural instead
             report.notes[report.notes.index(report.graph_check)] = artifact.graph_check
@@ -342,7 +349,7 @@ def _decoder_checks(artifact: Artifact, sessions: list, report: Report, seed: in
     m, w = artifact.manifest, artifact.weights
     reference, reference_run = "pytorch", peer
     if peer is None:
-        weights64 = oracle.as_float64(w)  # once: forward() takes float64 weights without a copy
+        weights64 = oracle.as_float64(w, lazy=not artifact.plan.oracle_cached)
 
         def reference_run(inputs):
             return list(
@@ -377,7 +384,8 @@ def _references(
             peer, why = None, str(e)
     note = "live PyTorch comparison: " + ("ran" if peer else f"not run ({why})")
     out_names = [o["name"] for o in m["outputs"]]
-    weights64 = oracle.as_float64(artifact.weights)  # once, not per case: bert-large holds 2.7 GB in float64
+    # once, not per case (bert-large holds 2.7 GB in float64), unless the memory plan says per read
+    weights64 = oracle.as_float64(artifact.weights, lazy=not artifact.plan.oracle_cached)
     out = []
     for case in cases:
         k, stages = model_error_terms(m, key_length(case.inputs, m), artifact.weights)

@@ -15,7 +15,7 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
     try:
         import torch
 
-        from ..model_defs.numpy_io import from_numpy, to_numpy
+        from ..model_defs.numpy_io import from_numpy, shared, to_numpy
         from ..model_defs.registry import build_for_weights, config_of
     except ImportError as e:
         if exporter_versions()["torch"] is None or getattr(e, "name", None) == "torch":
@@ -28,7 +28,7 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
     module = build_for_weights(
         model["architecture"], config_of(model["architecture"], model["config"]), model["options"]
     )
-    module.load_state_dict({k: from_numpy(v) for k, v in weights.items()}, strict=True, assign=True)
+    module.load_state_dict({k: shared(v) for k, v in weights.items()}, strict=True, assign=True)
     module = module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 
     @torch.no_grad()
