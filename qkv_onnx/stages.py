@@ -30,3 +30,26 @@ def listening(listener: Listener) -> Iterator[None]:
         yield
     finally:
         _listeners.remove(listener)
+
+
+def progress(prog: str, stream) -> Listener:
+    """A listener that prints on `stream` each stage the first time it starts, and any run of it that took a
+    second or more: a multi-minute export or validation says what it is doing."""
+    import time
+
+    started: dict[str, float] = {}
+    origin = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"{prog}: [{time.monotonic() - origin:6.1f} s] {text}", file=stream, flush=True)
+
+    def listener(event: str, name: str) -> None:
+        now = time.monotonic()
+        if event == "enter":
+            if name not in started:
+                say(name)
+            started[name] = now
+        elif now - started.get(name, now) >= 1.0:
+            say(f"{name}: took {now - started[name]:.1f} s")
+
+    return listener

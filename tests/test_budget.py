@@ -67,9 +67,7 @@ def test_the_oracle_per_read_computes_the_same_bits(exported):
         m = artifact.manifest
         inputs = [x for x in artifact.golden[0][0]]
         once, per_read = (
-            oracle.forward(
-                m["model"]["architecture"], m["model"]["config"], {}, w, inputs
-            )
+            oracle.forward(m["model"]["architecture"], m["model"]["config"], {}, w, inputs)
             for w in (oracle.as_float64(artifact.weights), oracle.as_float64(artifact.weights, lazy=True))
         )
         assert all(np.array_equal(a, b) for a, b in zip(once, per_read, strict=True))
