@@ -8,7 +8,9 @@ from pathlib import Path
 import onnx
 import torch
 
+from .. import rope
 from ..artifact_format import ARCHITECTURES, BACKENDS, graph_io, model_layers
+from ..decoder_format import PER_LAYER
 from ..model_defs.registry import (
     ModelSpec,
     count_attention_modules,
@@ -78,18 +80,20 @@ def build_graph(
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of `module` (in eval mode and `dtype`) for `backend`, and the
     tensors of initializers that keep their bytes outside it (model_file.write_model). A BERT of two or
-    more layers is stitched from the export of its two-layer version with probe weights (export/stitch.py;
-    the same bytes as exporting it whole); attention, encoder blocks and one-layer BERTs are the export of
-    the model itself with probe weights, its weights replaced (the same bytes again); decoders, and a model
-    whose weights the stitcher cannot place, are exported whole."""
+    more layers, or a decoder whose layers are all alike, is stitched from the export of its two-layer version
+    with probe weights (export/stitch.py; the same bytes as exporting it whole, and memory for two layers,
+    not the model); attention, encoder blocks and one-layer BERTs are the export of the model itself with
+    probe weights, its weights replaced (the same bytes again); other decoders, and a model whose graph or
+    weights the stitcher cannot place (ort-contrib's decoders), are exported whole."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    shape = _template_spec(spec)
+    shape = _template_spec(spec, backend)
     if shape is not None:
         template, probe_state = _template(shape, backend, dtype, opset)
         stitched = shape is not spec
         try:
             with stage(STAGE_STITCH):
-                return stitch(template, probe_state, layers(spec) if stitched else None, state)
+                constants = {t.tobytes() for t in rope.tables(spec.config.to_dict())}
+                return stitch(template, probe_state, layers(spec) if stitched else None, state, constants)
         except StitchError:
             pass
     graph = _export(spec, module, backend, dtype, opset)
@@ -98,19 +102,42 @@ def build_graph(
     return graph, {}
 
 
-def _template_spec(spec: ModelSpec) -> ModelSpec | None:
+def _template_spec(spec: ModelSpec, backend: str) -> ModelSpec | None:
     """The model whose template build_graph takes `spec`'s graph from (a stitched model's two-layer version,
     or `spec` itself), or None when it is exported whole."""
     arch = ARCHITECTURES[spec.architecture]
+    if arch.cached and not BACKENDS[backend].stitched_decoder:
+        return None
     if layers(spec) >= 2 and arch.stitched:
-        return spec_for(spec.name, spec.architecture, replace(spec.config, num_layers=2), spec.options)
+        two = _two_layers(spec.config)
+        if two is not None:
+            return spec_for(spec.name, spec.architecture, two, spec.options)
+        return None
     return spec if arch.reweighted else None
+
+
+def stitched(spec: ModelSpec, backend: str) -> bool:
+    """Whether export_model builds `spec`'s graph from a template (its memory: a layer's, not the model's)."""
+    return _template_spec(spec, backend) is not None
+
+
+def _two_layers(config):
+    """`config` at two layers, its per-layer fields cut to two; None when its layers are not all alike (a
+    decoder alternating sliding and full layers): layer 1 of the template would stand for layers unlike it."""
+    changes = {"num_layers": 2}
+    for name in PER_LAYER:
+        values = getattr(config, name, None)
+        if values is not None:
+            if len(set(values)) > 1:
+                return None
+            changes[name] = tuple(values[:2])
+    return replace(config, **changes)
 
 
 def prepare(spec: ModelSpec, backend: str, dtype: str, opset: int) -> None:
     """Export now the template that export_model will build `spec`'s graph from. It needs no weights, so
     export_artifact traces it while the model's own weights are drawn."""
-    shape = _template_spec(spec)
+    shape = _template_spec(spec, backend)
     if shape is not None:
         _template(shape, backend, dtype, opset)
 

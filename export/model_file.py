@@ -48,6 +48,23 @@ def _split(message, number: int) -> tuple[bytes, bytes]:
     return before.SerializeToString(), after.SerializeToString()
 
 
+class Lazy:
+    """An initializer's bytes made only when they are written (`make()` -> a contiguous tensor): what a
+    stitched model's weights are, so that one of them at a time is ever in memory."""
+
+    def __init__(self, size: int, make):
+        self.size, self.make = size, make
+
+    def __len__(self) -> int:
+        return self.size
+
+    def view(self) -> memoryview:
+        view = tensor_view(self.make())
+        if len(view) != self.size:
+            raise ValueError(f"an initializer of {self.size} bytes was made with {len(view)}")
+        return view
+
+
 def tensor_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous tensor, without a copy."""
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
@@ -100,13 +117,14 @@ def write_model(model: onnx.ModelProto, data: dict, path, external_data: bool = 
 def encode(model: onnx.ModelProto, data: dict) -> bytes:
     """The bytes write_model writes (no external data), in memory: for tests and small graphs."""
     data = {k: tensor_view(v) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
-    return b"".join(bytes(p) for p in _pieces(model, data, None))
+    return b"".join(bytes(p.view() if isinstance(p, Lazy) else p) for p in _pieces(model, data, None))
 
 
 def _stream(path, pieces) -> dict:
     h, n = hashlib.sha256(), 0
     with open(path, "wb") as f:
         for p in pieces:
+            p = p.view() if isinstance(p, Lazy) else p
             h.update(p)
             f.write(p)
             n += len(p)

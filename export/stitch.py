@@ -25,8 +25,10 @@ import onnx
 import torch
 
 from .canonical import SCOPES, modules
+from .model_file import Lazy
 
 LAYER = re.compile(r"^blocks\.(\d+)(?=[./]|$)")
+LAYER_IO = re.compile(r"^(?:past_key_values|present)\.(\d+)(?=\.)")  # a decoder's cache, one per layer
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 SMALL_CONSTANT = 16  # a constant of the graph itself (a shape, a scalar) is at most this big
 DEDUP_LIMIT = 1024  # onnx_ir's DeduplicateInitializersPass merges initializers of at most this many elements
@@ -42,9 +44,29 @@ def layer_index(name: str) -> int | None:
 
 
 def shift(name: str, offset: int) -> str:
-    """`name` with its layer index moved by `offset` ('blocks.1.attn/Add' -> 'blocks.4.attn/Add' for 3)."""
-    m = LAYER.match(name)
-    return name if m is None or not offset else f"blocks.{int(m.group(1)) + offset}{name[m.end() :]}"
+    """`name` with its layer index moved by `offset` ('blocks.1.attn/Add' -> 'blocks.4.attn/Add' for 3, a
+    cache's 'present.1.key' -> 'present.4.key')."""
+    m = LAYER.match(name) or LAYER_IO.match(name)
+    if m is None or not offset:
+        return name
+    return f"{name[: m.start(1)]}{int(m.group(1)) + offset}{name[m.end(1) :]}"
+
+
+def _layer_io(values, n_layers: int) -> list:
+    """Graph inputs or outputs with the template's layer-1 ones (a decoder's cache) repeated for layers
+    1..n_layers-1, in the exporter's order: by layer, then as the template lists them."""
+    out, ones = [], [v for v in values if (m := LAYER_IO.match(v.name)) and m.group(1) == "1"]
+    for v in values:
+        if v in ones[:1]:
+            for offset in range(n_layers - 1):
+                for one in ones:
+                    copy = onnx.ValueInfoProto()
+                    copy.CopyFrom(one)
+                    copy.name = shift(one.name, offset)
+                    out.append(copy)
+        elif v not in ones:
+            out.append(v)
+    return out
 
 
 def node_layer(node: onnx.NodeProto) -> int | None:
@@ -77,9 +99,10 @@ class Recipe:
         return both.t() if both.dim() == 2 else both
 
 
-def _recipes(g: onnx.GraphProto, probe: dict) -> dict[str, Recipe]:
+def _recipes(g: onnx.GraphProto, probe: dict, constants: set[bytes]) -> dict[str, Recipe]:
     """{initializer: its recipe} of every initializer made from the `probe` parameters; the others are
-    constants of the graph itself (shapes, scalars), which no parameter changes."""
+    constants of the graph itself (shapes, scalars, or the `constants` a config implies: RoPE's tables),
+    which no parameter changes."""
     candidates = {}  # (dims, dtype) -> [recipe], each made (and its bytes taken) only when dims match
     for name, p in probe.items():
         if p.dim() == 2:
@@ -109,20 +132,25 @@ def _recipes(g: onnx.GraphProto, probe: dict) -> dict[str, Recipe]:
             raise StitchError(f"initializer {t.name!r} can be made from several parameters")
         if found:
             out[t.name] = found[0]
-        elif int(np.prod(t.dims)) > SMALL_CONSTANT:
+        elif int(np.prod(t.dims)) > SMALL_CONSTANT and t.raw_data not in constants:
             raise StitchError(f"initializer {t.name!r} is made from the weights in a way stitching lacks")
     return out
 
 
 def stitch(
-    template: onnx.ModelProto, probe: dict, n_layers: int | None, state: dict
+    template: onnx.ModelProto,
+    probe: dict,
+    n_layers: int | None,
+    state: dict,
+    constants: set[bytes] = frozenset(),
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of the `n_layers` model whose weights are `state` (name -> tensor in
     the export dtype), from `template`, the canonical export of its two-layer version holding the `probe`
     weights; `n_layers` None: of the template's own model, its weights replaced. Its initializers made from
-    the weights keep their bytes in `data` (name -> contiguous tensor), for model_file.write_model."""
+    the weights keep their bytes in `data` (name -> contiguous tensor), for model_file.write_model.
+    `constants`: the bytes of the large constants the model's config implies (equal at any depth)."""
     g = template.graph
-    recipes = _recipes(g, probe)
+    recipes = _recipes(g, probe, constants)
     if n_layers is None:
         nodes = [_copy(n) for n in g.node]  # copies: a process reuses its template unchanged
         source = {x: (x, 0) for n in nodes for x in (*n.input, *n.output)}
@@ -130,8 +158,12 @@ def stitch(
     else:
         nodes, source, layered = _repeat(g, recipes, n_layers)
     inits = {t.name: t for t in g.initializer}
-    outputs = {o.name for o in g.output}
-    defined = {i.name for i in g.input}
+    graph_inputs, graph_outputs = (
+        (list(g.input), list(g.output))
+        if n_layers is None
+        else (_layer_io(g.input, n_layers), _layer_io(g.output, n_layers))
+    )
+    defined, outputs = {i.name for i in graph_inputs}, {o.name for o in graph_outputs}
     for node in nodes:
         for x in node.input:
             if x and x not in defined and source.get(x, ("", 0))[0] not in inits:
@@ -147,16 +179,18 @@ def stitch(
             header = onnx.TensorProto()
             if recipe is None:  # a constant of the graph: as the template has it
                 header.CopyFrom(inits[old])
-                header.name, data = x, None
+                header.name = x
             else:
                 recipe = recipe.shifted(offset if old in layered else 0)
                 header.name, header.data_type = x, inits[old].data_type
                 header.dims[:] = inits[old].dims
-                data = recipe.make(state).contiguous()
-            made[x] = Entry(header, recipe, data)
+            made[x] = Entry(header, recipe, state if recipe is not None else None)
     _merge_equal(nodes, made, state, _drop_zero_gemm_bias(nodes, made))
 
     out = _shell(template)
+    for target, values in ((out.graph.input, graph_inputs), (out.graph.output, graph_outputs)):
+        del target[:]
+        target.extend(values)
     first = {}
     for i, node in enumerate(nodes):
         for k, x in enumerate(node.input):
@@ -183,7 +217,7 @@ def stitch(
             continue
         listed.append(v)
     out.graph.value_info.extend(listed)
-    return out, {x: e.data for x, e in made.items() if e.data is not None}
+    return out, {x: Lazy(e.nbytes(), e.tensor) for x, e in made.items() if e.state is not None}
 
 
 def _repeat(g: onnx.GraphProto, recipes: dict, n_layers: int) -> tuple[list, dict, set]:
@@ -207,6 +241,8 @@ def _repeat(g: onnx.GraphProto, recipes: dict, n_layers: int) -> tuple[list, dic
     own = {o for n in g.node[start:end] for o in n.output if o}
 
     def rename(x: str, offset: int, last: bool) -> str:
+        if LAYER_IO.match(x):  # a layer's own graph input or output
+            return shift(x, offset)
         if x in own:
             if x in outputs:
                 if last:
@@ -250,15 +286,22 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
 
 @dataclass
 class Entry:
-    """A stitched initializer: its TensorProto (without its bytes when `data` holds them), its recipe (None
-    for a constant of the graph) and its tensor."""
+    """A stitched initializer: its TensorProto (without its bytes when it is made from the weights), its
+    recipe (None for a constant of the graph) and the weights it is made from, when it is written: a model's
+    initializers never all exist at once (model_file.write_model makes each as it writes it)."""
 
     header: onnx.TensorProto
     recipe: Recipe | None
-    data: torch.Tensor | None
+    state: dict | None
+
+    def tensor(self) -> torch.Tensor:
+        return self.recipe.make(self.state).contiguous()
+
+    def nbytes(self) -> int:
+        return self.size() * onnx.helper.tensor_dtype_to_np_dtype(self.header.data_type).itemsize
 
     def key(self) -> tuple:
-        raw = self.header.raw_data if self.data is None else tensor_bytes(self.data)
+        raw = self.header.raw_data if self.state is None else tensor_bytes(self.tensor())
         return self.header.data_type, tuple(self.header.dims), raw
 
     def size(self) -> int:
@@ -316,7 +359,7 @@ def _merge_equal(nodes: list, made: dict, state: dict, dropped: set[str]) -> Non
     for keep in set(replace.values()) - set(made):
         if any(keep in n.input for n in nodes):
             t = onnx.TensorProto(name=keep, dims=list(state[keep].shape), data_type=keys[keep][0])
-            made[keep] = Entry(t, Recipe("param", (keep,)), state[keep].contiguous())
+            made[keep] = Entry(t, Recipe("param", (keep,)), state)
     groups = {}
     for name, entry in made.items():
         if entry.size() <= DEDUP_LIMIT:

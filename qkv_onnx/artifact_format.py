@@ -69,9 +69,9 @@ ARCHITECTURES = {
         Architecture("attention", "attention", options=("causal", "cross")),
         Architecture("encoder-block", "block"),
         Architecture("bert", "layers", stitched=True),
-        # a decoder's probe weights cost more than one whole export saves (gpt2-small +5%), and a process
-        # seldom exports a decoder's description twice: exported whole
-        Architecture(decoder_format.DECODER, "layers", cached=True, reweighted=False),
+        # stitched: a 1B decoder exported whole holds its weights three times over; a one-layer one is
+        # exported whole (its probe weights would cost more than they save)
+        Architecture(decoder_format.DECODER, "layers", cached=True, stitched=True, reweighted=False),
     )
 }
 
@@ -96,6 +96,7 @@ class Backend:
     zero_empty_rows: bool = False  # the graph writes "a query with no key outputs 0" itself
     summary: str = ""
     decoder: tuple = ()  # (opset, fused ops) of a decoder's graph, its cache read by the op; () no decoders
+    stitched_decoder: bool = True  # export: a decoder's layers stitched (else its graph is exported whole)
 
     def for_architecture(self, architecture: str) -> "Backend":
         """The backend as it writes `architecture`: a decoder's graph has its own opset and attention ops
@@ -149,6 +150,7 @@ BACKENDS = {
             summary="ONNX Runtime com.microsoft Attention/MultiHeadAttention, SkipLayerNormalization, "
             "BiasGelu; decoders: GroupQueryAttention",
             decoder=(23, (("com.microsoft", "GroupQueryAttention"),)),
+            stitched_decoder=False,  # its cache's rewrite leaves layer 1's nodes apart (export/cache.py)
         ),
         Backend(
             "decomposed",

@@ -119,6 +119,9 @@ def unverified(cfg: dict) -> list[str]:
     return []
 
 
+PER_LAYER = ("layer_types", "rope_layers")  # the fields that may make one layer unlike another
+
+
 def layer_types(cfg: dict) -> list[str]:
     return list(cfg.get("layer_types") or ["full"] * cfg["num_layers"])
 

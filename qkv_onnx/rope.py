@@ -97,6 +97,15 @@ def frequencies(cfg: dict, local: bool = False, long: bool = False, dtype=np.flo
     raise ValueError(f"rope_type {kind!r} is not one of {SCALINGS}")
 
 
+def tables(cfg: dict) -> list[np.ndarray]:
+    """Every inverse-frequency table (float32) a model of `cfg` holds as a constant: functions of its config
+    alone, the same at any depth (export/stitch.py takes them from a two-layer template)."""
+    if cfg.get("positions") != "rope":
+        return []
+    kinds = [(False, False), (True, False)] + ([(False, True)] if switches(cfg) is not None else [])
+    return [frequencies(cfg, local, long, dtype="float32")[0] for local, long in kinds]
+
+
 def switches(cfg: dict) -> int | None:
     """longrope: the original length past which (largest position + 1 > it) a call uses the long factors."""
     scaling = cfg.get("rope_scaling")

@@ -121,6 +121,75 @@ def test_bert_base_stitched_is_the_whole_export():
     assert stitched == whole
 
 
+def decoder_both_ways(
+    family: str, layers: int, backend: str, dtype: str, tmp_path, **more
+) -> tuple[bytes, bytes]:
+    """(whole export, what export_model writes) of `family`'s transformers checkpoint (tests/
+    test_decoder_families.py's config, norms and biases off their 1 and 0 but for the 'plain' families'
+    norms, all 1 there: equal small initializers the exporter merges) at `layers` layers."""
+    import transformers as t
+    from helpers import trained_vectors
+    from test_decoder_families import BASE, FAMILIES
+
+    from qkv_onnx.artifact_format import BACKENDS
+    from qkv_onnx.decoder_format import DECODER
+    from qkv_onnx.model_defs.decoder_checkpoint import load_decoder_model
+    from qkv_onnx.model_defs.registry import spec_for
+
+    t.logging.set_verbosity_error()
+    name, kwargs, _ = FAMILIES[family]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("layer_types", "max_window_layers")} | more
+    torch.manual_seed(3)
+    hf = t.AutoModelForCausalLM.from_config(
+        getattr(t, name)(**{**BASE, "num_hidden_layers": layers}, **kwargs)
+    )
+    if family != "llama":
+        trained_vectors(hf, 4)
+    hf.save_pretrained(tmp_path)
+    cfg, module = load_decoder_model(tmp_path)
+    spec = spec_for(family, DECODER, cfg)
+    module = module.to(getattr(torch, dtype))
+    opset = BACKENDS[backend].for_architecture(DECODER).default_opset
+    graph, data = export_graph.build_graph(spec, module, backend, dtype, opset)
+    whole = export_graph._export(spec, module, backend, dtype, opset)
+    canonicalize(whole, dict(module.state_dict()))
+    return encode(whole, {}), encode(graph, data)
+
+
+DECODER_CELLS = [
+    ("llama", "onnx-attention", "float32"),
+    ("qwen2", "decomposed", "float32"),
+    ("gemma2", "onnx-attention", "float16"),  # its cap and sandwich norms
+    ("qwen3", "ort-contrib", "float32"),  # not stitched (GroupQueryAttention's graph): exported whole
+    *(
+        pytest.param(f, b, "float32", marks=pytest.mark.matrix)
+        for f in ("mistral", "phi3", "gemma", "gemma3_text", "olmo2", "granite", "smollm3")
+        for b in ("onnx-attention", "decomposed")
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "backend", "dtype"), DECODER_CELLS)
+def test_a_stitched_decoder_is_the_whole_export(family, backend, dtype, tmp_path, monkeypatch):
+    """A decoder of four alike layers is stitched from its two-layer export (its cache's inputs and outputs
+    repeated per layer): the whole export's bytes. Layers unlike each other (gemma2, gemma3, smollm3) and
+    ort-contrib's graphs are exported whole."""
+    stitched_ones = []
+
+    def spy(*args):
+        stitched_ones.append(real(*args))
+        return stitched_ones[-1]
+
+    real = export_graph.stitch
+    monkeypatch.setattr(export_graph, "stitch", spy)
+    more = {"head_dim": 40} if family == "llama" else {}  # RoPE's table of 20 frequencies: a large constant
+    whole, stitched = decoder_both_ways(family, 4, backend, dtype, tmp_path, **more)
+    assert stitched == whole
+    unlike = ("gemma2", "gemma3_text", "smollm3")  # alternating windows; smollm3: RoPE off every 4th layer
+    assert bool(stitched_ones) == (backend != "ort-contrib" and family not in unlike)
+
+
 def reweighted_spec(model: str):
     return bert_spec("bert", replace(SMALL, num_layers=1)) if model == "bert-1-layer" else get_model(model)
 

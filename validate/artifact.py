@@ -46,7 +46,7 @@ from .budget import Plan, gib, needs, plan
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
 from .intake import check_tree, copy_verified
 from .npz import read_weights
-from .rebuild import PendingRebuild, rebuild_problem
+from .rebuild import PendingRebuild, rebuild_problem, rebuild_stitched
 from .sandbox import Limits, check_model_sandboxed
 
 LINEAR_WEIGHTS = ("_proj.weight", ".fc1.weight", ".fc2.weight", "pooler.weight")
@@ -493,7 +493,8 @@ def load_artifact(
         model_bytes = sum(e["bytes"] for r, e in manifest["files"].items() if r.startswith(MODEL))
         limits = Limits.for_model(model_bytes, memory, seconds)
         why = rebuild_problem(manifest) if rebuild else "disabled (--no-rebuild or --no-torch)"
-        planned = plan(needs(manifest, tokens), budget, runtimes, why is None)
+        stitched = why is None and budget is not None and rebuild_stitched(manifest)
+        planned = plan(needs(manifest, tokens, stitched), budget, runtimes, why is None)
         if why is None and planned.rebuild == "skip":
             why = f"not run within the memory budget of {gib(budget)} (--max-memory)"
         if why is None:  # started first: the exporter runs in its child while the rest is read

@@ -1,10 +1,12 @@
 """Validation under a memory budget: what each stage holds, estimated from the manifest before anything is
 loaded, and a plan that runs the stages together, one after another, or not at all, with a line saying so.
 
-The estimates are per process and were measured here on a 0.12B Llama-style artifact (docs/memory.md): an
-ONNX Runtime CPU session holds about 1.6x the model's file bytes, the exporter's rebuild about 3.6x the
-weights, the interpreter with torch 0.6 GiB. The weights themselves are memory-mapped from the private copy
-(page cache, not the heap), and the torch reference shares them.
+The estimates are per process, measured here (peak resident memory) on 0.12B and 1.1B Llama-style
+artifacts: an ONNX Runtime CPU session holds about 1.6x the model's file bytes when the weights are inside
+model.onnx and 1.0x when they are external data; the exporter's rebuild about 3.6x the weights when it
+exports the model whole and well under 1x when it stitches it from a two-layer template (export/graph.py);
+the interpreter with torch 0.6 GiB. The weights themselves are memory-mapped from the private copy (page
+cache, not the heap), and the torch reference shares them.
 """
 
 import math
@@ -16,8 +18,10 @@ from ..graph_contract import weight_dtype
 
 GIB = 1 << 30
 INTERPRETER = 0.6 * GIB  # one Python process with numpy, onnx and torch imported
-SESSION_BASE, SESSION_PER_MODEL_BYTE = 0.3 * GIB, 2.0  # a runtime's process: the graph read, its initializers
-REBUILD_BASE, REBUILD_PER_WEIGHT_BYTE = 0.6 * GIB, 4.0  # the exporter: module, traced program, saved graph
+SESSION_BASE = 0.3 * GIB  # a runtime's process, and per byte of model file: weights inside it, external
+SESSION_PER_MODEL_BYTE = {False: 1.7, True: 1.0}
+REBUILD_BASE = 0.6 * GIB  # the exporter, and per byte of weights: exported whole, stitched
+REBUILD_PER_WEIGHT_BYTE = {False: 4.0, True: 1.0}
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": GIB, "t": 1 << 40}
 
 
@@ -58,9 +62,9 @@ class Needs:
     rebuild: float  # the exporter's sandboxed child
 
 
-def needs(manifest: dict, tokens: int) -> Needs:
+def needs(manifest: dict, tokens: int, stitched: bool = False) -> Needs:
     """Estimates from the manifest: its weights' count and dtype, its model files' bytes, and the oracle's
-    activations on `tokens` positions of the longest case."""
+    activations on `tokens` positions of the longest case; `stitched`: whether the rebuild stitches it."""
     from ..artifact_format import MODEL, weight_totals
 
     m = manifest["model"]
@@ -75,8 +79,8 @@ def needs(manifest: dict, tokens: int) -> Needs:
     return Needs(
         main=INTERPRETER + activations + peer,
         oracle64=count * 8,
-        session=SESSION_BASE + SESSION_PER_MODEL_BYTE * model_bytes,
-        rebuild=REBUILD_BASE + REBUILD_PER_WEIGHT_BYTE * max(stored, count * 4),
+        session=SESSION_BASE + SESSION_PER_MODEL_BYTE[MODEL + ".data" in manifest["files"]] * model_bytes,
+        rebuild=REBUILD_BASE + REBUILD_PER_WEIGHT_BYTE[stitched] * max(stored, count * 4),
     )
 
 

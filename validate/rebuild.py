@@ -70,6 +70,18 @@ def _module(manifest: dict, weights: dict):
     return module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
 
 
+def rebuild_stitched(manifest: dict) -> bool:
+    """Whether the rebuild stitches the graph from a template (its memory a layer's, not the model's)."""
+    from ..export.graph import stitched
+    from ..model_defs.registry import config_of, spec_for
+
+    model = manifest["model"]
+    config = config_of(model["architecture"], model["config"])
+    return stitched(
+        spec_for(model["name"], model["architecture"], config, model["options"]), manifest["backend"]
+    )
+
+
 def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     """Write the exporter's model.onnx (and model.onnx.data when the artifact has one) for the manifest's
     model and `weights` into `out`; returns its {op_counts, taps}. ArtifactError when the exporter refuses
