@@ -167,6 +167,25 @@ def test_stage_clock_times_are_exclusive():
     assert "unheard" not in clock.totals
 
 
+def test_progress_names_each_stage_once_and_the_slow_runs():
+    """--progress: a stage's name the first time it starts, then only a run of it that took a second or more
+    (a validation runs its per-case stages hundreds of times)."""
+    import io
+    import time
+
+    from qkv_onnx.stages import progress
+
+    out = io.StringIO()
+    with listening(progress("prog", out)):
+        for _ in range(3):
+            with stage("quick"):
+                pass
+        with stage("slow"):
+            time.sleep(1.0)
+    lines = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines[:2] == ["quick", "slow"] and lines[2].startswith("slow: took 1.") and len(lines) == 3
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

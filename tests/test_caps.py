@@ -174,9 +174,24 @@ def _npz(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def test_npz_reader_reads_what_the_exporter_writes(tmp_path):
+    """...as read-only memory maps of the file: the page cache holds a model's weights, not the heap."""
     path, arrays = _npz(tmp_path)
     got = read_weights(path, path, expected_weights("attention", MHA), np.dtype("float32"))
     assert got.keys() == arrays.keys() and all(np.array_equal(got[k], arrays[k]) for k in arrays)
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in got.values())
+
+
+def test_npz_members_sharing_bytes_are_refused(tmp_path):
+    """A directory entry pointed at another member's local header: one tensor's bytes read as two."""
+    path, _ = _npz(tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        first = z.infolist()[0]
+    entries = [i for i in range(len(data)) if data[i : i + 4] == b"PK\x01\x02"]
+    data[entries[1] + 42 : entries[1] + 46] = first.header_offset.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        read_weights(path, path, expected_weights("attention", MHA), np.dtype("float32"))
 
 
 @settings(max_examples=300, **FUZZ)
