@@ -14,7 +14,7 @@ os.environ.update({**POLICY, **os.environ})  # before numpy and torch load their
 
 from ..artifact_format import ARTIFACT_DTYPES, BACKENDS, MANIFEST
 from ..errors import EXIT_FAILED, EXIT_OK, ExportError, UsageError, first_line, report_error, run_cli
-from ..stages import listening, progress
+from ..stages import add_progress_flag, reporting_progress
 
 PROG = "qkv-export"
 EPILOG = """backends:
@@ -109,13 +109,7 @@ def parse_args(argv) -> argparse.Namespace:
         + ", ".join(f"{b.name} {b.default_opset}" for b in BACKENDS.values())
         + ")",
     )
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="print each stage on stderr as it starts, and its time when it took a second or more "
-        "(default: when stderr is a terminal)",
-    )
+    add_progress_flag(p)
     args = p.parse_args(argv)
     args.known_models = [*MODELS, *CHECKPOINT_MODELS]
     return args
@@ -200,9 +194,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (args.progress or (args.progress is None and sys.stderr.isatty())):
-        return run_cli(PROG, lambda: run(args))
-    with listening(progress(PROG, sys.stderr)):
+    with reporting_progress(PROG, args.progress):
         return run_cli(PROG, lambda: run(args))
 
 

@@ -53,3 +53,28 @@ def progress(prog: str, stream) -> Listener:
             say(f"{name}: took {now - started[name]:.1f} s")
 
     return listener
+
+
+PROGRESS_HELP = (
+    "print each stage on stderr as it starts, and its time when it took a second or more (default: when "
+    "stderr is a terminal)"
+)
+
+
+def add_progress_flag(parser) -> None:
+    """--progress / --no-progress on a CLI's parser."""
+    import argparse
+
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=PROGRESS_HELP)
+
+
+@contextmanager
+def reporting_progress(prog: str, wanted: bool | None) -> Iterator[None]:
+    """progress() on stderr while the block runs, if `wanted` (None: if stderr is a terminal)."""
+    import sys
+
+    if not (wanted or (wanted is None and sys.stderr.isatty())):
+        yield
+        return
+    with listening(progress(prog, sys.stderr)):
+        yield

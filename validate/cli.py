@@ -22,7 +22,7 @@ from ..errors import (
     run_cli,
     show,
 )
-from ..stages import listening, progress, stage
+from ..stages import add_progress_flag, reporting_progress, stage
 from .artifact import load_artifact
 from .attention_maps import write_maps
 from .budget import available, parse_size
@@ -193,13 +193,7 @@ def parse_args(argv) -> argparse.Namespace:
         "distance, local mass per head). onnx-attention and decomposed artifacts; ort-contrib's ops expose "
         "none (exit 2)",
     )
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="print each stage on stderr as it starts, and its time when it took a second or more "
-        "(default: when stderr is a terminal)",
-    )
+    add_progress_flag(p)
     return p.parse_args(argv)
 
 
@@ -328,9 +322,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (args.progress or (args.progress is None and sys.stderr.isatty())):
-        return run_cli(PROG, lambda: run(args))
-    with listening(progress(PROG, sys.stderr)):
+    with reporting_progress(PROG, args.progress):
         return run_cli(PROG, lambda: run(args))
 
 
