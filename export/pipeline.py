@@ -2,7 +2,7 @@
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,8 +60,10 @@ def source_model(
     model: str, weights_dir, seed: int, meanwhile: Callable[[ModelSpec], None] | None = None
 ) -> tuple[ModelSpec, torch.nn.Module, dict | None]:
     """(spec, float32 module, checkpoint description or None): a registry model with seeded random
-    weights, or a BERT checkpoint (`weights_dir`, or a CHECKPOINT_MODELS name). A registry model's weights
-    are drawn on a second thread (torch's kernels release the GIL) while `meanwhile(spec)` runs."""
+    weights, or a checkpoint (`weights_dir`, or a CHECKPOINT_MODELS name); for a decoder checkpoint, instead
+    of the module, its tensors as a mapping that reads each when asked (CheckpointTensors). A registry
+    model's weights are drawn on a second thread (torch's kernels release the GIL) while `meanwhile(spec)`
+    runs."""
     if weights_dir is None and model not in CHECKPOINT_MODELS:
         spec = get_model(model)
         # spec.random(seed), split: build_for_weights patches torch's classes while it builds, so only the
@@ -75,11 +77,16 @@ def source_model(
                 return spec, drawn.result(), None
     with stage(STAGE_SOURCE):
         from ..model_defs.checkpoint import family_of, load_hf_model
-        from ..model_defs.decoder_checkpoint import decoder_family_of, decoder_model_type, load_decoder_model
+        from ..model_defs.decoder_checkpoint import (
+            decoder_family_of,
+            decoder_model_type,
+            open_decoder_checkpoint,
+        )
 
         directory = Path(weights_dir) if weights_dir is not None else checkpoint_dir(model)
         decoder = decoder_model_type(directory / "config.json") is not None
-        cfg, module = (load_decoder_model if decoder else load_hf_model)(directory)
+        # a decoder's tensors are read one at a time when weights.npz is written (export_artifact)
+        cfg, module = (open_decoder_checkpoint if decoder else load_hf_model)(directory)
         files = {
             p.name: sha256_file(p)
             for p in sorted(directory.iterdir())
@@ -126,6 +133,39 @@ def _write_weights(path: Path, weights: dict) -> dict:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+class _Saved(Mapping):
+    """A checkpoint's tensors as weights.npz holds them (the artifact's dtype; bfloat16 as float32), each
+    made when save_weights_npz asks for it."""
+
+    def __init__(self, tensors: Mapping, dtype: str):
+        self.tensors, self.dtype = tensors, getattr(torch, dtype)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return weights_to_numpy({name: self.tensors[name].to(self.dtype)})[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def _mapped_module(spec: ModelSpec, path: Path, dtype: str):
+    """The model holding the weights.npz just written at `path`, memory-mapped (its pages the page cache's,
+    as validation reads them): what the export and the golden data read, never a second copy in memory."""
+    from ..artifact_format import expected_weights
+    from ..graph_contract import weight_dtype
+    from ..model_defs.numpy_io import shared
+    from ..validate.npz import read_weights
+
+    arrays = read_weights(
+        path, path, expected_weights(spec.architecture, spec.config.to_dict()), weight_dtype(dtype)
+    )
+    module = build_for_weights(spec.architecture, spec.config, spec.options)
+    module.load_state_dict({k: shared(v) for k, v in arrays.items()}, strict=True, assign=True)
+    return module
+
+
 def _copy_tokenizer(checkpoint_dir: Path, target: Path) -> bool:
     """Copy a checkpoint's tokenizer files into the artifact; False when it has none."""
     from ..text import TOKENIZER_FILES
@@ -163,12 +203,6 @@ def export_artifact(
         model, weights_dir, seed, lambda spec: prepare(spec, backend, float_dtype, opset_of(spec))
     )
     opset = opset_of(spec)
-    module = module.eval().to(getattr(torch, float_dtype))
-    weights = weights_to_numpy(module.state_dict())
-    n_bytes = sum(a.nbytes for a in weights.values())
-    if external_data is None:
-        external_data = n_bytes > PROTOBUF_LIMIT * 0.9
-
     out = Path(out)
     tmp = temporary_dir_for(out)
     float_dir = tmp
@@ -178,8 +212,18 @@ def export_artifact(
         float_dir.mkdir()
     watchdogs = [Watchdog(d) for d in {tmp, float_dir}]  # a killed export leaves neither behind
     try:
+        streamed = None
+        if isinstance(module, Mapping):  # a checkpoint's tensors: written one at a time, then memory-mapped
+            with stage(STAGE_WEIGHTS):
+                streamed = _write_weights(tmp / WEIGHTS, _Saved(module, float_dtype))
+            module = _mapped_module(spec, tmp / WEIGHTS, dtype)
+        module = module.eval().to(getattr(torch, float_dtype))
+        weights = weights_to_numpy(module.state_dict())
+        n_bytes = sum(a.nbytes for a in weights.values())
+        if external_data is None:
+            external_data = n_bytes > PROTOBUF_LIMIT * 0.9
         with ThreadPoolExecutor(1) as background:  # on a second core while the exporter traces (GIL-free I/O)
-            weights_file = background.submit(_write_weights, tmp / WEIGHTS, weights)
+            weights_file = None if streamed else background.submit(_write_weights, tmp / WEIGHTS, weights)
             graph = export_model(spec, module, backend, float_dtype, opset, external_data, float_dir / MODEL)
             n_attention = count_attention_modules(module)
             quantization = None
@@ -187,7 +231,7 @@ def export_artifact(
                 quantization = _quantize(float_dir, tmp, spec, graph.taps, seed, checkpoint)
                 graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.taps)
             with stage(STAGE_WEIGHTS):  # what is left of it: the wait
-                known = {**graph.files, WEIGHTS: weights_file.result()}  # model.onnx from memory (int8: read)
+                known = {**graph.files, WEIGHTS: streamed or weights_file.result()}  # model.onnx from memory
         with stage(STAGE_GOLDEN):
             golden_sets = _golden_sets(tmp, spec, module, float_dtype, seed, checkpoint)
         roles = {i.name: i.role for i in spec.inputs}

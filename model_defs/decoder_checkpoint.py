@@ -7,6 +7,8 @@ match the config, else CheckpointError with a one-line message naming the file a
 """
 
 import re
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,11 +17,11 @@ from ..decoder_format import FEATURES
 from .checkpoint import (
     CheckpointError,
     _read_json,
+    _safetensors,
     check_keys,
     map_hf_keys,
     ours_to_hf,
     read_headers,
-    read_tensors,
     weight_files,
 )
 from .decoder import DecoderConfig, DecoderModel
@@ -182,16 +184,67 @@ def _expected_shapes(cfg: DecoderConfig) -> dict:
         return {k: tuple(v.shape) for k, v in DecoderModel(cfg).state_dict().items()}
 
 
-def load_decoder_checkpoint(directory) -> tuple:
-    """(DecoderConfig, state dict in our names, float32 tensors) from a Hugging Face gpt2 or llama checkpoint
-    directory: the state dict has exactly the keys of DecoderModel(cfg).state_dict() (a tied head has none:
-    a checkpoint's lm_head.weight must then equal the token embedding, and is dropped).
+@contextmanager
+def _safe_open(path: Path):
+    safe_open, _ = _safetensors()
+    with safe_open(str(path), framework="pt") as st:
+        yield st
+
+
+class CheckpointTensors(Mapping):
+    """Our name -> float32 tensor of a decoder checkpoint, read from its safetensors (memory-mapped there) and
+    laid out as our module's (to_our_layout) when asked: a model's weights never all in memory at once. Each
+    read refuses NaN, infinite values and a shape other than our module's (CheckpointError)."""
+
+    def __init__(self, files: list, mapping: dict, family: DecoderFamily, ours: dict, where: Path):
+        self.family, self.ours, self.where, self.mapping = family, ours, where, mapping
+        self.home = {}  # checkpoint key -> its file
+        for f in files:
+            with _safe_open(f) as st:
+                self.home.update({k: f for k in st.keys() if k in mapping})
+        meta, held = {}, checkpoint_shapes(ours, family)
+        for key, name in mapping.items():  # our names each checkpoint key becomes (a fused module: several)
+            if name in held:  # not a tied head, which is no parameter of ours
+                with torch.device("meta"):
+                    laid = to_our_layout({name: torch.empty(held[name])}, family, ours)
+                meta.update({ours_name: key for ours_name in laid})
+        self.source = {k: meta[k] for k in ours if k in meta}
+
+    def raw(self, key: str) -> torch.Tensor:
+        """Checkpoint key -> its float32 tensor, refused when not finite."""
+        with _safe_open(self.home[key]) as st:
+            tensor = st.get_tensor(key).to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{self.home[key]}: tensor {key} holds NaN or infinite values")
+        return tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self.source[name]
+        tensor = to_our_layout({self.mapping[key]: self.raw(key)}, self.family, self.ours)[name]
+        if tuple(tensor.shape) != self.ours[name]:
+            raise CheckpointError(f"{self.where}: {key} gives {name} the shape {list(tensor.shape)}")
+        return tensor
+
+    def __contains__(self, name) -> bool:
+        return name in self.source
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def open_decoder_checkpoint(directory) -> tuple:
+    """(DecoderConfig, CheckpointTensors: our name -> float32 tensor, read when asked) of a Hugging Face
+    decoder checkpoint directory, its keys exactly those of DecoderModel(cfg).state_dict() (a tied head has
+    none: a checkpoint's lm_head.weight must then equal the token embedding, and is dropped).
 
     Reads config.json and model.safetensors (or a sharded model.safetensors.index.json) with the
     safetensors library. Keys may carry the family's prefix ('transformer.', 'model.'). Known buffers
     (GPT-2's attn.bias) are ignored. CheckpointError, naming the file and the keys, on: unexpected keys,
     missing keys, a shape other than the config implies, a non-floating tensor, a tied LM head that differs
-    from the embedding, or a failed strict load_state_dict into DecoderModel(cfg).
+    from the embedding; and when a tensor is read, on NaN or infinite values.
     """
     directory = Path(directory)
     files, where = weight_files(directory)
@@ -221,22 +274,31 @@ def load_decoder_checkpoint(directory) -> tuple:
         lambda k: _hf_name(k, family, prefix),
         optional=tied,
     )
-    state = read_tensors(files, mapping)
-    state = to_our_layout(state, family, ours)
+    tensors = CheckpointTensors(files, mapping, family, ours, where)
     for name, source in tied.items():
-        head = state.pop(name, None)
-        if head is not None and not torch.equal(head, state[source]):
-            key = next(k for k, v in mapping.items() if v == name)
+        key = next((k for k, v in mapping.items() if v == name), None)
+        if key is not None and not torch.equal(tensors.raw(key), tensors[source]):
             raise CheckpointError(
                 f"{where}: {key!r} differs from {_hf_name(source, family, prefix)!r}, "
                 "but config.json ties them (tie_word_embeddings true)"
             )
+    missing = sorted(set(ours) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: nothing in it gives {missing[0]} ({len(missing)} parameters)")
+    return cfg, tensors
+
+
+def load_decoder_checkpoint(directory) -> tuple:
+    """(DecoderConfig, state dict in our names, float32 tensors) from a Hugging Face decoder checkpoint
+    directory (open_decoder_checkpoint, every tensor read): the keys of DecoderModel(cfg).state_dict()."""
+    cfg, tensors = open_decoder_checkpoint(directory)
+    state = {k: tensors[k] for k in tensors}
     try:
         _module_from(cfg, state)  # the final word: strict load_state_dict into DecoderModel(cfg)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
-        raise CheckpointError(f"{where}: load_state_dict refused it: {detail}") from None
-    return cfg, {k: state[k] for k in ours}
+        raise CheckpointError(f"{tensors.where}: load_state_dict refused it: {detail}") from None
+    return cfg, state
 
 
 def _hf_name(name: str, family: DecoderFamily, prefix: str) -> str:

@@ -707,6 +707,16 @@ def weight_totals(architecture: str, cfg: dict) -> tuple[int, int]:
     return outside[0] + cfg["num_layers"] * block[0], outside[1] + cfg["num_layers"] * block[1]
 
 
+def largest_weight(architecture: str, cfg: dict) -> int:
+    """The elements of the largest parameter, from one block's and the model's own (no layer enumerated)."""
+    arch = ARCHITECTURES[architecture]
+    if arch.cached:
+        shapes = {**decoder_format.layer_weights(cfg), **decoder_format.model_weights(cfg)}
+    else:
+        shapes = {**_block_weights("", architecture, cfg), **(_encoder_weights(cfg) if arch.layered else {})}
+    return max((math.prod(s) for s in shapes.values()), default=0)
+
+
 def expected_weights(architecture: str, cfg: dict) -> dict[str, tuple[int, ...]]:
     """Every parameter name and shape the reference module of `architecture` has under `cfg`: the exact
     content of weights.npz (the state_dict of model_defs' module, checked against it in the tests)."""

@@ -60,15 +60,17 @@ class Needs:
     oracle64: float  # the float64 weights the oracle keeps when it converts them once
     session: float  # one runtime's sandboxed process
     rebuild: float  # the exporter's sandboxed child
+    largest: float = 0  # the largest tensor in float64, what the oracle converting per read holds at once
 
 
 def needs(manifest: dict, tokens: int, stitched: bool = False) -> Needs:
     """Estimates from the manifest: its weights' count and dtype, its model files' bytes, and the oracle's
     activations on `tokens` positions of the longest case; `stitched`: whether the rebuild stitches it."""
-    from ..artifact_format import MODEL, weight_totals
+    from ..artifact_format import MODEL, largest_weight, weight_totals
 
     m = manifest["model"]
     count = weight_totals(m["architecture"], m["config"])[1]
+    largest = largest_weight(m["architecture"], m["config"])
     stored = count * weight_dtype(manifest["dtype"]).itemsize
     model_bytes = sum(e["bytes"] for r, e in manifest["files"].items() if r.startswith(MODEL))
     cfg = m["config"]
@@ -79,6 +81,7 @@ def needs(manifest: dict, tokens: int, stitched: bool = False) -> Needs:
     return Needs(
         main=INTERPRETER + activations + peer,
         oracle64=count * 8,
+        largest=largest * 8,
         session=SESSION_BASE + SESSION_PER_MODEL_BYTE[MODEL + ".data" in manifest["files"]] * model_bytes,
         rebuild=REBUILD_BASE + REBUILD_PER_WEIGHT_BYTE[stitched] * max(stored, count * 4),
     )
@@ -103,10 +106,10 @@ def plan(n: Needs, budget: int | None, runtimes: int, rebuild: bool) -> Plan:
         return Plan()
     choices = [(True, "beside"), (False, "beside"), (True, "after"), (False, "after")]
     for cached, when in choices if rebuild else [(True, "skip"), (False, "skip")]:
-        beside = n.main + (n.oracle64 if cached else 0) + runtimes * n.session
+        beside = n.main + (n.oracle64 if cached else n.largest) + runtimes * n.session
         peak = beside + (n.rebuild if when == "beside" else 0)
         if when == "after":
-            peak = max(peak, n.main + n.rebuild)
+            peak = max(peak, n.main + n.rebuild)  # the oracle's weights are gone by then
         if peak <= budget:
             return _described(Plan(budget, cached, when), n, peak)
     p = Plan(budget, False, "skip")
@@ -115,14 +118,15 @@ def plan(n: Needs, budget: int | None, runtimes: int, rebuild: bool) -> Plan:
             f"rebuild not run: the exporter needs ~{gib(n.main + n.rebuild)}, more than the budget of "
             f"{gib(budget)} (--max-memory): the structural contract judges the graph"
         )
-    fit = max(0, math.floor((budget - n.main) / n.session)) if budget > n.main else 0
+    main = n.main + n.largest
+    fit = max(0, math.floor((budget - main) / n.session)) if budget > main else 0
     if fit < runtimes:
         p.sessions = fit
         p.notes.append(
             f"{runtimes - fit} of {runtimes} runtime(s) not run: each needs ~{gib(n.session)} beside the "
-            f"validator's ~{gib(n.main)}, the budget is {gib(budget)} (--max-memory)"
+            f"validator's ~{gib(main)}, the budget is {gib(budget)} (--max-memory)"
         )
-    return _described(p, n, n.main + min(fit, runtimes) * n.session)
+    return _described(p, n, main + min(fit, runtimes) * n.session)
 
 
 def _described(p: Plan, n: Needs, peak: float) -> Plan:

@@ -71,9 +71,13 @@ def _module(manifest: dict, weights: dict):
 
 
 def rebuild_stitched(manifest: dict) -> bool:
-    """Whether the rebuild stitches the graph from a template (its memory a layer's, not the model's)."""
-    from ..export.graph import stitched
-    from ..model_defs.registry import config_of, spec_for
+    """Whether the rebuild stitches the graph from a template (its memory a layer's, not the model's); False
+    (the larger estimate) where the exporter cannot be imported here, which the rebuild then reports."""
+    try:
+        from ..export.graph import stitched
+        from ..model_defs.registry import config_of, spec_for
+    except ImportError:
+        return False
 
     model = manifest["model"]
     config = config_of(model["architecture"], model["config"])

@@ -16,6 +16,7 @@ and name (a built-in one or a plugin's) with the adapter's own interface; `open_
 validate.runtimes) is what parity calls.
 """
 
+import errno
 import importlib
 import io
 import json
@@ -115,11 +116,14 @@ CAPPED_IMPORT = ("failed to map segment", "cannot allocate memory", "out of memo
 def _kind(e: BaseException) -> str:
     """How the parent should read a failure: a memory limit (MemoryError; an ImportError of a library the
     cap kept from being mapped), a broken installation (any other ImportError: nothing about the
-    artifact), a runtime's ProviderError, another QkvError about the artifact, or anything else."""
+    artifact; nor is a full disk), a runtime's ProviderError, another QkvError about the artifact, or
+    anything else."""
     if isinstance(e, MemoryError):
         return "memory"
     if isinstance(e, ImportError):
         return "memory" if any(w in str(e).lower() for w in CAPPED_IMPORT) else "environment"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: the machine's
+        return "environment"
     if isinstance(e, ProviderError):
         return "provider"
     return "artifact" if isinstance(e, QkvError) else "error"
