@@ -187,7 +187,14 @@ def _export(spec: ModelSpec, module, backend: str, dtype: str, opset: int) -> on
 
 
 def export_model(
-    spec: ModelSpec, module, backend: str, dtype: str, opset: int, external_data: bool, path: Path
+    spec: ModelSpec,
+    module,
+    backend: str,
+    dtype: str,
+    opset: int,
+    external_data: bool,
+    path: Path,
+    keep_data: bool = True,
 ) -> ExportedGraph:
     """Write model.onnx for `spec` at `path` from `module` (in eval mode and `dtype`): the one function
     both export_artifact and qkv-validate's rebuild call, so that a rebuild from the same model, weights
@@ -196,7 +203,7 @@ def export_model(
     graph, data = build_graph(spec, module, backend, dtype, opset)
     described = describe(graph, spec, backend, count_attention_modules(module))
     with stage(STAGE_SAVE):
-        return replace(described, files=write_model(graph, data, path, external_data))
+        return replace(described, files=write_model(graph, data, path, external_data, keep_data))
 
 
 def describe(

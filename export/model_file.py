@@ -8,6 +8,7 @@ with each initializer's raw_data taken from the tensor's memory.
 """
 
 import hashlib
+import os
 
 import onnx
 import torch
@@ -103,14 +104,17 @@ def _pieces(model: onnx.ModelProto, data: dict, side: list | None) -> list:
     return [model_head, _field(_GRAPH, sum(len(p) for p in body)), *body, model_tail]
 
 
-def write_model(model: onnx.ModelProto, data: dict, path, external_data: bool = False) -> dict:
+def write_model(
+    model: onnx.ModelProto, data: dict, path, external_data: bool = False, keep_data: bool = True
+) -> dict:
     """Write `model` (initializers named in `data` take their bytes from there) at `path`, with external data
-    in `<path>.data`; returns the file-table entries {name: {sha256, bytes}} of what it wrote."""
+    in `<path>.data` (without `keep_data`: only hashed, never stored: a rebuild that compares); returns the
+    file-table entries {name: {sha256, bytes}} of what it wrote."""
     data = {k: tensor_view(v) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
     side = [path.name + ".data"] if external_data else None
     written = {path.name: _stream(path, _pieces(model, data, side))}
     if side is not None:
-        written[side[0]] = _stream(path.with_name(side[0]), side[1:])
+        written[side[0]] = _stream(path.with_name(side[0]) if keep_data else None, side[1:])
     return written
 
 
@@ -122,10 +126,11 @@ def encode(model: onnx.ModelProto, data: dict) -> bytes:
 
 def _stream(path, pieces) -> dict:
     h, n = hashlib.sha256(), 0
-    with open(path, "wb") as f:
+    with open(path or os.devnull, "wb") as f:
         for p in pieces:
             p = p.view() if isinstance(p, Lazy) else p
             h.update(p)
-            f.write(p)
+            if path is not None:
+                f.write(p)
             n += len(p)
     return {"sha256": h.hexdigest(), "bytes": n}

@@ -141,3 +141,22 @@ def test_a_validation_killed_with_sigkill_leaves_no_private_copy(exported, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.real_rebuild
+def test_the_rebuild_hashes_external_data_and_still_catches_a_changed_byte(
+    exported_external, tmp_path, capsys
+):
+    """The rebuild's model.onnx.data is hashed, not stored (no second copy on disk): a re-signed artifact
+    whose side file differs from the exporter's by one byte is still refused, naming the file."""
+    import shutil
+
+    from helpers import rewrite
+
+    d = tmp_path / "art"
+    shutil.copytree(exported_external, d)
+    data = bytearray((d / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rewrite(d, "model.onnx.data", bytes(data))
+    code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
+    assert code == 2 and "model.onnx.data': not the bytes the exporter writes" in err, err

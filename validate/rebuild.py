@@ -103,7 +103,11 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     source = out / "float32" / MODEL if dtype in QUANTIZED else target
     source.parent.mkdir(exist_ok=True)
     try:  # ExportError: the exporter's own refusal (an exporter error, the fusion check)
-        graph = export_model(spec, module, manifest["backend"], io_dtype(dtype), opset, external, source)
+        # a float graph's external data is hashed, not stored: a rebuild takes no second copy on disk
+        keep = dtype in QUANTIZED  # the quantizer reads its float32 source back
+        graph = export_model(
+            spec, module, manifest["backend"], io_dtype(dtype), opset, external, source, keep
+        )
         if dtype in QUANTIZED:
             record = manifest["quantization"]
             if sha256_file(source) != record["float32_graph_sha256"]:
@@ -118,7 +122,7 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
         raise ArtifactError(
             f"the exporter cannot rebuild this model from weights.npz: {first_line(e)}"
         ) from None
-    return {"op_counts": graph.op_counts, "taps": graph.taps}
+    return {"op_counts": graph.op_counts, "taps": graph.taps, "files": graph.files}
 
 
 def _first_difference(a: Path, b: Path) -> int:
@@ -212,6 +216,15 @@ class PendingRebuild:
             for rel in (MODEL, MODEL + ".data"):
                 mine, theirs = self.scratch / rel, self.private / rel
                 if not mine.exists() and not theirs.exists():
+                    continue
+                hashed = built.get("files", {}).get(rel)
+                if not mine.exists() and hashed is not None and theirs.exists():  # hashed, not stored
+                    if hashed != self.manifest["files"][rel]:  # the private copy's bytes: as listed
+                        raise ArtifactError(
+                            f"{show(self.directory / rel)}: not the bytes the exporter writes for this "
+                            f"manifest's model and {WEIGHTS} (its sha256 is {hashed['sha256']}; rebuilt with "
+                            f"{versions})"
+                        )
                     continue
                 if not (mine.exists() and theirs.exists()) or not filecmp.cmp(mine, theirs, shallow=False):
                     where = (
