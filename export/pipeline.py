@@ -156,7 +156,7 @@ def _mapped_module(spec: ModelSpec, path: Path, dtype: str):
     from ..artifact_format import expected_weights
     from ..graph_contract import weight_dtype
     from ..model_defs.numpy_io import shared
-    from ..validate.npz import read_weights
+    from ..npz import read_weights
 
     arrays = read_weights(
         path, path, expected_weights(spec.architecture, spec.config.to_dict()), weight_dtype(dtype)

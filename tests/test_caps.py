@@ -25,9 +25,9 @@ from qkv_onnx.artifact_format import (
 )
 from qkv_onnx.errors import ArtifactError
 from qkv_onnx.export.writer import save_weights_npz
+from qkv_onnx.npz import read_weights
 from qkv_onnx.validate.artifact import _read_tensor
 from qkv_onnx.validate.caps import check_listed_sizes, golden_bytes, graph_bytes, weights_bytes
-from qkv_onnx.validate.npz import read_weights
 
 FUZZ = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 MHA = {

@@ -40,12 +40,12 @@ from ..artifact_format import (
 )
 from ..errors import ArtifactError, BrokenEnvironment, first_line, show
 from ..graph_contract import ContractError, check_structure, check_vocabulary, unchecked, weight_dtype
+from ..npz import read_weights
 from ..scratch import ScratchDir
 from ..stages import stage
 from .budget import Plan, gib, needs, plan
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
 from .intake import check_tree, copy_verified
-from .npz import read_weights
 from .rebuild import PendingRebuild, rebuild_problem, rebuild_stitched
 from .sandbox import Limits, check_model_sandboxed
 

@@ -141,7 +141,7 @@ def rebuild_in_child(manifest: dict, weights_path: str, out: str) -> dict:
     """The rebuild as the sandboxed child runs it: weights.npz read (strictly) from the private copy."""
     from ..artifact_format import expected_weights
     from ..graph_contract import weight_dtype
-    from .npz import read_weights
+    from ..npz import read_weights
 
     expected = expected_weights(manifest["model"]["architecture"], manifest["model"]["config"])
     weights = read_weights(Path(weights_path), Path(weights_path), expected, weight_dtype(manifest["dtype"]))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, first_line, show
+from .errors import ArtifactError, first_line, show
 
 NPY_HEADER_MAX = 10000  # numpy's own default cap on a .npy header
 CENTRAL_ENTRY_MAX = 46 + 1024  # one central directory entry: fixed part, name and extra fields
