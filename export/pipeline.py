@@ -34,6 +34,7 @@ from ..model_defs.registry import (
     count_attention_modules,
     get_model,
     init_random_weights,
+    module_on,
     spec_for,
 )
 from ..scratch import Watchdog
@@ -155,15 +156,12 @@ def _mapped_module(spec: ModelSpec, path: Path, dtype: str):
     as validation reads them): what the export and the golden data read, never a second copy in memory."""
     from ..artifact_format import expected_weights
     from ..graph_contract import weight_dtype
-    from ..model_defs.numpy_io import shared
     from ..npz import read_weights
 
     arrays = read_weights(
         path, path, expected_weights(spec.architecture, spec.config.to_dict()), weight_dtype(dtype)
     )
-    module = build_for_weights(spec.architecture, spec.config, spec.options)
-    module.load_state_dict({k: shared(v) for k, v in arrays.items()}, strict=True, assign=True)
-    return module
+    return module_on(spec.architecture, spec.config, spec.options, arrays)
 
 
 def _copy_tokenizer(checkpoint_dir: Path, target: Path) -> bool:

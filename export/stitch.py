@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 import torch
 
+from ..decoder_format import PAST, PRESENT
 from .canonical import SCOPES, modules
 from .model_file import Lazy
 
 LAYER = re.compile(r"^blocks\.(\d+)(?=[./]|$)")
-LAYER_IO = re.compile(r"^(?:past_key_values|present)\.(\d+)(?=\.)")  # a decoder's cache, one per layer
+LAYER_IO = re.compile(rf"^(?:{PAST}|{PRESENT})\.(\d+)(?=\.)")  # a decoder's cache, one per layer
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 SMALL_CONSTANT = 16  # a constant of the graph itself (a shape, a scalar) is at most this big
 DEDUP_LIMIT = 1024  # onnx_ir's DeduplicateInitializersPass merges initializers of at most this many elements

@@ -108,6 +108,16 @@ def build_module(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Mod
     return MODULES[architecture](cfg, options)
 
 
+def module_on(architecture: str, cfg, options: dict, arrays: dict) -> nn.Module:
+    """The model of `architecture` whose parameters are `arrays` (name -> NumPy array), sharing their memory
+    (numpy_io.shared): a memory-mapped weights.npz is read, never copied, by a module that only reads."""
+    from .numpy_io import shared
+
+    module = build_for_weights(architecture, cfg, options)
+    module.load_state_dict({k: shared(v) for k, v in arrays.items()}, strict=True, assign=True)
+    return module
+
+
 def build_for_weights(architecture: str, cfg: EncoderConfig, options: dict) -> nn.Module:
     """build_module without initializing the parameters (torch.empty), for weights that
     load_state_dict(..., assign=True) then replaces, every one of them. Cheaper than building on the meta

@@ -119,6 +119,7 @@ def unverified(cfg: dict) -> list[str]:
     return []
 
 
+PAST, PRESENT = "past_key_values", "present"  # a layer's cache in and out: PAST.N.key, PRESENT.N.value
 PER_LAYER = ("layer_types", "rope_layers")  # the fields that may make one layer unlike another
 
 
@@ -188,8 +189,8 @@ def model_io(cfg: dict, dtype: str) -> tuple[list[dict], list[dict]]:
     outputs = [value("logits", ("batch", "seq", cfg["vocab_size"]))]
     for i in range(cfg["num_layers"]):
         for t in ("key", "value"):
-            inputs.append(value(f"past_key_values.{i}.{t}", ("batch", kvh, "past", d), f"past_{t}"))
-            outputs.append(value(f"present.{i}.{t}", ("batch", kvh, "total", d)))
+            inputs.append(value(f"{PAST}.{i}.{t}", ("batch", kvh, "past", d), f"past_{t}"))
+            outputs.append(value(f"{PRESENT}.{i}.{t}", ("batch", kvh, "total", d)))
     return inputs, outputs
 
 

@@ -401,23 +401,34 @@ def composed_row(key: tuple, cfg: dict) -> dict | None:
     }
 
 
-ATTENTION_ATTRIBUTES = {"Attention": ("scale", "softcap"), "GroupQueryAttention": ("scale", "softcap")}
+# a decoder's fused attention ops: attribute -> the config value it carries (what no op count shows)
+ATTENTION_ATTRIBUTES = {
+    "Attention": {"scale": "attention_scale", "softcap": "attention_softcap"},
+    "GroupQueryAttention": {
+        "scale": "attention_scale",
+        "softcap": "attention_softcap",
+        "local_window_size": "sliding_window",
+    },
+}
+
+
+def _wanted(cfg: dict, key: str, kind: str):
+    """The value config `key` gives the attribute on a layer of `kind` (None: the attribute's default)."""
+    if key == "sliding_window":
+        return cfg["sliding_window"] if kind == "sliding" else None
+    value = feature(cfg, key)
+    return float(value) if key == "attention_softcap" else value
 
 
 def check_attention_attributes(model: onnx.ModelProto, cfg: dict) -> None:
-    """A decoder's fused attention ops, layer by layer in graph order, carry the config's score scale and soft
-    cap (0: none) and, in GroupQueryAttention, each sliding layer's window (`local_window_size`): what the op
-    computes with, that no op count shows. Raises ContractError naming the layer and attribute."""
+    """A decoder's fused attention ops, layer by layer in graph order, carry the config's values their
+    attributes hold (ATTENTION_ATTRIBUTES: the score scale, the soft cap (0: none), GroupQueryAttention's
+    window on a sliding layer). Raises ContractError naming the layer and attribute."""
     fused = [n for n in model.graph.node if op_key(n.domain, n.op_type) in every_attention_op()]
-    if not fused:
-        return
-    scale = feature(cfg, "attention_scale")
     for layer, (node, kind) in enumerate(zip(fused, layer_types(cfg))):
         found = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in node.attribute}
-        want = {"softcap": float(feature(cfg, "attention_softcap")), "scale": scale}
-        if node.op_type == "GroupQueryAttention":
-            want["local_window_size"] = cfg["sliding_window"] if kind == "sliding" else None
-        for name, value in want.items():
+        for name, key in ATTENTION_ATTRIBUTES.get(node.op_type, {}).items():
+            value = _wanted(cfg, key, kind)
             got = found.get(name)
             got = None if got in (None, 0, -1) and not value else got
             same = (
@@ -434,14 +445,14 @@ def check_attention_attributes(model: onnx.ModelProto, cfg: dict) -> None:
 def unchecked(manifest: dict) -> list[str]:
     """A decoder config's values the structural contract does not read off the graph (constants it counts but
     does not compare): a rebuild proves them, parity on the cases judged shows what they change there."""
-    cfg, backend = manifest["model"]["config"], manifest.get("backend")
-    if not ARCHITECTURES[manifest["model"]["architecture"]].cached:
+    cfg = manifest["model"]["config"]
+    architecture = manifest["model"]["architecture"]
+    if not ARCHITECTURES[architecture].cached:
         return []
+    ops = BACKENDS[manifest["backend"]].for_architecture(architecture).attention_ops
+    read = {key for _, op in ops for key in ATTENTION_ATTRIBUTES.get(op, {}).values()}  # off the fused ops
     keys = ["embedding_multiplier", "residual_multiplier", "logits_divisor", "final_softcap"]
-    if backend != "ort-contrib":  # GroupQueryAttention's local_window_size is checked
-        keys.append("sliding_window")
-    if backend == "decomposed":  # no fused op's attributes: the scale and cap are constants too
-        keys += ["attention_scale", "attention_softcap"]
+    keys += [k for k in ("sliding_window", "attention_scale", "attention_softcap") if k not in read]
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type") == "longrope":  # where it switches; its tables' bytes are checked
         keys.append("original_max_position_embeddings")

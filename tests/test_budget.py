@@ -77,23 +77,66 @@ def test_the_oracle_per_read_computes_the_same_bits(exported):
 
 def _budget(artifact_dir, pick) -> str:
     """A --max-memory between the plan's thresholds for this artifact, in bytes."""
+    from qkv_onnx.validate.rebuild import rebuild_stitched
+
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    return str(int(pick(needs(manifest, 256))))
+    return str(int(pick(needs(manifest, 256, rebuild_stitched(manifest)))))
 
 
-def test_under_a_small_budget_the_verdict_is_the_same(exported, tmp_path, capsys):
+def test_under_a_small_budget_the_verdict_is_the_same(exported, tmp_path, capsys, monkeypatch):
     """A budget too small for the float64 weights and the rebuild beside the runtime: the oracle converts per
-    read, the rebuild runs after the runtime closed, and the artifact still passes with its graph rebuilt."""
-    art = exported("llama-tiny")
-    budget = _budget(art, lambda n: n.main + n.rebuild + 1)  # the rebuild fits alone, not beside the rest
-    code, out, _, doc = run_cli(
-        capsys, art, "--providers", "cpu", "--max-memory", budget, "--json", tmp_path / "r.json"
+    read, the rebuild starts only once the runtime has closed, and the artifact still passes with its graph
+    rebuilt (the order of events and the per-read weights observed, not only the plan's line)."""
+    import qkv_onnx.validate.artifact as artifact_module
+    from qkv_onnx.validate.sandbox import SandboxedRuntime
+
+    events = []
+    pending, close, lazy = (
+        artifact_module.PendingRebuild,
+        SandboxedRuntime.close,
+        oracle.Float64Weights.__init__,
     )
-    (report,) = doc["artifacts"]
-    notes = "\n".join(report["notes"])
-    assert code == 0, out
-    assert "the rebuild" in notes and "runs after the runtimes close" in notes
-    assert "byte-identical to the exporter's rebuild" in report["graph_check"]
+
+    class Watched(pending):
+        def start(self):
+            events.append("rebuild starts")
+            super().start()
+
+    def closing(self):
+        events.append("runtime closes")
+        close(self)
+
+    def per_read(self, weights):
+        events.append("per-read weights")
+        lazy(self, weights)
+
+    monkeypatch.setattr(artifact_module, "PendingRebuild", Watched)
+    monkeypatch.setattr(SandboxedRuntime, "close", closing)
+    monkeypatch.setattr(oracle.Float64Weights, "__init__", per_read)
+    art = exported("llama-tiny")
+    for pick, changed in (
+        (lambda n: n.main + n.rebuild + 1, "runs after the runtimes close"),  # the rebuild fits alone only
+        (lambda n: n.main + n.largest + n.session + n.rebuild + 1, "float64 per read"),  # not the cache
+    ):
+        events.clear()
+        code, out, _, doc = run_cli(
+            capsys,
+            art,
+            "--providers",
+            "cpu",
+            "--max-memory",
+            _budget(art, pick),
+            "--json",
+            tmp_path / "r.json",
+        )
+        (report,) = doc["artifacts"]
+        assert code == 0, out
+        assert changed in "\n".join(report["notes"])
+        assert "byte-identical to the exporter's rebuild" in report["graph_check"]
+        if changed == "float64 per read":
+            assert "per-read weights" in events
+        else:
+            assert events.index("runtime closes") < events.index("rebuild starts")
 
 
 def test_a_stage_that_cannot_fit_is_named_and_not_run(exported, tmp_path, capsys):
@@ -160,3 +203,29 @@ def test_the_rebuild_hashes_external_data_and_still_catches_a_changed_byte(
     rewrite(d, "model.onnx.data", bytes(data))
     code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
     assert code == 2 and "model.onnx.data': not the bytes the exporter writes" in err, err
+
+
+def test_a_full_disk_is_the_machines_problem_not_the_artifacts():
+    """ENOSPC in a sandboxed step (the rebuild writing its graph) is read as the environment's: the structural
+    contract judges instead, and the artifact is never called invalid for it."""
+    import errno
+
+    from qkv_onnx.validate.sandbox import _kind
+
+    assert _kind(OSError(errno.ENOSPC, "No space left on device")) == "environment"
+    assert _kind(OSError(errno.EACCES, "Permission denied")) == "error"
+
+
+def test_the_largest_weight_is_read_from_one_block_without_the_layers():
+    """largest_weight (the per-read oracle's largest float64 tensor) agrees with the enumeration of every
+    parameter, for a decoder and an encoder."""
+    import math
+
+    from qkv_onnx.artifact_format import expected_weights, largest_weight
+    from qkv_onnx.model_defs.registry import get_model
+
+    for name in ("llama-tiny", "gpt2-tiny", "bert-tiny"):
+        spec = get_model(name)
+        cfg = spec.config.to_dict()
+        every = max(math.prod(s) for s in expected_weights(spec.architecture, cfg).values())
+        assert largest_weight(spec.architecture, cfg) == every

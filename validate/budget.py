@@ -27,10 +27,10 @@ UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": GIB, "t": 1 << 40}
 
 def parse_size(text: str) -> int:
     """'24G', '1.5GiB', '800M', '123456' (bytes) -> bytes; ValueError on anything else."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not m or (m.group(3) and not m.group(2) and m.group(3) != "b"):
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgt])(?:i?b)?|b)?\s*", text.lower())
+    if not m:
         raise ValueError(f"not a size: {text!r} (e.g. 16G, 1.5GiB, 800M)")
-    size = int(float(m.group(1)) * UNITS[m.group(2)])
+    size = int(float(m.group(1)) * UNITS[m.group(2) or ""])
     if size <= 0:
         raise ValueError(f"not a positive size: {text!r}")
     return size

@@ -286,8 +286,10 @@ class Float64Weights(Mapping):
 def as_float64(weights, lazy: bool = False):
     """The weights in float64: converted once (no copy for arrays that already are), or `lazy`, on each
     read (Float64Weights)."""
-    if lazy or isinstance(weights, Float64Weights):
-        return weights if isinstance(weights, Float64Weights) else Float64Weights(weights)
+    if isinstance(weights, Float64Weights):
+        return weights
+    if lazy:
+        return Float64Weights(weights)
     return {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
 
 

@@ -55,19 +55,26 @@ def onnxruntime_version() -> str | None:
     return None
 
 
-def _module(manifest: dict, weights: dict):
-    """The manifest's model holding weights.npz's parameters, in the artifact's dtype, in eval mode."""
+def source_module(manifest: dict, weights: dict):
+    """The manifest's model holding weights.npz's parameters (their memory shared), in the artifact's dtype,
+    in eval mode: what the rebuild exports and the live PyTorch comparison runs."""
     import torch
 
-    from ..model_defs.numpy_io import shared
-    from ..model_defs.registry import build_for_weights, config_of
+    from ..model_defs.registry import config_of, module_on
 
     model = manifest["model"]
-    module = build_for_weights(
-        model["architecture"], config_of(model["architecture"], model["config"]), model["options"]
-    )
-    module.load_state_dict({k: shared(v) for k, v in weights.items()}, strict=True, assign=True)
+    config = config_of(model["architecture"], model["config"])
+    module = module_on(model["architecture"], config, model["options"], weights)
     return module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
+
+
+def _spec(manifest: dict):
+    """The ModelSpec the manifest's model was exported from."""
+    from ..model_defs.registry import config_of, spec_for
+
+    model = manifest["model"]
+    config = config_of(model["architecture"], model["config"])
+    return spec_for(model["name"], model["architecture"], config, model["options"])
 
 
 def rebuild_stitched(manifest: dict) -> bool:
@@ -75,15 +82,10 @@ def rebuild_stitched(manifest: dict) -> bool:
     (the larger estimate) where the exporter cannot be imported here, which the rebuild then reports."""
     try:
         from ..export.graph import stitched
-        from ..model_defs.registry import config_of, spec_for
+
+        return stitched(_spec(manifest), manifest["backend"])
     except ImportError:
         return False
-
-    model = manifest["model"]
-    config = config_of(model["architecture"], model["config"])
-    return stitched(
-        spec_for(model["name"], model["architecture"], config, model["options"]), manifest["backend"]
-    )
 
 
 def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
@@ -91,14 +93,12 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
     model and `weights` into `out`; returns its {op_counts, taps}. ArtifactError when the exporter refuses
     it."""
     from ..export.graph import export_model, requantize
-    from ..model_defs.registry import config_of, count_attention_modules, spec_for
+    from ..model_defs.registry import count_attention_modules
 
-    model, dtype = manifest["model"], manifest["dtype"]
-    config = config_of(model["architecture"], model["config"])
-    spec = spec_for(model["name"], model["architecture"], config, model["options"])
+    dtype, spec = manifest["dtype"], _spec(manifest)
     external = MODEL + ".data" in manifest["files"]
     opset = manifest["opset"]["ai.onnx"]  # manifest_problem checked it against the backend's range
-    module = _module(manifest, weights)
+    module = source_module(manifest, weights)
     target = out / MODEL
     source = out / "float32" / MODEL if dtype in QUANTIZED else target
     source.parent.mkdir(exist_ok=True)
@@ -217,7 +217,7 @@ class PendingRebuild:
                 mine, theirs = self.scratch / rel, self.private / rel
                 if not mine.exists() and not theirs.exists():
                     continue
-                hashed = built.get("files", {}).get(rel)
+                hashed = built["files"].get(rel)
                 if not mine.exists() and hashed is not None and theirs.exists():  # hashed, not stored
                     if hashed != self.manifest["files"][rel]:  # the private copy's bytes: as listed
                         raise ArtifactError(

@@ -4,7 +4,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..artifact_format import io_dtype
 from ..errors import BrokenEnvironment, first_line
 from ..versions import exporter_versions
 
@@ -15,8 +14,8 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
     try:
         import torch
 
-        from ..model_defs.numpy_io import from_numpy, shared, to_numpy
-        from ..model_defs.registry import build_for_weights, config_of
+        from ..model_defs.numpy_io import from_numpy, to_numpy
+        from .rebuild import source_module
     except ImportError as e:
         if exporter_versions()["torch"] is None or getattr(e, "name", None) == "torch":
             return None  # absent (a stale record of it, or blocked in sys.modules, is absent too)
@@ -24,12 +23,7 @@ def load_torch_peer(manifest: dict, weights: dict) -> Callable[[list], list] | N
             f"torch {exporter_versions()['torch']} is installed but cannot be imported "
             f"({type(e).__name__}: {first_line(e)})"
         ) from None
-    model = manifest["model"]
-    module = build_for_weights(
-        model["architecture"], config_of(model["architecture"], model["config"]), model["options"]
-    )
-    module.load_state_dict({k: shared(v) for k, v in weights.items()}, strict=True, assign=True)
-    module = module.eval().to(getattr(torch, io_dtype(manifest["dtype"])))  # int8: its float32 source
+    module = source_module(manifest, weights)
 
     @torch.no_grad()
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
