@@ -633,33 +633,64 @@ def test_hostile_tokenizer_is_one_line(case, artifact_copy):
 # --- time of check, time of use --------------------------------------------------------------------
 
 SWAP_AFTER_HASHING = """
-import shutil, sys
+import os, shutil, subprocess, sys
 from qkv_onnx.stages import listening
+from qkv_onnx.validate import intake
 from qkv_onnx.validate.artifact import STAGES
 from qkv_onnx.validate.cli import main
 
-artifact, evil = sys.argv[1], sys.argv[2]
+artifact, evil, how = sys.argv[1], sys.argv[2], sys.argv[3]
+model = artifact + "/model.onnx"
+if how != "copied":
+    intake.LINK_AT_LEAST = 0  # every file hard-linked under a read lease, as a large one is
 
 def swap(event, name):
-    if event == "exit" and name == STAGES["files"]:
-        shutil.copyfile(evil, artifact + "/model.onnx")  # a concurrent writer, right after the hashing
+    if event != "exit" or name != STAGES["files"]:
+        return
+    if how != "copied":
+        assert os.stat(model).st_nlink == 2, "not linked"
+    if how == "renamed over":
+        shutil.copyfile(evil, artifact + "/.new")
+        os.replace(artifact + "/.new", model)
+    elif how == "rewritten, same bytes":  # another process: this one answers the lease's break
+        subprocess.run([sys.executable, "-c", f"f = open({model!r}, 'r+b'); f.write(f.read(1))"], check=True)
+    else:
+        shutil.copyfile(evil, model)  # written in place: a concurrent writer, right after the hashing
 
 with listening(swap):
-    sys.exit(main([artifact, *sys.argv[3:]]))
+    sys.exit(main([artifact, *sys.argv[4:]]))
 """
+SWAPS = {
+    "copied": "copied",  # a small file, rewritten in place: the private copy is judged
+    "linked": "renamed over",  # a large one: the link keeps the inode that was hashed
+}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_model_swapped_after_hashing_is_never_used(mode, artifact_copy, exported):
+@pytest.mark.parametrize("intake", SWAPS)
+def test_model_swapped_after_hashing_is_never_used(intake, mode, artifact_copy, exported):
     """model.onnx is replaced by another network's graph right after it was hashed. Every later step reads
-    the private copy made while hashing: the verdict is the hashed bytes' (PASS), never the swapped ones'
-    (which would fail parity or the rebuild)."""
+    the private directory's bytes (a copy, or a link to the inode that was hashed): the verdict is the hashed
+    bytes' (PASS), never the swapped ones' (which would fail parity or the rebuild)."""
     d = artifact_copy("mha")
     evil = exported("mha-gqa") / "model.onnx"
-    proc = run_capped(d, evil, "--providers", "cpu", *MODES[mode], code=SWAP_AFTER_HASHING)
+    proc = run_capped(d, evil, SWAPS[intake], "--providers", "cpu", *MODES[mode], code=SWAP_AFTER_HASHING)
     assert proc.returncode == 0, proc.stderr
     assert "— PASS" in proc.stdout
     assert (d / "model.onnx").read_bytes() == evil.read_bytes()  # the swap did happen
+
+
+@pytest.mark.parametrize("how", ["rewritten", "rewritten, same bytes"])
+def test_a_linked_file_opened_for_writing_voids_the_verdict(how, artifact_copy, exported):
+    """A large file is linked, not copied: a writer that opens it after the hashing (in place, even writing
+    back the same bytes) breaks the read lease and the validation gives no verdict: exit 2, one line."""
+    d = artifact_copy("mha")
+    evil = exported("mha-gqa") / "model.onnx"
+    proc = run_capped(d, evil, how, "--providers", "cpu", "--no-torch", code=SWAP_AFTER_HASHING)
+    line = single_error_line(proc.stderr)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{show(d / 'model.onnx')}: opened for writing while it was being validated" in line, line
+    assert "PASS" not in proc.stdout
 
 
 # --- error lines and reports that the artifact cannot forge ----------------------------------------

@@ -45,7 +45,7 @@ from ..scratch import ScratchDir
 from ..stages import stage
 from .budget import Plan, gib, needs, plan
 from .caps import GOLDEN_TOKENS, MAX_GOLDEN_BATCH, check_listed_sizes, max_seq
-from .intake import check_tree, copy_verified
+from .intake import Intake, check_tree
 from .rebuild import PendingRebuild, rebuild_problem, rebuild_stitched
 from .sandbox import Limits, check_model_sandboxed
 
@@ -67,6 +67,7 @@ class Artifact:
     graph_check: str = ""  # how the graph was judged: a line for the report
     limits: Limits | None = None  # the sandbox limits of this artifact's checker and runtimes
     _scratch: object = field(default=None, repr=False)  # the ScratchDir holding `private`
+    _intake: Intake | None = field(default=None, repr=False)  # the leases that guard `private`'s links
     _pending: PendingRebuild | None = field(default=None, repr=False)  # a rebuild still running
     plan: Plan = field(default_factory=Plan)  # how its stages share the memory budget (budget.py)
 
@@ -109,11 +110,19 @@ class Artifact:
     def name(self) -> str:
         return self.path.name
 
+    def check_unchanged(self) -> None:
+        """ArtifactError if a file the private directory links to was opened for writing meanwhile."""
+        if self._intake is not None:
+            self._intake.check_unchanged()
+
     def close(self) -> None:
         """Stop a pending rebuild; remove the private copy."""
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+        if self._intake is not None:
+            self._intake.close()
+            self._intake = None
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
@@ -452,7 +461,7 @@ def load_golden(private: Path, directory: Path, manifest: dict) -> list:
 
 STAGES = {
     "manifest": "read manifest",
-    "files": "sha256 of files (read once, private copy)",
+    "files": "sha256 of files (read once; private copies and leased links)",
     "weights": "load weights.npz",
     "golden": "load golden data",
     "graph": "onnx.load + structural contract",
@@ -484,12 +493,12 @@ def load_artifact(
         check_listed_sizes(directory, manifest)
         check_tree(directory, manifest)
     scratch = ScratchDir("qkv-validate-")  # removed even if this process is killed
-    pending = None
+    pending = intake = None
     try:
         private = Path(scratch.name) / "artifact"
         private.mkdir(mode=0o700)
         with stage(STAGES["files"]):
-            copy_verified(directory, manifest, private)
+            intake = Intake(directory, manifest, private)
         model_bytes = sum(e["bytes"] for r, e in manifest["files"].items() if r.startswith(MODEL))
         limits = Limits.for_model(model_bytes, memory, seconds)
         why = rebuild_problem(manifest) if rebuild else "disabled (--no-rebuild or --no-torch)"
@@ -517,13 +526,30 @@ def load_artifact(
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
             graph_check = structural_check(why, unchecked(manifest))
-    except BaseException:
+    except BaseException as e:
         if pending is not None:
             pending.cancel()
-        scratch.cleanup()
+        try:
+            if intake is not None and isinstance(e, ArtifactError):
+                intake.check_unchanged()  # a file opened for writing meanwhile is the cause
+        finally:
+            if intake is not None:
+                intake.close()
+            scratch.cleanup()
         raise
     artifact = Artifact(
-        directory, manifest, weights, golden, foreign, private, graph_check, limits, scratch, pending, planned
+        directory,
+        manifest,
+        weights,
+        golden,
+        foreign,
+        private,
+        graph_check,
+        limits,
+        scratch,
+        intake,
+        pending,
+        planned,
     )
     if not background:
         try:

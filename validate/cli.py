@@ -273,11 +273,18 @@ def run(args) -> int:
             if args.attention_maps:
                 with stage(STAGE_MAPS):
                     write_maps(report, artifact, args.attention_maps, sentences)
+            artifact.check_unchanged()
             reports.append(report)
             seconds.append(time.perf_counter() - start)
         except (ArtifactError, ProviderError) as e:
-            invalid[str(directory)] = str(e)
-            report_error(PROG, str(e))
+            message = str(e)
+            if artifact is not None:  # a file opened for writing meanwhile is the cause, not what it caused
+                try:
+                    artifact.check_unchanged()
+                except ArtifactError as changed:
+                    message = str(changed)
+            invalid[str(directory)] = message
+            report_error(PROG, message)
         finally:
             if artifact is not None:
                 artifact.close()
