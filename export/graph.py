@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnxscript.optimizer import _constant_folding as folding
 
 from .. import rope
 from ..artifact_format import ARCHITECTURES, BACKENDS, graph_io, model_layers
@@ -93,7 +94,10 @@ def build_graph(
         try:
             with stage(STAGE_STITCH):
                 constants = {t.tobytes() for t in rope.tables(spec.config.to_dict())}
-                return stitch(template, probe_state, layers(spec) if stitched else None, state, constants)
+                vocab = (shape.config.vocab_size, spec.config.vocab_size)
+                resize = dict([vocab]) if vocab[0] != vocab[1] else {}
+                n_layers = layers(spec) if stitched else None
+                return stitch(template, probe_state, n_layers, state, constants, resize)
         except StitchError:
             pass
     graph = _export(spec, module, backend, dtype, opset)
@@ -121,10 +125,37 @@ def stitched(spec: ModelSpec, backend: str) -> bool:
     return _template_spec(spec, backend) is not None
 
 
+# the exporter's constant folding (onnxscript) treats a tensor differently above these many elements: a
+# template's vocabulary-sized tensors must fall where the model's fall
+FOLD_LIMITS = (
+    folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+    folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+)
+TEMPLATE_VOCAB = 97  # the least vocabulary of a template (a 128k one at full size is most of its memory)
+
+
+def template_vocab(config) -> int:
+    """The vocabulary of `config`'s template: the least prime from TEMPLATE_VOCAB up whose embedding and LM
+    head fall on the model's side of each of FOLD_LIMITS, and that divides none of the other sizes (a size
+    the graph derives from them, a head's width say, could be it and be read as the vocabulary); the
+    model's own when there is none below it."""
+    widths = {config.hidden_size, getattr(config, "embedding_size", None) or config.hidden_size}
+    least = max(
+        [TEMPLATE_VOCAB]
+        + [limit // w + 1 for w in widths for limit in FOLD_LIMITS if config.vocab_size * w > limit]
+    )
+    sizes = [v for k, v in config.to_dict().items() if type(v) is int and k != "vocab_size" and v]
+    for n in range(least, config.vocab_size):
+        if all(n % d for d in range(2, int(n**0.5) + 1)) and all(v % n for v in sizes):
+            return n
+    return config.vocab_size
+
+
 def _two_layers(config):
     """`config` at two layers, its per-layer fields cut to two; None when its layers are not all alike (a
     decoder alternating sliding and full layers): layer 1 of the template would stand for layers unlike it."""
     changes = {"num_layers": 2}
+    changes["vocab_size"] = template_vocab(config)  # the embedding's rows are a recipe's: only shapes differ
     for name in PER_LAYER:
         values = getattr(config, name, None)
         if values is not None:

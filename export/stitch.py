@@ -92,6 +92,14 @@ class Recipe:
     def shifted(self, offset: int) -> "Recipe":
         return Recipe(self.kind, tuple(shift(p, offset) for p in self.parts))
 
+    def shape(self, state: dict) -> tuple[int, ...]:
+        """make(state).shape, made from the parameters' shapes alone."""
+        shapes = [tuple(state[p].shape) for p in self.parts]
+        if self.kind == "param":
+            return shapes[0]
+        both = (sum(s[0] for s in shapes), *shapes[0][1:])
+        return both[::-1] if len(both) == 2 else both
+
     def make(self, state: dict) -> torch.Tensor:
         tensors = [state[p] for p in self.parts]
         if self.kind == "param":
@@ -144,14 +152,19 @@ def stitch(
     n_layers: int | None,
     state: dict,
     constants: set[bytes] = frozenset(),
+    resize: dict[int, int] | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """(graph, data): the canonical graph of the `n_layers` model whose weights are `state` (name -> tensor in
     the export dtype), from `template`, the canonical export of its two-layer version holding the `probe`
     weights; `n_layers` None: of the template's own model, its weights replaced. Its initializers made from
     the weights keep their bytes in `data` (name -> contiguous tensor), for model_file.write_model.
-    `constants`: the bytes of the large constants the model's config implies (equal at any depth)."""
+    `constants`: the bytes of the large constants the model's config implies (equal at any depth).
+    `resize`: {a size of the template: the model's} (a vocabulary the template has small), replaced in the
+    shapes the graph declares; a constant or attribute of the graph holding such a size is a StitchError."""
     g = template.graph
     recipes = _recipes(g, probe, constants)
+    resize = resize or {}
+    _check_resizable(g, recipes, resize)
     if n_layers is None:
         nodes = [_copy(n) for n in g.node]  # copies: a process reuses its template unchanged
         source = {x: (x, 0) for n in nodes for x in (*n.input, *n.output)}
@@ -184,7 +197,7 @@ def stitch(
             else:
                 recipe = recipe.shifted(offset if old in layered else 0)
                 header.name, header.data_type = x, inits[old].data_type
-                header.dims[:] = inits[old].dims
+                header.dims[:] = recipe.shape(state)
             made[x] = Entry(header, recipe, state if recipe is not None else None)
     _merge_equal(nodes, made, state, _drop_zero_gemm_bias(nodes, made))
 
@@ -218,7 +231,33 @@ def stitch(
             continue
         listed.append(v)
     out.graph.value_info.extend(listed)
+    for v in (*out.graph.input, *out.graph.output, *out.graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value in resize:
+                d.dim_value = resize[d.dim_value]
     return out, {x: Lazy(e.nbytes(), e.tensor) for x, e in made.items() if e.state is not None}
+
+
+def _check_resizable(g: onnx.GraphProto, recipes: dict, resize: dict) -> None:
+    """StitchError if a size `resize` changes is held by a constant or an attribute of the template's graph
+    (a Reshape to the vocabulary, say): only the shapes it declares are rewritten."""
+    if not resize:
+        return
+    held = [
+        onnx.numpy_helper.to_array(t)
+        for t in g.initializer
+        if t.name not in recipes and t.data_type not in FLOATS
+    ]
+    for node in g.node:
+        for a in node.attribute:
+            held.append(np.asarray([a.i, *a.ints], dtype=np.int64))
+            if a.HasField("t"):
+                held.append(onnx.numpy_helper.to_array(a.t))
+    for values in held:
+        if np.isin(values, list(resize)).any():
+            raise StitchError(
+                f"a constant of the graph holds a size the template has in place of the model's: {resize}"
+            )
 
 
 def _repeat(g: onnx.GraphProto, recipes: dict, n_layers: int) -> tuple[list, dict, set]:

@@ -22,6 +22,7 @@ from qkv_onnx.model_defs.registry import bert_spec, get_model
 SMALL = EncoderConfig(
     num_layers=3, hidden_size=64, num_heads=2, ffn_size=128, vocab_size=100, max_positions=64
 )
+BASE_VOCAB = 300  # tests/test_decoder_families.py's
 OPSET = {"onnx-attention": 23, "ort-contrib": 18, "decomposed": 18}
 
 
@@ -177,7 +178,10 @@ def test_a_stitched_decoder_is_the_whole_export(family, backend, dtype, tmp_path
     ort-contrib's graphs are exported whole."""
     stitched_ones = []
 
+    resized = []
+
     def spy(*args):
+        resized.append(args[-1])
         stitched_ones.append(real(*args))
         return stitched_ones[-1]
 
@@ -188,6 +192,9 @@ def test_a_stitched_decoder_is_the_whole_export(family, backend, dtype, tmp_path
     assert stitched == whole
     unlike = ("gemma2", "gemma3_text", "smollm3")  # alternating windows; smollm3: RoPE off every 4th layer
     assert bool(stitched_ones) == (backend != "ort-contrib" and family not in unlike)
+    if stitched_ones:  # from a template of a small vocabulary, its shapes resized
+        [(small, vocab)] = resized[0].items()
+        assert vocab == BASE_VOCAB and small < vocab
 
 
 def reweighted_spec(model: str):
