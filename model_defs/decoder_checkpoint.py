@@ -6,6 +6,7 @@ ignored, every parameter of our model must be present (a tied LM head may be lef
 match the config, else CheckpointError with a one-line message naming the file and the key(s).
 """
 
+import math
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -191,6 +192,9 @@ def _safe_open(path: Path):
         yield st
 
 
+READ_ELEMENTS = 1 << 24  # a checkpoint tensor is read this many elements at a time
+
+
 class CheckpointTensors(Mapping):
     """Our name -> float32 tensor of a decoder checkpoint, read from its safetensors (memory-mapped there) and
     laid out as our module's (to_our_layout) when asked: a model's weights never all in memory at once. Each
@@ -211,11 +215,22 @@ class CheckpointTensors(Mapping):
         self.source = {k: meta[k] for k in ours if k in meta}
 
     def raw(self, key: str) -> torch.Tensor:
-        """Checkpoint key -> its float32 tensor, refused when not finite."""
+        """Checkpoint key -> its float32 tensor, refused when not finite; read in slices of rows, so that
+        a bfloat16 embedding of 128k rows is never held in its own dtype and in float32 at once."""
         with _safe_open(self.home[key]) as st:
-            tensor = st.get_tensor(key).to(torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{self.home[key]}: tensor {key} holds NaN or infinite values")
+            part = st.get_slice(key)
+            shape = part.get_shape()
+            if not shape:
+                tensor = st.get_tensor(key).to(torch.float32)
+                chunks = [(tensor, tensor)]
+            else:
+                tensor = torch.empty(shape, dtype=torch.float32)
+                step = max(1, READ_ELEMENTS // max(1, math.prod(shape[1:])))
+                chunks = ((tensor[i : i + step], part[i : i + step]) for i in range(0, shape[0], step))
+            for target, chunk in chunks:
+                target.copy_(chunk)
+                if not torch.isfinite(target).all():
+                    raise CheckpointError(f"{self.home[key]}: tensor {key} holds NaN or infinite values")
         return tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -402,3 +402,23 @@ def test_without_a_rebuild_a_lie_is_refused_or_named_unchecked(artifact, tmp_pat
     line = doc["artifacts"][0]["graph_check"]
     assert "graph: structural contract" in line and "not checked without a rebuild: sliding_window 5" in line
     assert code == 1, err  # and here the cases judged are long enough for the lie to show in the numbers
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_in_the_last_rows_is_refused(bad, tmp_path, monkeypatch):
+    """A checkpoint's tensors are read a slice of rows at a time (a 128k-row embedding is never held in
+    bfloat16 and float32 at once): every slice is checked, the last one too, and the read is the tensor."""
+    from qkv_onnx.model_defs import decoder_checkpoint
+    from qkv_onnx.model_defs.checkpoint import CheckpointError
+
+    hf = make_checkpoint("llama", tmp_path)
+    monkeypatch.setattr(decoder_checkpoint, "READ_ELEMENTS", 7 * BASE["hidden_size"])  # 43 slices of 7 rows
+    _, tensors = decoder_checkpoint.open_decoder_checkpoint(tmp_path)
+    embedding = hf.model.embed_tokens.weight.detach()
+    assert torch.equal(tensors["embed.word.weight"], embedding)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[-1, 5] = bad
+    hf.save_pretrained(tmp_path)
+    _, tensors = decoder_checkpoint.open_decoder_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="embed_tokens.weight holds NaN or infinite values"):
+        tensors["embed.word.weight"]
