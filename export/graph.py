@@ -12,6 +12,9 @@ from onnxscript.optimizer import _constant_folding as folding
 from .. import rope
 from ..artifact_format import ARCHITECTURES, BACKENDS, graph_io, model_layers
 from ..decoder_format import PER_LAYER
+from ..graph_contract import derived_constants, split_initializers
+from ..graph_weights import param_map
+from ..model_defs.numpy_io import to_numpy
 from ..model_defs.registry import (
     ModelSpec,
     count_attention_modules,
@@ -69,6 +72,7 @@ class ExportedGraph:
     outputs: list
     taps: list  # find_taps of the float graph (an int8 graph keeps its values' names)
     files: dict = field(default_factory=dict)  # file-table entries of what export_model wrote, from memory
+    params: dict = field(default_factory=dict)  # {parameter: its place in the graph} (graph_weights.py)
 
 
 def layers(spec: ModelSpec) -> int:
@@ -79,8 +83,10 @@ def layers(spec: ModelSpec) -> int:
 def build_graph(
     spec: ModelSpec, module, backend: str, dtype: str, opset: int
 ) -> tuple[onnx.ModelProto, dict]:
-    """(graph, data): the canonical graph of `module` (in eval mode and `dtype`) for `backend`, and the
-    tensors of initializers that keep their bytes outside it (model_file.write_model). A BERT of two or
+    """(graph, data, recipes): the canonical graph of `module` (in eval mode and `dtype`) for `backend`, the
+    tensors of initializers that keep their bytes outside it (model_file.write_model), and how each
+    initializer is made from the parameters ({name: (kind, parameters)}: stitch's recipes, or the
+    structural contract's reading of a graph exported whole). A BERT of two or
     more layers, or a decoder whose layers are all alike, is stitched from the export of its two-layer version
     with probe weights (export/stitch.py; the same bytes as exporting it whole, and memory for two layers,
     not the model); attention, encoder blocks and one-layer BERTs are the export of the model itself with
@@ -103,7 +109,10 @@ def build_graph(
     graph = _export(spec, module, backend, dtype, opset)
     with stage(STAGE_CANONICAL):
         canonicalize(graph, state)
-    return graph, {}
+    model = {"architecture": spec.architecture, "config": spec.config.to_dict()}
+    weights = {k: to_numpy(v) for k, v in state.items()}
+    recipes, _ = split_initializers(graph, weights, derived=derived_constants(model))
+    return graph, {}, recipes
 
 
 def _template_spec(spec: ModelSpec, backend: str) -> ModelSpec | None:
@@ -231,10 +240,14 @@ def export_model(
     both export_artifact and qkv-validate's rebuild call, so that a rebuild from the same model, weights
     and options is the same bytes. Raises ExportError (FusionError) when attention is not fused as the
     backend promises."""
-    graph, data = build_graph(spec, module, backend, dtype, opset)
+    graph, data, recipes = build_graph(spec, module, backend, dtype, opset)
     described = describe(graph, spec, backend, count_attention_modules(module))
+    state = dict(module.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    params = param_map(recipes, shapes, lambda name: to_numpy(state[name]))
     with stage(STAGE_SAVE):
-        return replace(described, files=write_model(graph, data, path, external_data, keep_data))
+        files = write_model(graph, data, path, external_data, keep_data)
+    return replace(described, files=files, params=params)
 
 
 def describe(

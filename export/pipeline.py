@@ -22,6 +22,7 @@ from ..artifact_format import (
     sha256_file,
 )
 from ..decoder_format import DECODER
+from ..graph_weights import in_graph
 from ..inputs import fit, make_inputs
 from ..model_defs.config import param_count
 from ..model_defs.decoder import decoder_param_count
@@ -220,16 +221,21 @@ def export_artifact(
         n_bytes = sum(a.nbytes for a in weights.values())
         if external_data is None:
             external_data = n_bytes > PROTOBUF_LIMIT * 0.9
+        one_copy = in_graph(dtype)  # the graph's initializers are the weights: no weights.npz
         with ThreadPoolExecutor(1) as background:  # on a second core while the exporter traces (GIL-free I/O)
-            weights_file = None if streamed else background.submit(_write_weights, tmp / WEIGHTS, weights)
+            weights_file = (
+                None if streamed or one_copy else background.submit(_write_weights, tmp / WEIGHTS, weights)
+            )
             graph = export_model(spec, module, backend, float_dtype, opset, external_data, float_dir / MODEL)
             n_attention = count_attention_modules(module)
             quantization = None
             if dtype in QUANTIZED:
                 quantization = _quantize(float_dir, tmp, spec, graph.taps, seed, checkpoint)
                 graph = read_back(tmp / MODEL, spec, backend, n_attention, graph.taps)
-            with stage(STAGE_WEIGHTS):  # what is left of it: the wait
-                known = {**graph.files, WEIGHTS: streamed or weights_file.result()}  # model.onnx from memory
+            known = dict(graph.files)  # model.onnx's entries from memory
+            if not one_copy:
+                with stage(STAGE_WEIGHTS):  # what is left of it: the wait
+                    known[WEIGHTS] = streamed or weights_file.result()
         with stage(STAGE_GOLDEN):
             golden_sets = _golden_sets(tmp, spec, module, float_dtype, seed, checkpoint)
         roles = {i.name: i.role for i in spec.inputs}
@@ -257,7 +263,11 @@ def export_artifact(
             else 0,
             "ort_fusions": graph.fusions,
             "golden_sets": golden_sets,
-            "weights": {"bytes": n_bytes, "external_data": external_data},
+            "weights": {
+                "bytes": n_bytes,
+                "external_data": external_data,
+                **({"in_graph": graph.params} if one_copy else {}),
+            },
             "seed": seed,
             "versions": package_versions(),
             "reproduce": f"qkv-export --model {model} --backend {backend} --dtype {dtype} --seed {seed} "
@@ -272,6 +282,8 @@ def export_artifact(
                 "sha256": checkpoint["sha256"],
                 "tokenizer": TOKENIZER_DIR if (tmp / TOKENIZER_DIR).is_dir() else None,
             }
+        if one_copy and streamed:  # the checkpoint's tensors, read once into the graph: now the graph's
+            (tmp / WEIGHTS).unlink()
         with stage(STAGE_MANIFEST):
             manifest = write_manifest(tmp, manifest, known)
         with stage(STAGE_PUBLISH):

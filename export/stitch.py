@@ -153,11 +153,12 @@ def stitch(
     state: dict,
     constants: set[bytes] = frozenset(),
     resize: dict[int, int] | None = None,
-) -> tuple[onnx.ModelProto, dict]:
-    """(graph, data): the canonical graph of the `n_layers` model whose weights are `state` (name -> tensor in
-    the export dtype), from `template`, the canonical export of its two-layer version holding the `probe`
-    weights; `n_layers` None: of the template's own model, its weights replaced. Its initializers made from
-    the weights keep their bytes in `data` (name -> contiguous tensor), for model_file.write_model.
+) -> tuple[onnx.ModelProto, dict, dict]:
+    """(graph, data, recipes): the canonical graph of the `n_layers` model whose weights are `state` (name ->
+    tensor in the export dtype), from `template`, the canonical export of its two-layer version holding the
+    `probe` weights; `n_layers` None: of the template's own model, its weights replaced. Its initializers
+    made from the weights keep their bytes in `data` (name -> Lazy), for model_file.write_model, and their
+    recipes in `recipes` (name -> (kind, parameters)).
     `constants`: the bytes of the large constants the model's config implies (equal at any depth).
     `resize`: {a size of the template: the model's} (a vocabulary the template has small), replaced in the
     shapes the graph declares; a constant or attribute of the graph holding such a size is a StitchError."""
@@ -235,7 +236,9 @@ def stitch(
         for d in v.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value in resize:
                 d.dim_value = resize[d.dim_value]
-    return out, {x: Lazy(e.nbytes(), e.tensor) for x, e in made.items() if e.state is not None}
+    weighted = {x: e for x, e in made.items() if e.state is not None}
+    data = {x: Lazy(e.nbytes(), e.tensor) for x, e in weighted.items()}
+    return out, data, {x: (e.recipe.kind, e.recipe.parts) for x, e in weighted.items()}
 
 
 def _check_resizable(g: onnx.GraphProto, recipes: dict, resize: dict) -> None:

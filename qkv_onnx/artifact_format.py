@@ -322,7 +322,8 @@ FAMILY_DEFAULTS = {
 def with_defaults(manifest: dict) -> None:
     """Give a manifest written before the families (its digest already checked) their BERT defaults."""
     model = manifest.get("model")
-    known = isinstance(model, dict) and model.get("architecture") in ARCHITECTURES
+    architecture = model.get("architecture") if isinstance(model, dict) else None
+    known = isinstance(architecture, str) and architecture in ARCHITECTURES
     if known and not ARCHITECTURES[model["architecture"]].cached and isinstance(model.get("config"), dict):
         model["config"] = {**FAMILY_DEFAULTS, **model["config"]}
 
@@ -434,9 +435,12 @@ def manifest_problem(m: dict) -> str | None:
         for e in files.values()
     ):
         return "'files' must map each file to {sha256, bytes}"
-    missing = [f for f in (MODEL, WEIGHTS) if f not in files]
+    missing = [f for f in (MODEL, WEIGHTS) if f not in files and (f == MODEL or quantized)]
     if missing:
         return f"the file list does not name {missing[0]}"
+    weights = m.get("weights")
+    if WEIGHTS not in files and not (isinstance(weights, dict) and isinstance(weights.get("in_graph"), dict)):
+        return "weights.npz is not listed, and 'weights.in_graph' does not place the weights in the graph"
     if type(m["golden_sets"]) is not int or not 0 <= m["golden_sets"] <= MAX_GOLDEN_SETS:
         return f"bad golden_sets {m['golden_sets']!r}"
     listed = sorted({rel.split("/")[0] for rel in files if rel.startswith("test_data_set_")})

@@ -164,14 +164,14 @@ def derived_constants(model: dict) -> dict[tuple, str]:
 
 def split_initializers(
     model: onnx.ModelProto, weights: dict, quantized: dict[str, str] | None = None, derived: dict = None
-) -> tuple[dict[str, str], list[str]]:
-    """({initializer: how it is made from weights.npz}, [small constants]): every initializer is a
-    parameter (by name, transposed under its name or another, or the q/k/v weights or biases packed as
-    ORT's Attention takes them), each parameter used exactly once (an all-zero one may be absent: the
+) -> tuple[dict[str, tuple], list[str]]:
+    """({initializer: (kind, parts)}, [small constants]): every initializer is a parameter (kind 'param':
+    by name; 'transposed': under its name or another; 'packed': the q/k/v weights or biases packed as ORT's
+    Attention takes them; 'quantized'), each parameter used exactly once (an all-zero one may be absent: the
     exporter drops a zero bias), byte for byte; or one of the `derived` constants (derived_constants), byte
-    for byte; or a constant of at most SMALL_CONSTANT elements. `quantized`: the initializers of an int8
-    graph already proven to be parameters ({initializer: parameter}, see quantized_weights). Raises
-    ContractError otherwise."""
+    for byte (kind 'derived', parts: what it is); or a constant of at most SMALL_CONSTANT elements.
+    `quantized`: the initializers of an int8 graph already proven to be parameters ({initializer:
+    parameter}, see quantized_weights). Raises ContractError otherwise."""
     derived = derived or {}
     stored = {a.dtype for a in weights.values()}
     store = stored.pop() if len(stored) == 1 else np.dtype("float32")
@@ -191,7 +191,7 @@ def split_initializers(
     quantized = quantized or {}
     for name, param in quantized.items():
         if param:
-            made[name], used[param] = "quantized " + param, used[param] + 1
+            made[name], used[param] = ("quantized", (param,)), used[param] + 1
     for t in model.graph.initializer:
         if t.name in quantized:
             continue
@@ -201,15 +201,15 @@ def split_initializers(
             raise ContractError(f"initializer {t.name!r} is not a readable tensor ({e})") from None
         if t.name in weights:  # as is; or transposed in place (int8: quantize_dynamic's Gemm as MatMul)
             w, got = weights[t.name], _digest(a.astype(store)) if a.dtype in FLOATS else None
-            how = "as is" if a.shape == w.shape and got == _digest(w) else None
+            how = ("param", (t.name,)) if a.shape == w.shape and got == _digest(w) else None
             if how is None and w.ndim == 2 and a.shape == w.shape[::-1] and got == _digest(w.T):
-                how = "transposed " + t.name
+                how = ("transposed", (t.name,))
             if how is None:
                 raise ContractError(f"initializer {t.name!r} is not weights.npz's {t.name}")
             made[t.name], used[t.name] = how, used[t.name] + 1
             continue
         if (a.shape, _digest(a)) in derived:
-            made[t.name] = derived[a.shape, _digest(a)]
+            made[t.name] = ("derived", (derived[a.shape, _digest(a)],))
             continue
         if a.size <= SMALL_CONSTANT:
             constants.append(t.name)
@@ -223,7 +223,7 @@ def split_initializers(
         if not free:
             what = "a parameter used twice" if sources else "none of weights.npz's parameters"
             raise ContractError(f"initializer {t.name!r} ({a.dtype.name}{list(a.shape)}) is {what}")
-        made[t.name] = "transposed " + free[0][0] if len(free[0]) == 1 else "packed " + ", ".join(free[0])
+        made[t.name] = ("transposed" if len(free[0]) == 1 else "packed", tuple(free[0]))
         used.update(free[0])
     # A parameter may be absent from the graph only where the exporter's optimizer dropped it as an all-zero
     # bias (MiniLM's untrained pooler.bias), or where it or quantize_dynamic kept another initializer of the

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from qkv_onnx.artifact_format import DIGEST_KEY, canonical_json, manifest_digest, sha256_file
-from qkv_onnx.errors import show
+from qkv_onnx.errors import ArtifactError, show
 from qkv_onnx.validate.cli import main as validate_main
 from qkv_onnx.validate.runtimes import RUNTIMES, Reference, parse_providers
 from qkv_onnx.validate.sandbox import Sandbox, answer
@@ -106,6 +106,43 @@ def rehash(directory: Path, rel: str) -> None:
     edit_manifest(directory, lambda m: m["files"].__setitem__(rel, entry))
 
 
+def weights_of(d: Path) -> dict:
+    """The parameters of artifact `d` as writable arrays (from its graph, or its weights.npz)."""
+    import numpy as np
+
+    from qkv_onnx.graph_weights import artifact_weights
+
+    manifest = json.loads((d / "manifest.json").read_text())
+    return {k: np.array(v) for k, v in artifact_weights(d, d, manifest).items()}
+
+
+def reweight(d: Path, weights: dict) -> None:
+    """Write into artifact `d` the graph the exporter makes of `weights` (and its weights.npz where it keeps
+    one), re-hashed: a consistent artifact whose golden data are the old weights' outputs."""
+    from qkv_onnx.export.graph import export_model
+    from qkv_onnx.export.writer import save_weights_npz
+    from qkv_onnx.validate.rebuild import _spec, source_module
+
+    manifest = json.loads((d / "manifest.json").read_text())
+    external = "model.onnx.data" in manifest["files"]
+    graph = export_model(
+        _spec(manifest),
+        source_module(manifest, weights),
+        manifest["backend"],
+        manifest["dtype"],
+        manifest["opset"]["ai.onnx"],
+        external,
+        d / "model.onnx",
+    )
+    if "weights.npz" in manifest["files"]:
+        save_weights_npz(d / "weights.npz", weights)
+        rehash(d, "weights.npz")
+    else:
+        edit_manifest(d, lambda m: m["weights"].__setitem__("in_graph", graph.params))
+    for rel in graph.files:
+        rehash(d, rel)
+
+
 def rewrite(d: Path, rel: str, data: bytes) -> None:
     """Replace a file and re-sign the manifest for it: a tamper the digests cannot see."""
     (d / rel).write_bytes(data)
@@ -180,7 +217,7 @@ def openvino_native_bf16() -> bool:
 # --- the session's rebuild cache ----------------------------------------------------------------------
 #
 # A rebuild is a function of the manifest's model, backend, dtype, opset, quantization record, external-data
-# choice and weights.npz (the exporter's versions are this session's): the session rebuilds each distinct one
+# choice and weights (the exporter's versions are this session's): the session rebuilds each distinct one
 # once and every later validation of it compares the artifact's bytes with that rebuild, exactly as with a
 # fresh one. In-process runs get it from conftest, subprocesses (run_capped) from REBUILD_CACHE in their
 # environment; a test that must see the exporter run itself is marked `real_rebuild`.
@@ -188,10 +225,13 @@ def openvino_native_bf16() -> bool:
 REBUILD_CACHE = "QKV_TEST_REBUILD_CACHE"
 
 
-def rebuild_key(manifest: dict) -> str:
+def rebuild_key(manifest: dict, private: Path) -> str:
+    from qkv_onnx.graph_weights import artifact_weights, weights_sha256
+
     fields = {k: manifest.get(k) for k in ("model", "backend", "dtype", "opset", "quantization")}
     fields["external"] = "model.onnx.data" in manifest["files"]
-    fields["weights"] = manifest["files"]["weights.npz"]["sha256"]
+    fields["weights"] = weights_sha256(artifact_weights(private, private, manifest))
+    fields["in_graph"] = manifest["weights"]["in_graph"] if "weights.npz" not in manifest["files"] else None
     return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
 
 
@@ -205,8 +245,11 @@ def cached_rebuild(cache: Path):
         SANDBOX = InProcessSandbox
 
         def start(self):
-            self.entry = cache / rebuild_key(self.manifest)
-            self.hit = (self.entry / "built.json").is_file()
+            try:
+                self.entry = cache / rebuild_key(self.manifest, self.private)
+            except ArtifactError:  # weights the validation refuses itself, before the rebuild's verdict
+                self.entry = None
+            self.hit = self.entry is not None and (self.entry / "built.json").is_file()
             if not self.hit:
                 super().start()
                 return
@@ -218,6 +261,8 @@ def cached_rebuild(cache: Path):
             if self.hit:
                 return json.loads((self.entry / "built.json").read_text())
             result = super().built()
+            if self.entry is None:
+                return result
             staging = cache / f".{self.entry.name}.{os.getpid()}"
             staging.mkdir(parents=True, exist_ok=True)
             for name in ("model.onnx", "model.onnx.data"):

@@ -191,18 +191,24 @@ def test_the_rebuild_hashes_external_data_and_still_catches_a_changed_byte(
     exported_external, tmp_path, capsys
 ):
     """The rebuild's model.onnx.data is hashed, not stored (no second copy on disk): a re-signed artifact
-    whose side file differs from the exporter's by one byte is still refused, naming the file."""
+    whose side file holds bytes the exporter does not write (past every tensor: no weight changes) is still
+    refused, naming the file. A flipped byte inside a tensor is a changed weight, so a changed model: the
+    golden data, the PyTorch outputs of the weights exported, fail it (exit 1)."""
     import shutil
 
     from helpers import rewrite
 
     d = tmp_path / "art"
     shutil.copytree(exported_external, d)
-    data = bytearray((d / "model.onnx.data").read_bytes())
-    data[len(data) // 2] ^= 0x01
-    rewrite(d, "model.onnx.data", bytes(data))
+    data = (d / "model.onnx.data").read_bytes()
+    rewrite(d, "model.onnx.data", data + bytes(16))
     code, _, err, _ = run_cli(capsys, d, "--providers", "cpu")
     assert code == 2 and "model.onnx.data': not the bytes the exporter writes" in err, err
+    flipped = bytearray(data)
+    flipped[len(data) // 2 // 4 * 4 + 3] ^= 0x40  # the exponent of a float32 weight: 2^+-128 times
+    rewrite(d, "model.onnx.data", bytes(flipped))
+    code, out, err, _ = run_cli(capsys, d, "--providers", "cpu")
+    assert code == 1 and err == "" and "golden" in out, err
 
 
 def test_a_full_disk_is_the_machines_problem_not_the_artifacts():

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import yaml
 from helpers import (
@@ -21,18 +20,17 @@ from helpers import (
     OPENVINO_DEFAULT_IN_AUTO,
     ROOT,
     flip_byte,
-    rehash,
+    reweight,
     run_cli,
     single_error_line,
+    weights_of,
 )
 from junitparser import Error, Failure, JUnitXml, Skipped
 
-from qkv_onnx.export.writer import save_weights_npz
 from qkv_onnx.stages import listening
 from qkv_onnx.validate.cli import main
 from qkv_onnx.validate.junit import junit_xml, xml_safe
 from qkv_onnx.validate.parity import Report
-from qkv_onnx.validate.rebuild import rebuild
 from qkv_onnx.validate.results import Check, Comparison, Metrics, RuntimeStatus
 from qkv_onnx.validate.runtimes import RUNTIMES, select_runtimes
 
@@ -57,14 +55,11 @@ def _outcome(case) -> str:
 
 
 def _reweight(d: Path, edit) -> None:
-    """Edit weights.npz and write the graph the exporter makes of the new weights: a consistent artifact
-    (the rebuild check passes) whose golden data is the old weights' outputs."""
-    weights = dict(np.load(d / "weights.npz"))
+    """Edit the weights and write the graph the exporter makes of them: a consistent artifact (the rebuild
+    check passes) whose golden data is the old weights' outputs."""
+    weights = weights_of(d)
     edit(weights)
-    save_weights_npz(d / "weights.npz", weights)
-    rebuild(json.loads((d / "manifest.json").read_text()), weights, d)
-    rehash(d, "weights.npz")
-    rehash(d, "model.onnx")
+    reweight(d, weights)
 
 
 def _tamper_weights(d: Path) -> None:
@@ -92,7 +87,7 @@ def ci_run(exported, tmp_path_factory):
     for name, model, tamper in (
         ("mha-tampered", "mha", _tamper_weights),
         ("mha-causal-inf", "mha-causal", _overflow),
-        ("mha-flipped", "mha", lambda d: flip_byte(d / "weights.npz")),
+        ("mha-flipped", "mha", lambda d: flip_byte(d / "model.onnx")),
     ):
         copies[name] = work / name
         shutil.copytree(exported(model), copies[name])
@@ -277,7 +272,7 @@ def test_junit_invalid_artifact_is_an_error_naming_the_file(ci_run):
     [case] = _suites(ci_run)[invalid["artifact"]]
     [error] = case.result
     assert case.name == f"{invalid['artifact']}{SEP}integrity" and isinstance(error, Error)
-    assert error.message == invalid["reason"] and str(ci_run.flipped / "weights.npz") in error.message
+    assert error.message == invalid["reason"] and str(ci_run.flipped / "model.onnx") in error.message
 
 
 def test_junit_suites_carry_artifact_and_time(ci_run):
@@ -304,7 +299,7 @@ def test_step_summary_appended_with_matrix_and_failing_rows(ci_run):
     }
     assert {tuple(cell.strip() for cell in line.split("|")[1:5]) for line in failing} == expected
     reason = ci_run.doc["invalid"][0]["reason"]
-    assert f"\n- {reason}\n" in text and str(ci_run.flipped / "weights.npz") in reason
+    assert f"\n- {reason}\n" in text and str(ci_run.flipped / "model.onnx") in reason
     assert "qkv-validate: warning" not in ci_run.stderr
 
 

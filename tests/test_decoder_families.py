@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import rotation, run_cli, trained_vectors
+from helpers import rotation, run_cli, trained_vectors, weights_of
 
 from qkv_onnx.accuracy_contract import judge
 from qkv_onnx.decoder_format import FEATURES
@@ -222,7 +222,7 @@ def session_run(out):
 
 
 def oracle_run(manifest: dict, out):
-    weights = oracle.as_float64(dict(np.load(out / "weights.npz")))
+    weights = oracle.as_float64(weights_of(out))
     cfg = manifest["model"]["config"]
     return lambda inputs: list(oracle.forward("decoder", cfg, {}, weights, inputs))
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import rewrite, rotation, run_cli, save_hf_decoder, single_error_line
+from helpers import rewrite, rotation, run_cli, save_hf_decoder, single_error_line, weights_of
 
 from qkv_onnx.export.cli import main as export_main
 from qkv_onnx.graph_contract import check_structure
@@ -163,7 +163,7 @@ def test_decode_check_names_the_step_and_layer_of_a_wrong_cache(artifact):
             outputs[3][:, :, 0] = outputs[3][:, :, 1]
         return outputs
 
-    weights = dict(np.load(out / "weights.npz"))
+    weights = weights_of(out)
     failed = {(c.case, c.output) for c in decode_checks("cpu", run, manifest, weights, 0) if not c.passed}
     assert ("step 2", "present.1.key") in failed
     assert not any(case in ("prefill", "step 1") for case, _ in failed)
@@ -214,7 +214,7 @@ def _ort_run(out):
 def _oracle_greedy(out, manifest):
     from qkv_onnx.validate import oracle
 
-    weights = oracle.as_float64(dict(np.load(out / "weights.npz")))
+    weights = oracle.as_float64(weights_of(out))
     config = manifest["model"]["config"]
     return greedy_reference(lambda x: list(oracle.forward("decoder", config, {}, weights, x)), manifest, 0)
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, SMALL_MODELS, rotation, tree_bytes
+from helpers import ROOT, SMALL_MODELS, rotation, tree_bytes, weights_of
 from onnx import numpy_helper
 
 from qkv_onnx.artifact_format import BACKENDS
@@ -61,7 +61,7 @@ def test_golden_data_is_pytorch_output_in_onnx_layout(exported):
     d = exported("bert-tiny")
     m = json.loads((d / "manifest.json").read_text())
     spec = get_model("bert-tiny")
-    weights = dict(np.load(d / "weights.npz", allow_pickle=False))
+    weights = weights_of(d)
     module = spec.build()
     module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     module.eval()
@@ -158,8 +158,8 @@ def test_export_is_byte_identical_across_processes_and_names(exported, tmp_path)
 @pytest.mark.slow
 def test_seed_changes_weights(exported, tmp_path):
     export_artifact("mha", tmp_path / "s1", seed=1)
-    a = np.load(exported("mha") / "weights.npz")["attn.q_proj.weight"]
-    b = np.load(tmp_path / "s1" / "weights.npz")["attn.q_proj.weight"]
+    a = weights_of(exported("mha"))["attn.q_proj.weight"]
+    b = weights_of(tmp_path / "s1")["attn.q_proj.weight"]
     assert not np.allclose(a, b)
 
 

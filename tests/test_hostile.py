@@ -24,11 +24,11 @@ from helpers import (
     sampled,
     single_error_line,
     snapshot,
+    weights_of,
 )
 from onnx import TensorProto, helper, numpy_helper
 
 from qkv_onnx.errors import LimitExceeded, show
-from qkv_onnx.export.writer import save_weights_npz
 from qkv_onnx.validate.sandbox import GIB, Limits, SandboxedRuntime
 
 MODES = {"rebuild": [], "structural": ["--no-torch"]}
@@ -312,19 +312,22 @@ def test_external_data_hidden_in_unusual_places_is_refused(where, mode, artifact
 
 
 def _re_export(d: Path, spec, weights: dict, dtype="float32") -> None:
-    """The exporter's own graph for `spec` holding `weights` (so a rebuild matches it), written into `d`
-    with weights.npz, the manifest's config and the file table re-signed."""
+    """The exporter's own graph for `spec` holding `weights` (so a rebuild matches it), written into `d`,
+    the manifest's config, the weights' places and the file table re-signed."""
     import torch
 
     from qkv_onnx.export.graph import export_model
 
     module = spec.build()
     module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    export_model(spec, module.eval(), "onnx-attention", dtype, 23, False, d / "model.onnx")
-    save_weights_npz(d / "weights.npz", weights)
-    edit_manifest(d, lambda m: m["model"].__setitem__("config", spec.config.to_dict()))
+    graph = export_model(spec, module.eval(), "onnx-attention", dtype, 23, False, d / "model.onnx")
+
+    def edit(m):
+        m["model"]["config"] = spec.config.to_dict()
+        m["weights"]["in_graph"] = graph.params
+
+    edit_manifest(d, edit)
     rehash(d, "model.onnx")
-    rehash(d, "weights.npz")
 
 
 # a refusal by the weights' screen, the same in both modes: the default run keeps the cheaper structural one
@@ -337,8 +340,7 @@ def test_ffn_zero_padded_to_widen_the_tolerance_is_refused(mode, artifact_copy):
     from qkv_onnx.model_defs.registry import MODELS
 
     d = artifact_copy("encoder-block")
-    with np.load(d / "weights.npz") as z:
-        w = {k: z[k] for k in z.files}
+    w = weights_of(d)
     f = 51200
     w["block.ffn.fc1.weight"] = np.pad(w["block.ffn.fc1.weight"], ((0, f - 512), (0, 0)))
     w["block.ffn.fc1.bias"] = np.pad(w["block.ffn.fc1.bias"], (0, f - 512))
@@ -346,7 +348,7 @@ def test_ffn_zero_padded_to_widen_the_tolerance_is_refused(mode, artifact_copy):
     spec = MODELS["encoder-block"]
     _re_export(d, replace(spec, config=replace(spec.config, ffn_size=f)), w)
     refused(
-        d, "weights.npz", reason="block.ffn.fc1.weight has an all-zero row (row 512", mode_args=MODES[mode]
+        d, "model.onnx", reason="block.ffn.fc1.weight has an all-zero row (row 512", mode_args=MODES[mode]
     )
 
 
@@ -359,8 +361,7 @@ def test_extra_layer_that_adds_nothing_is_refused(mode, artifact_copy):
     from qkv_onnx.model_defs.registry import MODELS
 
     d = artifact_copy("bert-tiny")
-    with np.load(d / "weights.npz") as z:
-        w = {k: z[k] for k in z.files}
+    w = weights_of(d)
     for k in [k for k in w if k.startswith("blocks.1.")]:
         w["blocks.2." + k[len("blocks.1.") :]] = w[k].copy()
     for k in ("blocks.2.attn.out_proj.weight", "blocks.2.attn.out_proj.bias", "blocks.2.ffn.fc2.weight"):
@@ -368,7 +369,7 @@ def test_extra_layer_that_adds_nothing_is_refused(mode, artifact_copy):
     spec = MODELS["bert-tiny"]
     _re_export(d, replace(spec, config=replace(spec.config, num_layers=3)), w)
     refused(
-        d, "weights.npz", reason="blocks.2.attn.out_proj.weight has an all-zero row", mode_args=MODES[mode]
+        d, "model.onnx", reason="blocks.2.attn.out_proj.weight has an all-zero row", mode_args=MODES[mode]
     )
 
 
@@ -487,14 +488,14 @@ def test_cost_attack_refused_before_it_costs(attack, artifact_copy):
     """Refused from sizes and headers, before the costly part is read, decompressed or run (the subprocess
     runs under a 6 GiB address-space cap; the attacks need 4-6 GB where they are not refused)."""
     tamper, rel, reason = CAPS[attack]
-    d = artifact_copy("mha")
+    d = artifact_copy("mha", "int8" if attack.startswith("weights.npz") else "float32")  # int8 keeps one
     tamper(d)
     refused(d, rel, reason=reason)
 
 
 def test_no_torch_refuses_extra_npz_keys_too(artifact_copy):
     """Extra keys in weights.npz used to pass with --no-torch: the key set is exact in every mode."""
-    d = artifact_copy("mha")
+    d = artifact_copy("mha", "int8")
     _small_extra(d)
     refused(d, "weights.npz", reason="members", mode_args=())
 

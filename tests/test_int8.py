@@ -9,12 +9,24 @@ import sys
 
 import onnx
 import pytest
-from helpers import ROOT, edit_manifest, flip_byte, rewrite, run_cli, single_error_line, snapshot, tree_bytes
+from helpers import (
+    ROOT,
+    edit_manifest,
+    flip_byte,
+    rehash,
+    rewrite,
+    run_cli,
+    single_error_line,
+    snapshot,
+    tree_bytes,
+    weights_of,
+)
 
 from qkv_onnx.artifact_format import BACKENDS, sha256_file
 from qkv_onnx.export.cli import main as export_main
 from qkv_onnx.export.pipeline import export_artifact
 from qkv_onnx.export.quantize import product_groups, quantize
+from qkv_onnx.export.writer import save_weights_npz
 from qkv_onnx.text import corpus, read_sentences
 
 SENTENCES = ROOT / "docs" / "attention" / "sentences.txt"  # never seen by the calibration
@@ -162,6 +174,8 @@ def _naive_per_tensor(source, target):
         weight_type=QuantType.QInt8,
     )
     rewrite(target, "model.onnx", (target / "model.onnx").read_bytes())
+    save_weights_npz(target / "weights.npz", weights_of(source))  # an int8 artifact keeps its float32 source
+    rehash(target, "weights.npz")
     record = {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "per_channel": False,
@@ -177,7 +191,6 @@ def test_naive_per_tensor_int8_of_minilm_is_refused_and_fails_the_contract(expor
     """Per-tensor int8 of all-MiniLM-L6-v2: not what the exporter writes (its weights are not quantized per
     channel), so qkv-validate refuses it, exit 2; and the contract would fail it anyway: on sentences the
     calibration never saw, its sentence embeddings move to a cosine of ~0.95 with the float64 model."""
-    import numpy as np
     import onnxruntime as ort
 
     from qkv_onnx.text import tokenize
@@ -195,7 +208,7 @@ def test_naive_per_tensor_int8_of_minilm_is_refused_and_fails_the_contract(expor
     inputs = [feeds[i["name"]] for i in manifest["inputs"]]
     session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, dict(zip(feeds, inputs)))
-    weights = dict(np.load(d / "weights.npz"))
+    weights = weights_of(d)
     want = oracle.forward(model["architecture"], model["config"], model["options"], weights, inputs)
     verdict = compare_contract(got[0], want[0], feeds["attention_mask"], sentences=True).contract
     assert {"sentence_cosine_min", "similarity_deviation_max"} <= set(verdict.failed)

@@ -55,7 +55,7 @@ def both_ways(cfg: EncoderConfig, backend: str, dtype: str, edit) -> tuple[bytes
     """(whole export, what export_model writes) of the BERT of `cfg`, in canonical form."""
     spec = bert_spec("bert", cfg)
     module = edit(spec.random(0).eval().to(getattr(torch, dtype)))
-    graph, data = export_graph.build_graph(spec, module, backend, dtype, OPSET[backend])
+    graph, data, _ = export_graph.build_graph(spec, module, backend, dtype, OPSET[backend])
     whole = export_graph._export(spec, module, backend, dtype, OPSET[backend])
     canonicalize(whole, dict(module.state_dict()))
     return encode(whole, {}), encode(graph, data)
@@ -151,7 +151,7 @@ def decoder_both_ways(
     spec = spec_for(family, DECODER, cfg)
     module = module.to(getattr(torch, dtype))
     opset = BACKENDS[backend].for_architecture(DECODER).default_opset
-    graph, data = export_graph.build_graph(spec, module, backend, dtype, opset)
+    graph, data, _ = export_graph.build_graph(spec, module, backend, dtype, opset)
     whole = export_graph._export(spec, module, backend, dtype, opset)
     canonicalize(whole, dict(module.state_dict()))
     return encode(whole, {}), encode(graph, data)
@@ -238,7 +238,7 @@ def test_reweighted_graph_is_the_whole_export(model, backend, kind, monkeypatch)
     dtype = DTYPES[REWEIGHTED_MODELS.index(model) % len(DTYPES)]
     spec = reweighted_spec(model)
     module = generic_weights(kind)(spec.random(0).eval().to(getattr(torch, dtype)))
-    graph, data = export_graph.build_graph(spec, module, backend, dtype, OPSET[backend])
+    graph, data, _ = export_graph.build_graph(spec, module, backend, dtype, OPSET[backend])
     assert data, "built from the template"  # the whole export keeps its bytes in the graph: no data
     whole = export_graph._export(spec, module, backend, dtype, OPSET[backend])
     canonicalize(whole, dict(module.state_dict()))
@@ -280,7 +280,7 @@ def test_weights_the_stitching_cannot_place_fall_back_to_the_whole_export(monkey
 @pytest.mark.slow
 def test_canonical_names_say_where_a_node_comes_from():
     spec = bert_spec("bert", SMALL)
-    graph, _ = export_graph.build_graph(spec, spec.random(0).eval(), "onnx-attention", "float32", 23)
+    graph, _, _ = export_graph.build_graph(spec, spec.random(0).eval(), "onnx-attention", "float32", 23)
     names = [n.name for n in graph.graph.node]
     assert "blocks.2.attn/Attention" in names and "blocks.0.attn.q_proj/MatMul" in names
     assert len(set(names)) == len(names)

@@ -22,10 +22,12 @@ from helpers import (
     failing,
     flip_byte,
     rehash,
+    reweight,
     run_cli,
     scale_attention,
     single_error_line,
     snapshot,
+    weights_of,
 )
 from onnx import numpy_helper
 
@@ -173,7 +175,6 @@ def _unknown_op(d: Path) -> None:
 
 INVALID = {
     "model flipped": (lambda d: flip_byte(d / "model.onnx"), "model.onnx", "sha256"),
-    "weights flipped": (lambda d: flip_byte(d / "weights.npz"), "weights.npz", "sha256"),
     "golden flipped": (
         lambda d: flip_byte(d / "test_data_set_1/output_0.pb"),
         "test_data_set_1/output_0.pb",
@@ -268,10 +269,10 @@ def test_unknown_provider_exit_2(exported, capsys):
 
 def test_good_and_tampered_artifact_exit_2_and_report_the_good_one(exported, artifact_copy, tmp_path, capsys):
     good, bad = exported("mha-gqa"), artifact_copy("mha")
-    flip_byte(bad / "weights.npz")
+    flip_byte(bad / "model.onnx")
     code, out, err, doc = run_cli(capsys, bad, good, "--json", tmp_path / "r.json")
     assert code == 2 and doc["exit_code"] == 2
-    assert str(bad / "weights.npz") in single_error_line(err)
+    assert str(bad / "model.onnx") in single_error_line(err)
     assert [(a["model"], a["passed"]) for a in doc["artifacts"]] == [("mha-gqa", True)]
     [invalid] = doc["invalid"]
     assert invalid["artifact"] == str(bad) and "sha256" in invalid["reason"]
@@ -282,7 +283,7 @@ def test_good_and_tampered_artifact_exit_2_and_report_the_good_one(exported, art
 @pytest.mark.parametrize(
     "edit",
     [
-        lambda m: m["files"].__setitem__("weights.npz", "0" * 64),
+        lambda m: m["files"].__setitem__("model.onnx", "0" * 64),
         lambda m: m.__setitem__("golden_sets", "3"),
         lambda m: m["inputs"][0].pop("dtype"),
         lambda m: m.__setitem__("dtype", "float8"),
@@ -305,39 +306,30 @@ SINGLE_KEY = {"golden_2", "b1xs1", "b2xs1"}
 
 @pytest.mark.parametrize("mode", [(), ("--no-torch",)], ids=["rebuild", "structural"])
 def test_weights_the_graph_does_not_hold_exit_2(mode, artifact_copy, capsys):
-    """A k_proj weight changed in weights.npz alone (manifest re-hashed): the graph no longer holds
-    weights.npz's weights, which the rebuild (other bytes) and the structural contract (an initializer that
-    is none of weights.npz's parameters) both see before anything runs."""
-    d = artifact_copy("mha")
-    weights = dict(np.load(d / "weights.npz"))
+    """A k_proj weight changed in an int8 artifact's weights.npz alone (manifest re-hashed): the graph no
+    longer holds weights.npz's weights, which the rebuild (the float32 graph it quantizes is not the one
+    recorded) and the structural contract (an int8 initializer that is none of weights.npz's parameters,
+    quantized) both see before anything runs."""
+    d = artifact_copy("mha", "int8")
+    weights = weights_of(d)
     weights["attn.k_proj.weight"][0, 0] += 2.0
     save_weights_npz(d / "weights.npz", weights)
     rehash(d, "weights.npz")
     code, _, err, _ = run_cli(capsys, d, *mode)
     line = single_error_line(err)
-    assert code == 2 and str(d / "model.onnx") in line
-    assert ("not what the exporter writes" if mode else "not the graph the exporter writes") in line
+    assert code == 2 and str(d / "model.onnx") in line, line
+    assert ("none of weights.npz's parameters" if mode else "float32_graph_sha256") in line, line
 
 
 def test_golden_data_of_other_weights_fail_exit_1(artifact_copy, tmp_path, capsys):
-    """A k_proj weight changed in weights.npz and in the graph alike (the exporter's own graph for the
-    changed weights, so the rebuild matches): only the golden PyTorch outputs, written for the old weights,
+    """A k_proj weight changed in the graph (the exporter's own graph for the changed weights, so the rebuild
+    matches): only the golden PyTorch outputs, written for the old weights,
     disagree; every comparison against them fails where there is more than one key (with a single key,
     softmax is 1 whatever the keys, so those cases still pass)."""
-    import torch
-
-    from qkv_onnx.export.graph import export_model
-    from qkv_onnx.model_defs.registry import MODELS
-
     d = artifact_copy("mha")
-    weights = dict(np.load(d / "weights.npz"))
+    weights = weights_of(d)
     weights["attn.k_proj.weight"][0, 0] += 2.0
-    save_weights_npz(d / "weights.npz", weights)
-    module = MODELS["mha"].build()
-    module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    export_model(MODELS["mha"], module.eval(), "onnx-attention", "float32", 23, False, d / "model.onnx")
-    rehash(d, "weights.npz")
-    rehash(d, "model.onnx")
+    reweight(d, weights)
     code, out, err, doc = run_cli(capsys, d, "--json", tmp_path / "r.json")
     assert code == 1 and doc["exit_code"] == 1 and err == ""
     assert doc["artifacts"][0]["passed"] is False and "— FAIL" in out

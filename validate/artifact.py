@@ -29,7 +29,6 @@ from ..artifact_format import (
     JsonProblem,
     all_nodes,
     bodies,
-    expected_weights,
     golden_file,
     graph_io,
     manifest_digest,
@@ -39,8 +38,8 @@ from ..artifact_format import (
     with_defaults,
 )
 from ..errors import ArtifactError, BrokenEnvironment, first_line, show
-from ..graph_contract import ContractError, check_structure, check_vocabulary, unchecked, weight_dtype
-from ..npz import read_weights
+from ..graph_contract import ContractError, check_structure, check_vocabulary, unchecked
+from ..graph_weights import artifact_weights
 from ..scratch import ScratchDir
 from ..stages import stage
 from .budget import Plan, gib, needs, plan
@@ -132,7 +131,7 @@ def structural_check(why: str, values: list[str] = ()) -> str:
     """The report's line for a graph judged by the structural contract, why it was not rebuilt, and the
     config values it does not read off the graph (graph_contract.unchecked)."""
     line = (
-        "graph: structural contract (vocabulary, op counts, inputs and outputs, initializers = weights.npz) "
+        "graph: structural contract (vocabulary, op counts, inputs and outputs, initializers = the weights) "
         f"and onnx.checker; not rebuilt: {why}"
     )
     return line + ("; not checked without a rebuild: " + ", ".join(values) if values else "")
@@ -331,19 +330,20 @@ def check_graph(path: Path, model: onnx.ModelProto, manifest: dict) -> None:
 
 
 def load_weights(private: Path, directory: Path, manifest: dict) -> dict[str, np.ndarray]:
-    """weights.npz (from the private copy) as exactly the parameters the manifest's config implies, with
-    their shapes, in the artifact's stored dtype: the config sizes the tolerance and the rebuild, so it
-    must be the weights' own. No linear layer may hold an all-zero row or column: padding that leaves the
-    function unchanged while widening the config (an FFN padded with dead units, a layer that adds 0)."""
-    expected = expected_weights(manifest["model"]["architecture"], manifest["model"]["config"])
-    weights = read_weights(private / WEIGHTS, directory / WEIGHTS, expected, weight_dtype(manifest["dtype"]))
+    """The parameters (from the private copy: the graph's initializers as the manifest places them, or
+    weights.npz) as exactly those the manifest's config implies, with their shapes, in the artifact's
+    stored dtype: the config sizes the tolerance and the rebuild, so it must be the weights' own. No linear
+    layer may hold an all-zero row or column: padding that leaves the function unchanged while widening the
+    config (an FFN padded with dead units, a layer that adds 0)."""
+    weights = artifact_weights(private, directory, manifest)
+    shown = directory / (WEIGHTS if WEIGHTS in manifest["files"] else MODEL)
     for name, a in weights.items():
         if name.endswith(LINEAR_WEIGHTS):
             for axis, what in ((1, "row"), (0, "column")):
                 dead = np.flatnonzero(~a.any(axis=axis))
                 if dead.size:
                     raise ArtifactError(
-                        f"{show(directory / WEIGHTS)}: {name} has an all-zero {what} ({what} {dead[0]}, "
+                        f"{show(shown)}: {name} has an all-zero {what} ({what} {dead[0]}, "
                         f"{dead.size} in all): padding an export never writes (it would widen the config, "
                         "and the tolerance with it, without changing the function)"
                     )
@@ -462,7 +462,7 @@ def load_golden(private: Path, directory: Path, manifest: dict) -> list:
 STAGES = {
     "manifest": "read manifest",
     "files": "sha256 of files (read once; private copies and leased links)",
-    "weights": "load weights.npz",
+    "weights": "load weights (memory-mapped)",
     "golden": "load golden data",
     "graph": "onnx.load + structural contract",
     "checker": "onnx.checker (full, sandboxed)",
@@ -515,14 +515,20 @@ def load_artifact(
                 model_bytes,
                 start=planned.rebuild == "beside",
             )
+        screened = None
+        if WEIGHTS not in manifest["files"]:  # the weights are the graph's initializers: screened first
+            with stage(STAGES["graph"]):
+                _, screened = screen_graph(directory, private, manifest)
         with stage(STAGES["weights"]):
             weights = load_weights(private, directory, manifest)
         with stage(STAGES["golden"]):
             golden = load_golden(private, directory, manifest)
         if pending is not None:
-            with stage(STAGES["graph"]):
-                _, foreign = screen_graph(directory, private, manifest)
-            graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and weights.npz"
+            if screened is None:
+                with stage(STAGES["graph"]):
+                    _, screened = screen_graph(directory, private, manifest)
+            foreign = screened
+            graph_check = "graph: byte-identical to the exporter's rebuild from the manifest and the weights"
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
             graph_check = structural_check(why, unchecked(manifest))

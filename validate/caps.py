@@ -109,7 +109,7 @@ def check_listed_sizes(directory, manifest: dict) -> None:
                 f"{show(where)}: lists {rel!r}; tokenizer files lie directly in {TOKENIZER_DIR}/"
             )
     least, most = weights_bytes(manifest)
-    size = files[WEIGHTS]["bytes"]
+    size = files[WEIGHTS]["bytes"] if WEIGHTS in files else least
     if not least <= size <= most:
         tensors, elements = weight_totals(manifest["model"]["architecture"], manifest["model"]["config"])
         raise ArtifactError(

@@ -19,6 +19,7 @@ from ..artifact_format import (
 )
 from ..decoder_format import LOGITS, unverified
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
+from ..graph_weights import weights_sha256
 from ..inputs import fit, make_inputs
 from ..stages import stage
 from . import oracle
@@ -108,6 +109,7 @@ class Report:
     localization: Localization | None = None  # where it diverges (--locate, or a failed parity check)
     attention_maps: object | None = None  # AttentionMaps (--attention-maps)
     graph_check: str = ""  # how the graph was judged (rebuild or structural contract)
+    weights_sha256: str = ""  # graph_weights.weights_sha256: which artifacts hold the same weights
 
     def forget_traces(self) -> None:
         """Drop the oracle's intermediates (bert-large: hundreds of MB) once localization is done."""
@@ -306,6 +308,7 @@ def validate_artifact(
     returned only once the graph is proven (ArtifactError otherwise, and every result is dropped)."""
     m = artifact.manifest
     report = Report(artifact.name, m, graph_check=artifact.graph_check)
+    report.weights_sha256 = weights_sha256(artifact.weights)  # however each backend's graph stores them
     report.notes.append(artifact.graph_check)
     if artifact.limits is not None:
         report.notes.append(
@@ -466,7 +469,7 @@ def compare_backends(reports: list[Report]) -> None:
     groups = {}
     for r in reports:
         m = r.manifest
-        key = (m["model"]["name"], m["dtype"], m["files"].get("weights.npz", {}).get("sha256"))
+        key = (m["model"]["name"], m["dtype"], r.weights_sha256)
         groups.setdefault(key, []).append(r)
     for (_, dtype, _), group in groups.items():
         if dtype in QUANTIZED and len({r.manifest["backend"] for r in group}) > 1:

@@ -1,12 +1,14 @@
-"""The graph is the exporter's graph: rebuild model.onnx from the manifest's model and weights.npz with the
+"""The graph is the exporter's graph: rebuild model.onnx from the manifest's model and weights with the
 exporter installed here, and require the artifact's bytes to be the same.
 
 Possible when torch is installed and the exporter's versions (qkv-onnx, torch, onnx, onnxscript, onnx-ir)
 are the ones the manifest records: exports are reproducible (fixed trace inputs, no machine paths), so
 the same model, weights, backend, dtype and opset give the same bytes. The seed is not needed: the
-weights are weights.npz's. An int8 graph is rebuilt as the export made it: the float32 graph (its sha256
-must be the one the manifest records), quantized by the same onnxruntime with the products the manifest
-says the search kept in float32 (the search itself is not rerun). The manifest's taps must be the
+weights are the artifact's (qkv_onnx/graph_weights.py: a float graph's own initializers, as the manifest
+places them, which must be where the rebuild places them). An int8 graph is rebuilt as the export made it:
+the float32 graph (its sha256 must be the one the manifest records), quantized by the same onnxruntime
+with the products the manifest says the search kept in float32 (the search itself is not rerun). The
+manifest's taps must be the
 rebuild's too. Otherwise the structural contract (`qkv_onnx.graph_contract`) judges it.
 """
 
@@ -56,7 +58,7 @@ def onnxruntime_version() -> str | None:
 
 
 def source_module(manifest: dict, weights: dict):
-    """The manifest's model holding weights.npz's parameters (their memory shared), in the artifact's dtype,
+    """The manifest's model holding the artifact's parameters (their memory shared), in the artifact's dtype,
     in eval mode: what the rebuild exports and the live PyTorch comparison runs."""
     import torch
 
@@ -120,9 +122,9 @@ def rebuild(manifest: dict, weights: dict, out: Path) -> dict:
             graph = requantize(source, target, spec, manifest["backend"], n_attention, graph, keep)
     except ExportError as e:
         raise ArtifactError(
-            f"the exporter cannot rebuild this model from weights.npz: {first_line(e)}"
+            f"the exporter cannot rebuild this model from its weights: {first_line(e)}"
         ) from None
-    return {"op_counts": graph.op_counts, "taps": graph.taps, "files": graph.files}
+    return {"op_counts": graph.op_counts, "taps": graph.taps, "files": graph.files, "params": graph.params}
 
 
 def _first_difference(a: Path, b: Path) -> int:
@@ -137,14 +139,11 @@ def _first_difference(a: Path, b: Path) -> int:
             offset += len(x)
 
 
-def rebuild_in_child(manifest: dict, weights_path: str, out: str) -> dict:
-    """The rebuild as the sandboxed child runs it: weights.npz read (strictly) from the private copy."""
-    from ..artifact_format import expected_weights
-    from ..graph_contract import weight_dtype
-    from ..npz import read_weights
+def rebuild_in_child(manifest: dict, private: str, out: str) -> dict:
+    """The rebuild as the sandboxed child runs it: the weights read (strictly) from the private copy."""
+    from ..graph_weights import artifact_weights
 
-    expected = expected_weights(manifest["model"]["architecture"], manifest["model"]["config"])
-    weights = read_weights(Path(weights_path), Path(weights_path), expected, weight_dtype(manifest["dtype"]))
+    weights = artifact_weights(Path(private), Path(private), manifest)
     return rebuild(manifest, weights, Path(out))
 
 
@@ -183,7 +182,7 @@ class PendingRebuild:
             "rebuilding it with the exporter",
             rebuild_in_child,
             self.manifest,
-            str(self.private / WEIGHTS),
+            str(self.private),
             str(self.scratch),
         )
 
@@ -222,7 +221,7 @@ class PendingRebuild:
                     if hashed != self.manifest["files"][rel]:  # the private copy's bytes: as listed
                         raise ArtifactError(
                             f"{show(self.directory / rel)}: not the bytes the exporter writes for this "
-                            f"manifest's model and {WEIGHTS} (its sha256 is {hashed['sha256']}; rebuilt with "
+                            f"manifest's model and weights (its sha256 is {hashed['sha256']}; rebuilt with "
                             f"{versions})"
                         )
                     continue
@@ -234,8 +233,13 @@ class PendingRebuild:
                     )
                     raise ArtifactError(
                         f"{show(self.directory / rel)}: not the graph the exporter writes for this "
-                        f"manifest's model and {WEIGHTS} ({where}; rebuilt with {versions})"
+                        f"manifest's model and weights ({where}; rebuilt with {versions})"
                     )
+        if WEIGHTS not in self.manifest["files"] and self.manifest["weights"]["in_graph"] != built["params"]:
+            raise ArtifactError(
+                f"{show(self.directory / MANIFEST)}: weights.in_graph is not where the exporter puts the "
+                "weights in this graph"
+            )
         if "taps" in self.manifest and self.manifest["taps"] != built["taps"]:
             raise ArtifactError(
                 f"{show(self.directory / MANIFEST)}: taps are not the ones the exporter finds in this graph"
