@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Export every registry model on every backend (float32; float16 and int8 for a few) with two installations
-# and require the same bytes of model.onnx, weights.npz and the manifest: how a refactor proves it left every
-# existing export as it was. Usage: bash scripts/same_bytes.sh OLD_CHECKOUT [MODEL ...]
+# and require the same bytes of every file (model.onnx, model.onnx.data, weights.npz, the manifest, the golden
+# data): how a refactor proves it left every existing export as it was. A file only one side writes is named
+# (ONLY OLD / ONLY NEW) and counts as a difference. Usage: bash scripts/same_bytes.sh OLD_CHECKOUT [MODEL ...]
 # (OLD_CHECKOUT: a checkout with its own .venv, e.g. `git worktree add /tmp/base main` + scripts/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,12 +28,18 @@ for cell in "${cells[@]}"; do
         root=$([ "$side" = old ] && echo "$old" || echo .)
         "$root/.venv/bin/qkv-export" --model "$m" --backend "$b" --dtype "$d" --out "$work/$side/a" >/dev/null 2>&1
     done
-    for f in model.onnx weights.npz manifest.json; do
-        if ! cmp -s "$work/old/a/$f" "$work/new/a/$f"; then
+    while read -r f; do
+        if [ ! -e "$work/new/a/$f" ]; then
+            echo "ONLY OLD: $m $b $d $f"
+            differ=1
+        elif [ ! -e "$work/old/a/$f" ]; then
+            echo "ONLY NEW: $m $b $d $f"
+            differ=1
+        elif ! cmp -s "$work/old/a/$f" "$work/new/a/$f"; then
             echo "DIFFERENT: $m $b $d $f"
             differ=1
         fi
-    done
+    done < <(cd "$work" && find old/a new/a -type f | cut -d/ -f3- | sort -u)
     echo "checked: $m $b $d"
     rm -rf "$work/old" "$work/new"
 done
