@@ -22,6 +22,8 @@ from ..artifact_format import (
     sha256_file,
 )
 from ..decoder_format import DECODER
+from ..genai import GENAI_CONFIG, genai_config, special_tokens
+from ..genai import encode as encode_genai
 from ..graph_weights import in_graph
 from ..inputs import fit, make_inputs
 from ..model_defs.config import param_count
@@ -282,6 +284,10 @@ def export_artifact(
                 "sha256": checkpoint["sha256"],
                 "tokenizer": TOKENIZER_DIR if (tmp / TOKENIZER_DIR).is_dir() else None,
             }
+        if ARCHITECTURES[spec.architecture].cached:  # onnxruntime-genai runs the directory as it is
+            if checkpoint:
+                manifest["special_tokens"] = special_tokens(checkpoint["directory"])
+            (tmp / GENAI_CONFIG).write_bytes(encode_genai(genai_config(manifest)))
         if one_copy and streamed:  # the checkpoint's tensors, read once into the graph: now the graph's
             (tmp / WEIGHTS).unlink()
         with stage(STAGE_MANIFEST):

@@ -20,6 +20,7 @@ from . import decoder_format
 from .block import block_spec, block_weights
 from .block import block_stages as stages_of
 from .errors import first_line
+from .genai import GENAI_CONFIG, special_tokens_problem
 
 FORMAT = "qkv-onnx-artifact/1"
 MANIFEST = "manifest.json"
@@ -180,6 +181,8 @@ def file_role(rel: str) -> str:
         return "model"
     if rel == WEIGHTS:
         return "weights"
+    if rel == GENAI_CONFIG:
+        return "genai"
     if _GOLDEN.fullmatch(rel):
         return "golden"
     if rel.startswith(TOKENIZER_DIR + "/"):
@@ -438,6 +441,17 @@ def manifest_problem(m: dict) -> str | None:
     missing = [f for f in (MODEL, WEIGHTS) if f not in files and (f == MODEL or quantized)]
     if missing:
         return f"the file list does not name {missing[0]}"
+    cached = ARCHITECTURES[model["architecture"]].cached
+    if GENAI_CONFIG in files and not cached:
+        return f"{GENAI_CONFIG} is listed, but only a decoder carries one"
+    if "special_tokens" in m:
+        problem = (
+            special_tokens_problem(m["special_tokens"], cfg["vocab_size"])
+            if cached
+            else "'special_tokens' of a model that is no decoder"
+        )
+        if problem:
+            return problem
     weights = m.get("weights")
     if WEIGHTS not in files and not (isinstance(weights, dict) and isinstance(weights.get("in_graph"), dict)):
         return "weights.npz is not listed, and 'weights.in_graph' does not place the weights in the graph"

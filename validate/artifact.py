@@ -38,6 +38,8 @@ from ..artifact_format import (
     with_defaults,
 )
 from ..errors import ArtifactError, BrokenEnvironment, first_line, show
+from ..genai import GENAI_CONFIG, genai_config
+from ..genai import encode as encode_genai
 from ..graph_contract import ContractError, check_structure, check_vocabulary, unchecked
 from ..graph_weights import artifact_weights
 from ..scratch import ScratchDir
@@ -350,6 +352,18 @@ def load_weights(private: Path, directory: Path, manifest: dict) -> dict[str, np
     return weights
 
 
+def check_genai_config(private: Path, directory: Path, manifest: dict) -> None:
+    """A decoder's genai_config.json, where it has one, is exactly what the exporter derives from the
+    manifest (qkv_onnx/genai.py): onnxruntime-genai reads it to find the model file, its inputs and sizes."""
+    if GENAI_CONFIG in manifest["files"] and (private / GENAI_CONFIG).read_bytes() != encode_genai(
+        genai_config(manifest)
+    ):
+        raise ArtifactError(
+            f"{show(directory / GENAI_CONFIG)}: not the genai_config.json the exporter writes for this "
+            "manifest (the model file, its inputs and outputs, its sizes and special tokens)"
+        )
+
+
 EMPTY_DIMS = ("past",)  # symbolic dims that may be 0: a prefill's cache
 
 
@@ -523,6 +537,7 @@ def load_artifact(
             weights = load_weights(private, directory, manifest)
         with stage(STAGES["golden"]):
             golden = load_golden(private, directory, manifest)
+        check_genai_config(private, directory, manifest)
         if pending is not None:
             if screened is None:
                 with stage(STAGES["graph"]):

@@ -26,6 +26,7 @@ from ..artifact_format import (
     weight_totals,
 )
 from ..errors import ArtifactError, show
+from ..genai import GENAI_CONFIG
 
 MAX_GOLDEN_BATCH = 8  # export writes batches of 1-3 and one of 6 sentences
 GOLDEN_TOKENS = 1024  # batch x sequence, summed over the golden sets (export writes ~150)
@@ -35,6 +36,7 @@ NPZ_END_BYTES = 22  # the zip's end-of-central-directory record
 GRAPH_BYTES = 1 << 20  # model.onnx beyond its initializers: nodes, names, shapes, small constants
 GRAPH_BYTES_PER_LAYER = 64 << 10
 TENSOR_FILE_BYTES = 4096  # a golden TensorProto's name, dims and framing
+GENAI_CONFIG_BYTES = 16 << 10  # what qkv_onnx/genai.py writes: about 1.5 KB
 TOKENIZER_BYTES = 32 << 20  # all tokenizer files together (bert-base-uncased's tokenizer.json: 0.7 MB)
 PROTO_BYTES_PER_ELEMENT = 10  # the largest encoding of one element in a TensorProto (an int64 varint)
 
@@ -120,6 +122,7 @@ def check_listed_sizes(directory, manifest: dict) -> None:
         ("model.onnx and its external data", [MODEL, MODEL + ".data"], graph_bytes(manifest)),
         ("the golden data", sorted(golden), golden_bytes(manifest)),
         ("the tokenizer files", [r for r in files if r.startswith(TOKENIZER_DIR + "/")], TOKENIZER_BYTES),
+        ("genai_config.json", [GENAI_CONFIG], GENAI_CONFIG_BYTES),
     ]
     for what, rels, most in checks:
         total = sum(files[r]["bytes"] for r in rels if r in files)
