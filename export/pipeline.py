@@ -22,7 +22,7 @@ from ..artifact_format import (
     sha256_file,
 )
 from ..decoder_format import DECODER
-from ..genai import GENAI_CONFIG, genai_config, special_tokens
+from ..genai import GENAI_CONFIG, GENAI_TOKENIZER_FILES, genai_config, special_tokens
 from ..genai import encode as encode_genai
 from ..graph_weights import in_graph
 from ..inputs import fit, make_inputs
@@ -167,13 +167,14 @@ def _mapped_module(spec: ModelSpec, path: Path, dtype: str):
     return module_on(spec.architecture, spec.config, spec.options, arrays)
 
 
-def _copy_tokenizer(checkpoint_dir: Path, target: Path) -> bool:
-    """Copy a checkpoint's tokenizer files into the artifact; False when it has none."""
+def _copy_tokenizer(checkpoint_dir: Path, target: Path, names=None) -> bool:
+    """Copy a checkpoint's tokenizer files (`names`, default text.TOKENIZER_FILES) into `target` in the
+    artifact; False when it has none."""
     from ..text import TOKENIZER_FILES
 
-    files = [f for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()]
+    files = [f for f in names or TOKENIZER_FILES if (checkpoint_dir / f).is_file()]
     if files:
-        target.mkdir()
+        target.mkdir(exist_ok=True)
         for f in files:
             shutil.copyfile(checkpoint_dir / f, target / f)
     return bool(files)
@@ -287,6 +288,7 @@ def export_artifact(
         if ARCHITECTURES[spec.architecture].cached:  # onnxruntime-genai runs the directory as it is
             if checkpoint:
                 manifest["special_tokens"] = special_tokens(checkpoint["directory"])
+                _copy_tokenizer(checkpoint["directory"], tmp, GENAI_TOKENIZER_FILES)
             (tmp / GENAI_CONFIG).write_bytes(encode_genai(genai_config(manifest)))
         if one_copy and streamed:  # the checkpoint's tensors, read once into the graph: now the graph's
             (tmp / WEIGHTS).unlink()

@@ -20,7 +20,7 @@ from . import decoder_format
 from .block import block_spec, block_weights
 from .block import block_stages as stages_of
 from .errors import first_line
-from .genai import GENAI_CONFIG, special_tokens_problem
+from .genai import GENAI_CONFIG, GENAI_TOKENIZER_FILES, special_tokens_problem
 
 FORMAT = "qkv-onnx-artifact/1"
 MANIFEST = "manifest.json"
@@ -185,7 +185,7 @@ def file_role(rel: str) -> str:
         return "genai"
     if _GOLDEN.fullmatch(rel):
         return "golden"
-    if rel.startswith(TOKENIZER_DIR + "/"):
+    if rel.startswith(TOKENIZER_DIR + "/") or rel in GENAI_TOKENIZER_FILES:
         return "tokenizer"
     if rel.startswith(MODEL) and "/" not in rel:
         return "external-data"
@@ -442,8 +442,9 @@ def manifest_problem(m: dict) -> str | None:
     if missing:
         return f"the file list does not name {missing[0]}"
     cached = ARCHITECTURES[model["architecture"]].cached
-    if GENAI_CONFIG in files and not cached:
-        return f"{GENAI_CONFIG} is listed, but only a decoder carries one"
+    beside = [f for f in (GENAI_CONFIG, *GENAI_TOKENIZER_FILES) if f in files]
+    if beside and not cached:
+        return f"{beside[0]} is listed, but only a decoder carries one beside its graph"
     if "special_tokens" in m:
         problem = (
             special_tokens_problem(m["special_tokens"], cfg["vocab_size"])

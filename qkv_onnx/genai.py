@@ -15,6 +15,8 @@ from pathlib import Path
 from .decoder_format import PAST, PRESENT
 
 GENAI_CONFIG = "genai_config.json"
+# a decoder checkpoint's tokenizer, beside the config: genai's Tokenizer reads it from the model's directory
+GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 GENAI_TYPE = "llama"  # genai's plain decoder-only path; genai refuses a type it does not know
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 INPUTS = {"token_ids": "input_ids", "padding_mask": "attention_mask", "position_ids": "position_ids"}

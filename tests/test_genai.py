@@ -25,7 +25,24 @@ CONFIG = dict(
     tie_word_embeddings=False,
 )
 PROMPTS = [[5, 17, 42, 7], [250, 3, 99, 11, 64, 2, 180]]
+SENTENCE = "the lazy fox jumps over the quick dog"
 GENAI_PYTHON = os.environ.get("QKV_GENAI_PYTHON") or str(ROOT / ".venv-genai" / "bin" / "python")
+
+
+def _tokenizer():
+    """A byte-level BPE of 291 tokens (below the model's 300), trained here: what a checkpoint ships."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=291, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +51,7 @@ def llama(tmp_path_factory):
     float32's rounding (save_hf_decoder's confident head), eos 2 set in generation_config.json."""
     work = tmp_path_factory.mktemp("genai")
     hf = save_hf_decoder(work / "ck", CONFIG, "llama", confident=True)
+    _tokenizer().save_pretrained(work / "ck")
     (work / "ck" / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [2, 3], "bos_token_id": 1})
     )
@@ -48,6 +66,7 @@ def test_the_genai_config_is_the_manifests(llama):
     manifest = json.loads((art / "manifest.json").read_text())
     assert GENAI_CONFIG in manifest["files"]
     assert manifest["special_tokens"] == {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])  # beside the config
     model = json.loads((art / GENAI_CONFIG).read_text())["model"]
     decoder = model["decoder"]
     assert (model["eos_token_id"], model["context_length"], model["vocab_size"]) == ([2, 3], 128, 300)
@@ -109,7 +128,9 @@ for prompt in json.loads(sys.argv[2]):
     while not generator.is_done():
         generator.generate_next_token()
     out.append([int(t) for t in generator.get_sequence(0)])
-print(json.dumps(out))
+tokenizer = og.Tokenizer(model)
+ids = [int(t) for t in tokenizer.encode(sys.argv[4])]
+print(json.dumps({"greedy": out, "ids": ids, "text": tokenizer.decode(ids)}))
 """
 
 
@@ -118,20 +139,25 @@ print(json.dumps(out))
 )
 def test_genai_runs_the_artifact_as_exported_with_transformers_greedy_tokens(llama):
     """onnxruntime_genai.Model(artifact_dir), nothing edited: 40 greedy tokens of each prompt are those of
-    transformers' generate on the checkpoint, ended by the same eos rule (the checkpoint's eos ids)."""
+    transformers' generate on the checkpoint, ended by the same eos rule (the checkpoint's eos ids), and
+    genai's Tokenizer reads the checkpoint's tokenizer beside the config as transformers does."""
     import torch
 
     hf, _, art = llama
     length = 40
     proc = subprocess.run(
-        [GENAI_PYTHON, "-c", GREEDY, str(art), json.dumps(PROMPTS), str(length)],
+        [GENAI_PYTHON, "-c", GREEDY, str(art), json.dumps(PROMPTS), str(length), SENTENCE],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout)
-    for prompt, tokens in zip(PROMPTS, got):
+    from transformers import AutoTokenizer
+
+    want_ids = AutoTokenizer.from_pretrained(art).encode(SENTENCE, add_special_tokens=False)
+    assert (got["ids"], got["text"]) == (want_ids, SENTENCE)  # the checkpoint's tokenizer, as transformers'
+    for prompt, tokens in zip(PROMPTS, got["greedy"]):
         with torch.no_grad():
             want = hf.generate(
                 torch.tensor([prompt]),
@@ -141,3 +167,15 @@ def test_genai_runs_the_artifact_as_exported_with_transformers_greedy_tokens(lla
                 pad_token_id=0,
             )[0].tolist()
         assert tokens == want, (prompt, tokens, want)
+
+
+def test_only_a_decoder_carries_files_beside_its_graph(artifact_copy, capsys):
+    """An encoder artifact listing a tokenizer.json at its root (re-hashed, re-signed): not what an export
+    writes, exit 2 naming the manifest."""
+    d = artifact_copy("mha")
+    rewrite(d, "tokenizer.json", b"{}")
+    code, _, err, _ = run_cli(capsys, d, "--no-torch", "--providers", "cpu")
+    line = single_error_line(err)
+    assert (
+        code == 2 and "tokenizer.json is listed, but only a decoder carries one beside its graph" in line
+    ), line

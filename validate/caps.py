@@ -26,7 +26,7 @@ from ..artifact_format import (
     weight_totals,
 )
 from ..errors import ArtifactError, show
-from ..genai import GENAI_CONFIG
+from ..genai import GENAI_CONFIG, GENAI_TOKENIZER_FILES
 
 MAX_GOLDEN_BATCH = 8  # export writes batches of 1-3 and one of 6 sentences
 GOLDEN_TOKENS = 1024  # batch x sequence, summed over the golden sets (export writes ~150)
@@ -106,7 +106,7 @@ def check_listed_sizes(directory, manifest: dict) -> None:
             raise ArtifactError(
                 f"{show(where)}: lists {rel!r}; external data is kept in {MODEL + '.data'!r} only"
             )
-        if role == "tokenizer" and rel.count("/") != 1:
+        if role == "tokenizer" and rel.count("/") != 1 and rel not in GENAI_TOKENIZER_FILES:
             raise ArtifactError(
                 f"{show(where)}: lists {rel!r}; tokenizer files lie directly in {TOKENIZER_DIR}/"
             )
@@ -121,7 +121,7 @@ def check_listed_sizes(directory, manifest: dict) -> None:
     checks = [
         ("model.onnx and its external data", [MODEL, MODEL + ".data"], graph_bytes(manifest)),
         ("the golden data", sorted(golden), golden_bytes(manifest)),
-        ("the tokenizer files", [r for r in files if r.startswith(TOKENIZER_DIR + "/")], TOKENIZER_BYTES),
+        ("the tokenizer files", [r for r in files if file_role(r) == "tokenizer"], TOKENIZER_BYTES),
         ("genai_config.json", [GENAI_CONFIG], GENAI_CONFIG_BYTES),
     ]
     for what, rels, most in checks:
