@@ -4,14 +4,14 @@ next to this machine's GEMM ceiling; peak memory of one encoder layer per backen
 plus validation."""
 
 import argparse
-import os
-import platform
 import shlex
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .machine import fail, machine
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_POINTS = "1x128,8x128,1x512"
@@ -142,11 +142,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def fail(message: str) -> int:
-    print(f"qkv-bench: error: {message}", file=sys.stderr)
-    return EXIT_INVALID
-
-
 def check(args) -> str | None:
     """The first problem with the arguments or the installed packages, or None; fills in defaults."""
     from ..artifact_format import BACKENDS
@@ -208,27 +203,10 @@ def _names(text: str) -> list[str]:
     return [] if text.strip() in ("", "none") else [x.strip() for x in text.split(",") if x.strip()]
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = int(
-            next(
-                x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
-            ).split()[1]
-        )
-    except (OSError, StopIteration):
-        mem = 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem / 2**20, "platform": platform.platform()}
-
-
 def main(argv=None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == [
         "decoder"
-    ]:  # qkv-bench decoder ...: benchmarks/decoder.py
+    ]:  # qkv-bench decoder ...: benchmarks/decoder/
         from .decoder import main as decoder_main
 
         return decoder_main((sys.argv[1:] if argv is None else argv)[1:])

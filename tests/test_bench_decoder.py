@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qkv_onnx.benchmarks import cli
-from qkv_onnx.benchmarks.decoder import _error_line
+from qkv_onnx.benchmarks.decoder.contenders import _error_line
 
 OURS = ["onnx-attention", "ort-contrib"]
 
@@ -102,4 +102,4 @@ def test_the_builders_refusal_is_reported_by_its_error_line():
     )
     assert _error_line("", {}) == "no output"
     assert _error_line("a\nlast words\n", {}) == "last words"
-    assert Path(cli.__file__).with_name("genai_worker.py").is_file()
+    assert (Path(cli.__file__).parent / "decoder" / "genai_worker.py").is_file()

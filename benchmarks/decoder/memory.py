@@ -7,7 +7,7 @@ the graph builds it (a (1, 1, L, L) boolean for `Attention`; for `GroupQueryAtte
 (1, 1, L, L) float32 bias, `seqlens_k` and the total length). No projections, feed-forward or LM head: what is
 left is what the backend does with the sequence.
 
-Child process: `python -m qkv_onnx.benchmarks.decoder_memory GRAPH.onnx SEQ THREADS` prints one JSON line.
+Child process: `python -m qkv_onnx.benchmarks.decoder.memory GRAPH.onnx SEQ THREADS` prints one JSON line.
 GRAPH.json beside it gives each input's shape with `L` for the sequence. Peak = the high-water RSS after the
 run minus the RSS once the session exists (its baseline), the high-water mark reset first
 (benchmarks/memory.py); the inputs are made after the baseline, so they count, as the floor counts them.
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..decoder_format import head_dim, kv_heads
+from ...decoder_format import head_dim, kv_heads
 
 BYTES = 4  # float32
 FUSED = ("Attention", "GroupQueryAttention")
@@ -92,7 +92,7 @@ def floor_bytes(seq: int, cfg: dict) -> dict:
 
 def measure(graph: Path, seq: int, threads: int = 2, timeout: float = 600) -> dict:
     """Run one point in a fresh process: {'peak_mb', 'baseline_mb'} or {'error': one line}."""
-    cmd = [sys.executable, "-m", "qkv_onnx.benchmarks.decoder_memory", str(graph), str(seq), str(threads)]
+    cmd = [sys.executable, "-m", "qkv_onnx.benchmarks.decoder.memory", str(graph), str(seq), str(threads)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -121,8 +121,8 @@ def _child(graph: str, seq: int, threads: int) -> dict:
     import numpy as np
     import onnxruntime  # noqa: F401  (imported before the baseline)
 
-    from .contenders import ort_session
-    from .memory import _status_mb, reset_peak
+    from ..contenders import ort_session
+    from ..memory import _status_mb, reset_peak
 
     spec = json.loads(Path(graph).with_suffix(".json").read_text())["inputs"]
     session = ort_session(Path(graph), threads)
