@@ -105,6 +105,11 @@ def test_a_genai_config_that_is_not_the_exporters_is_refused(tamper, llama, tmp_
     assert code == 2 and f"{show(d / GENAI_CONFIG)}: not the genai_config.json the exporter writes" in line
 
 
+def test_the_report_says_the_genai_config_was_checked(llama, capsys):
+    code, out, _, _ = run_cli(capsys, llama[2], "--no-torch", "--providers", "cpu")
+    assert code == 0 and "genai_config.json: the exporter's for this manifest" in out
+
+
 def test_special_tokens_outside_the_vocabulary_are_refused(llama, tmp_path, capsys):
     import shutil
 

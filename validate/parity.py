@@ -19,6 +19,7 @@ from ..artifact_format import (
 )
 from ..decoder_format import LOGITS, unverified
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
+from ..genai import GENAI_CONFIG
 from ..graph_weights import weights_sha256
 from ..inputs import fit, make_inputs
 from ..stages import stage
@@ -317,6 +318,11 @@ def validate_artifact(
         )
     if m["dtype"] in QUANTIZED:
         report.notes.append(holdout_note(m["quantization"]))
+    if GENAI_CONFIG in m["files"]:
+        report.notes.append(
+            "genai_config.json: the exporter's for this manifest (what onnxruntime-genai reads; genai itself "
+            "is not run here)"
+        )
     decoder = ARCHITECTURES[m["model"]["architecture"]].cached
     if decoder and unverified(m["model"]["config"]):
         report.notes.append(
