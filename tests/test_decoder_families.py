@@ -14,11 +14,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import rotation, run_cli, trained_vectors, weights_of
+from helpers import rewrite, rotation, run_cli, trained_vectors, weights_of
 
 from qkv_onnx.accuracy_contract import judge
 from qkv_onnx.decoder_format import FEATURES
 from qkv_onnx.export.cli import main as export_main
+from qkv_onnx.genai import GENAI_CONFIG, encode, genai_config
 from qkv_onnx.graph_contract import check_structure
 from qkv_onnx.validate import oracle
 from qkv_onnx.validate.artifact import load_artifact
@@ -364,14 +365,17 @@ def test_a_feature_resigned_to_a_lie_fails_validation(family, field, lie, artifa
 
 
 def test_a_rope_decoders_length_is_reported_unverified_and_bounded(artifact, tmp_path, capsys):
-    """max_positions is no part of a RoPE graph: a plausible lie passes, with a note saying it is not
-    verified (it bounds the cases judged, nothing else); an impossible one (2^40) is an invalid manifest."""
+    """max_positions is no part of a RoPE graph: a plausible lie (told in genai_config.json's context length
+    too) passes, with a note saying it is not verified (it bounds the cases judged and genai's context,
+    nothing else); an impossible one (2^40) is an invalid manifest."""
     from helpers import edit_manifest, single_error_line
 
     copy = tmp_path / "a"
     shutil.copytree(artifact("llama", "onnx-attention"), copy)
     capsys.readouterr()
     edit_manifest(copy, lambda m: m["model"]["config"].__setitem__("max_positions", 100_000))
+    manifest = json.loads((copy / "manifest.json").read_text())  # genai_config.json told the same lie
+    rewrite(copy, GENAI_CONFIG, encode(genai_config(manifest)))
     code, out, err, _ = run_cli(capsys, copy, "--providers", "cpu")
     assert code == 0, err
     assert "not verified, the graph does not encode it: max_positions 100000 (RoPE needs no table" in out

@@ -537,7 +537,6 @@ def load_artifact(
             weights = load_weights(private, directory, manifest)
         with stage(STAGES["golden"]):
             golden = load_golden(private, directory, manifest)
-        check_genai_config(private, directory, manifest)
         if pending is not None:
             if screened is None:
                 with stage(STAGES["graph"]):
@@ -547,6 +546,7 @@ def load_artifact(
         else:
             foreign = check_structural(directory, private, manifest, weights, limits)
             graph_check = structural_check(why, unchecked(manifest))
+        check_genai_config(private, directory, manifest)  # last: what else is wrong is said first
     except BaseException as e:
         if pending is not None:
             pending.cancel()
