@@ -84,7 +84,13 @@ def export_layer(directory: Path, backends: list, seed: int = 0) -> dict:
 
 def measure(runner: str, model: str, seq: int, threads: int = 2, timeout: float = 600) -> dict:
     """Run one point in a fresh process; {'peak_mb': ...} or {'error': one line}."""
-    cmd = [sys.executable, "-m", "qkv_onnx.benchmarks.memory", runner, str(model), str(seq), str(threads)]
+    return child_point("qkv_onnx.benchmarks.memory", [runner, model, seq, threads], timeout)
+
+
+def child_point(module: str, args: list, timeout: float) -> dict:
+    """`python -m module args...` in a fresh process: the JSON of its last stdout line, or {'error': one
+    line} (a timeout, or its exit code and last stderr line)."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -124,17 +124,24 @@ def pipeline_table(cost: dict) -> list:
     return lines
 
 
-def markdown(results: dict) -> str:
-    r = results
-    g = r["gemm"]
-    lines = [
-        f"# qkv-bench: {r['model']} ({r['dtype']})",
+def run_header(title: str, r: dict) -> list:
+    """The first lines of a results.md: the title, then the command, when, the machine and the versions."""
+    return [
+        f"# {title}",
         "",
         f"- command: `{r['command']}`",
         f"- when: {r['started']} ({r['wall_s']:.0f} s)",
         f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
         f"{r['machine']['memory_gib']:.0f} GiB",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+    ]
+
+
+def markdown(results: dict) -> str:
+    r = results
+    g = r["gemm"]
+    lines = [
+        *run_header(f"qkv-bench: {r['model']} ({r['dtype']})", r),
         f"- settings: {r['settings']['note']}",
         f"- background load: other processes took "
         f"{r.get('machine_load', {}).get('other', 0):.0%} of all cores' "

@@ -438,7 +438,7 @@ def manifest_problem(m: dict) -> str | None:
         for e in files.values()
     ):
         return "'files' must map each file to {sha256, bytes}"
-    missing = [f for f in (MODEL, WEIGHTS) if f not in files and (f == MODEL or quantized)]
+    missing = [f for f in ((MODEL, WEIGHTS) if quantized else (MODEL,)) if f not in files]
     if missing:
         return f"the file list does not name {missing[0]}"
     cached = ARCHITECTURES[model["architecture"]].cached

@@ -12,7 +12,7 @@ whole cache and the graph applies the window. Torch-free.
 import json
 from pathlib import Path
 
-from .decoder_format import PAST, PRESENT
+from .decoder_format import PRESENT
 
 GENAI_CONFIG = "genai_config.json"
 # a decoder checkpoint's tokenizer, beside the config: genai's Tokenizer reads it from the model's directory
@@ -59,20 +59,15 @@ def genai_config(manifest: dict) -> dict:
     """The genai_config.json of a decoder artifact's manifest."""
     cfg = manifest["model"]["config"]
     inputs = {INPUTS[v["role"]]: v["name"] for v in manifest["inputs"] if v["role"] in INPUTS}
-    key = next(v for v in manifest["inputs"] if v["role"] == "past_key")
-    names = [v["name"] for v in manifest["inputs"]] + [v["name"] for v in manifest["outputs"]]
-    inputs["past_key_names"] = _template(key["name"])
-    inputs["past_value_names"] = _template(
-        next(n for n in names if n.startswith(PAST) and n.endswith(".value"))
+    key, value = (
+        next(v for v in manifest["inputs"] if v["role"] == role) for role in ("past_key", "past_value")
     )
+    inputs["past_key_names"], inputs["past_value_names"] = _template(key["name"]), _template(value["name"])
+    present = [o["name"] for o in manifest["outputs"] if o["name"].startswith(PRESENT + ".")]
     outputs = {
         "logits": manifest["outputs"][0]["name"],
-        "present_key_names": _template(
-            next(n for n in names if n.startswith(PRESENT) and n.endswith(".key"))
-        ),
-        "present_value_names": _template(
-            next(n for n in names if n.startswith(PRESENT) and n.endswith(".value"))
-        ),
+        "present_key_names": _template(next(n for n in present if n.endswith(".key"))),
+        "present_value_names": _template(next(n for n in present if n.endswith(".value"))),
     }
     tokens = manifest.get("special_tokens") or {}
     context = cfg["max_positions"]

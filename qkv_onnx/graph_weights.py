@@ -155,10 +155,8 @@ def _tensor(t: onnx.TensorProto, dtype: np.dtype, directory: Path, shown: Path, 
     """Initializer `t` as a read-only array of `dtype` on its bytes: model.onnx's (raw_data) or a memory map
     of its external data, its offset and length checked against the file first."""
     where = f"{show(shown / MODEL)}: initializer {t.name!r}"
-    if t.data_type != onnx.helper.np_dtype_to_tensor_dtype(dtype) and dtype.name != "bfloat16":
+    if t.data_type != onnx.helper.np_dtype_to_tensor_dtype(dtype):  # ml_dtypes' bfloat16 included
         _refuse(f"{where} is not {dtype.name}")
-    if dtype.name == "bfloat16" and t.data_type != onnx.TensorProto.BFLOAT16:
-        _refuse(f"{where} is not bfloat16")
     shape = tuple(t.dims)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if t.data_location != onnx.TensorProto.EXTERNAL and not t.external_data:

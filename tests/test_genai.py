@@ -25,6 +25,7 @@ CONFIG = dict(
     tie_word_embeddings=False,
 )
 PROMPTS = [[5, 17, 42, 7], [250, 3, 99, 11, 64, 2, 180]]
+LENGTH = 40
 SENTENCE = "the lazy fox jumps over the quick dog"
 GENAI_PYTHON = os.environ.get("QKV_GENAI_PYTHON") or str(ROOT / ".venv-genai" / "bin" / "python")
 
@@ -45,31 +46,46 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def _greedy(hf, prompt: list, eos: list | None) -> list:
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_length=LENGTH, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+    return out[0].tolist()
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    """(transformers model, its checkpoint, the artifact exported from it): greedy margins far above
-    float32's rounding (save_hf_decoder's confident head), eos 2 set in generation_config.json."""
+    """(transformers model, its checkpoint, the artifact exported from it, its eos ids): greedy margins far
+    above float32's rounding (save_hf_decoder's confident head). The eos id, set in generation_config.json,
+    is a token the first prompt's greedy continuation reaches for the first time past its 8th step, so
+    generation stops on it before LENGTH: the eos rule is exercised, not only written down."""
     work = tmp_path_factory.mktemp("genai")
     hf = save_hf_decoder(work / "ck", CONFIG, "llama", confident=True)
     _tokenizer().save_pretrained(work / "ck")
-    (work / "ck" / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [2, 3], "bos_token_id": 1})
-    )
+    prompt = PROMPTS[0]
+    free = _greedy(hf, prompt, None)[len(prompt) :]
+    stop = next(t for i, t in enumerate(free) if i >= 8 and t not in prompt + free[:i])
+    eos = [stop]
+    (work / "ck" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": 1}))
     export_artifact("tiny-llama", work / "art", weights_dir=work / "ck")
-    return hf, work / "ck", work / "art"
+    return hf, work / "ck", work / "art", eos
 
 
 def test_the_genai_config_is_the_manifests(llama):
     """Listed and hashed, sized as the graph is (heads, layers, the cache's names and head size), with the
     checkpoint's special tokens (generation_config.json over config.json, as transformers reads them)."""
-    _, _, art = llama
+    art = llama[2]
     manifest = json.loads((art / "manifest.json").read_text())
     assert GENAI_CONFIG in manifest["files"]
-    assert manifest["special_tokens"] == {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0}
+    eos = llama[3]
+    assert manifest["special_tokens"] == {"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 0}
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])  # beside the config
     model = json.loads((art / GENAI_CONFIG).read_text())["model"]
     decoder = model["decoder"]
-    assert (model["eos_token_id"], model["context_length"], model["vocab_size"]) == ([2, 3], 128, 300)
+    assert (model["eos_token_id"], model["context_length"], model["vocab_size"]) == (eos, 128, 300)
     assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (
         2,
         4,
@@ -143,15 +159,13 @@ print(json.dumps({"greedy": out, "ids": ids, "text": tokenizer.decode(ids)}))
     not Path(GENAI_PYTHON).is_file(), reason="no onnxruntime-genai environment (setup_genai.sh)"
 )
 def test_genai_runs_the_artifact_as_exported_with_transformers_greedy_tokens(llama):
-    """onnxruntime_genai.Model(artifact_dir), nothing edited: 40 greedy tokens of each prompt are those of
-    transformers' generate on the checkpoint, ended by the same eos rule (the checkpoint's eos ids), and
+    """onnxruntime_genai.Model(artifact_dir), nothing edited: the greedy tokens of each prompt are those of
+    transformers' generate on the checkpoint, the first stopped early by the checkpoint's eos id (which
+    genai's sequence does not include, transformers' does), and
     genai's Tokenizer reads the checkpoint's tokenizer beside the config as transformers does."""
-    import torch
-
-    hf, _, art = llama
-    length = 40
+    hf, _, art, eos = llama
     proc = subprocess.run(
-        [GENAI_PYTHON, "-c", GREEDY, str(art), json.dumps(PROMPTS), str(length), SENTENCE],
+        [GENAI_PYTHON, "-c", GREEDY, str(art), json.dumps(PROMPTS), str(LENGTH), SENTENCE],
         capture_output=True,
         text=True,
         timeout=300,
@@ -162,16 +176,11 @@ def test_genai_runs_the_artifact_as_exported_with_transformers_greedy_tokens(lla
 
     want_ids = AutoTokenizer.from_pretrained(art).encode(SENTENCE, add_special_tokens=False)
     assert (got["ids"], got["text"]) == (want_ids, SENTENCE)  # the checkpoint's tokenizer, as transformers'
-    for prompt, tokens in zip(PROMPTS, got["greedy"]):
-        with torch.no_grad():
-            want = hf.generate(
-                torch.tensor([prompt]),
-                max_length=length,
-                do_sample=False,
-                eos_token_id=[2, 3],
-                pad_token_id=0,
-            )[0].tolist()
-        assert tokens == want, (prompt, tokens, want)
+    wants = [_greedy(hf, prompt, eos) for prompt in PROMPTS]
+    assert wants[0][-1] in eos and len(wants[0]) < LENGTH  # the first prompt stops on the eos id
+    for prompt, tokens, want in zip(PROMPTS, got["greedy"], wants):
+        # transformers keeps the eos token it stopped on, genai's sequence leaves it out
+        assert tokens == (want[:-1] if want[-1] in eos else want), prompt
 
 
 def test_only_a_decoder_carries_files_beside_its_graph(artifact_copy, capsys):

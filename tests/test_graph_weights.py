@@ -127,8 +127,8 @@ def test_q_and_k_swapped_in_the_map(mode, artifact_copy, capsys, tmp_path):
 
 def test_the_weights_read_back_are_the_module_the_graph_was_exported_from(exported):
     """Each kind of place the exporter writes reads back to the module's own parameters: as is, transposed
-    (a Linear weight in MatMul's layout) and ORT's packed q/k/v (ort-contrib). Merged and dropped tensors:
-    the decoder families' checkpoints (fresh norms are equal) in test_decoder_families."""
+    (a Linear weight in MatMul's layout) and ORT's packed q/k/v (ort-contrib). Merged and dropped
+    tensors: below."""
     for backend, kinds in (
         ("ort-contrib", {"as is", "transposed", "packed"}),
         ("onnx-attention", {"as is", "transposed"}),
@@ -138,3 +138,47 @@ def test_the_weights_read_back_are_the_module_the_graph_was_exported_from(export
         got = weights_of(d)
         want = weights_to_numpy(get_model("bert-tiny").random(0).state_dict())
         assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_a_zero_bias_the_exporter_dropped_reads_back_as_zeros(exported_minilm):
+    """all-MiniLM-L6-v2's untrained pooler bias is all zero: the exporter drops it, the map says so, and the
+    parameter reads back as the checkpoint's zeros (the artifact's validation: the checkpoint tests)."""
+    assert _places(exported_minilm)["pooler.bias"] == ["zeros"]
+    bias = weights_of(exported_minilm)["pooler.bias"]
+    assert bias.shape == (384,) and not bias.any()
+
+
+def test_merged_equal_norms_read_back_and_validate(tmp_path, capsys):
+    """A fresh transformers checkpoint's RMSNorm weights are all ones: the exporter merges them into one
+    initializer, the map places the others "same as" it, and the artifact validates, rebuilt byte for byte
+    and under the structural contract alike."""
+    import torch
+    import transformers as t
+
+    from qkv_onnx.export.pipeline import export_artifact
+
+    torch.manual_seed(0)
+    config = t.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    t.LlamaForCausalLM(config).save_pretrained(tmp_path / "ck")
+    export_artifact("fresh-llama", tmp_path / "art", weights_dir=tmp_path / "ck")
+    capsys.readouterr()  # what saving the checkpoint printed
+    merged = {k: v for k, v in _places(tmp_path / "art").items() if v[0] == "same as"}
+    assert set(merged) == {
+        "blocks.0.ffn_norm.weight",
+        "blocks.1.attn_norm.weight",
+        "blocks.1.ffn_norm.weight",
+        "final_norm.weight",
+    }
+    weights = weights_of(tmp_path / "art")
+    assert all((weights[k] == 1).all() for k in merged)
+    for mode in ((), ("--no-torch",)):
+        code, out, err, _ = run_cli(capsys, tmp_path / "art", *mode, "--providers", "cpu")
+        assert code == 0 and err == "", err

@@ -22,6 +22,7 @@ from ..errors import (
     run_cli,
     show,
 )
+from ..graph_weights import weights_sha256
 from ..stages import add_progress_flag, reporting_progress, stage
 from .artifact import load_artifact
 from .attention_maps import write_maps
@@ -263,6 +264,8 @@ def run(args) -> int:
             report = validate_artifact(
                 artifact, providers, args.seed, not args.no_torch, auto, sentences, args.long
             )
+            if len(args.artifacts) > 1:  # which hold the same weights, however each graph stores them
+                report.weights_sha256 = weights_sha256(artifact.weights)
             if args.locate and "taps" not in artifact.manifest:
                 report.errors.append(
                     f"{show(directory)}: --locate: the artifact has no taps (exported by qkv-onnx 0.1)"

@@ -20,7 +20,6 @@ from ..artifact_format import (
 from ..decoder_format import LOGITS, unverified
 from ..errors import ArtifactError, BrokenEnvironment, LimitExceeded, ProviderError, first_line, show
 from ..genai import GENAI_CONFIG
-from ..graph_weights import weights_sha256
 from ..inputs import fit, make_inputs
 from ..stages import stage
 from . import oracle
@@ -110,7 +109,7 @@ class Report:
     localization: Localization | None = None  # where it diverges (--locate, or a failed parity check)
     attention_maps: object | None = None  # AttentionMaps (--attention-maps)
     graph_check: str = ""  # how the graph was judged (rebuild or structural contract)
-    weights_sha256: str = ""  # graph_weights.weights_sha256: which artifacts hold the same weights
+    weights_sha256: str = ""  # graph_weights.weights_sha256, set where several artifacts are validated
 
     def forget_traces(self) -> None:
         """Drop the oracle's intermediates (bert-large: hundreds of MB) once localization is done."""
@@ -309,7 +308,6 @@ def validate_artifact(
     returned only once the graph is proven (ArtifactError otherwise, and every result is dropped)."""
     m = artifact.manifest
     report = Report(artifact.name, m, graph_check=artifact.graph_check)
-    report.weights_sha256 = weights_sha256(artifact.weights)  # however each backend's graph stores them
     report.notes.append(artifact.graph_check)
     if artifact.limits is not None:
         report.notes.append(

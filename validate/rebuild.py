@@ -8,8 +8,8 @@ weights are the artifact's (qkv_onnx/graph_weights.py: a float graph's own initi
 places them, which must be where the rebuild places them). An int8 graph is rebuilt as the export made it:
 the float32 graph (its sha256 must be the one the manifest records), quantized by the same onnxruntime
 with the products the manifest says the search kept in float32 (the search itself is not rerun). The
-manifest's taps must be the
-rebuild's too. Otherwise the structural contract (`qkv_onnx.graph_contract`) judges it.
+manifest's taps must be the rebuild's too. Otherwise the structural contract (`qkv_onnx.graph_contract`)
+judges it.
 """
 
 import filecmp

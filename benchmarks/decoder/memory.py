@@ -14,7 +14,6 @@ run minus the RSS once the session exists (its baseline), the high-water mark re
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -92,16 +91,9 @@ def floor_bytes(seq: int, cfg: dict) -> dict:
 
 def measure(graph: Path, seq: int, threads: int = 2, timeout: float = 600) -> dict:
     """Run one point in a fresh process: {'peak_mb', 'baseline_mb'} or {'error': one line}."""
-    cmd = [sys.executable, "-m", "qkv_onnx.benchmarks.decoder.memory", str(graph), str(seq), str(threads)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if p.returncode != 0:
-        lines = (p.stderr.strip() or f"exit code {p.returncode}").splitlines()
-        killed = " (killed: out of memory?)" if p.returncode < 0 else ""
-        return {"error": f"exit code {p.returncode}{killed}: {lines[-1][:200]}"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from ..memory import child_point
+
+    return child_point("qkv_onnx.benchmarks.decoder.memory", [graph, seq, threads], timeout)
 
 
 def _causal(seq: int, dtype, allowed, blocked):

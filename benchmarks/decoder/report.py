@@ -1,5 +1,6 @@
 """results.md of `qkv-bench decoder`: per-model tables, the memory section and its recommendation."""
 
+from ..report import run_header
 from .measure import growth
 from .options import EAGER, MiB
 
@@ -181,15 +182,7 @@ def recommendation(mem: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    lines = [
-        f"# qkv-bench decoder: {', '.join(r['models'])} (float32)",
-        "",
-        f"- command: `{r['command']}`",
-        f"- when: {r['started']} ({r['wall_s']:.0f} s)",
-        f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
-        f"{r['machine']['memory_gib']:.0f} GiB",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-    ]
+    lines = run_header(f"qkv-bench decoder: {', '.join(r['models'])} (float32)", r)
     if r.get("genai_versions"):
         g = r["genai_versions"]
         lines.append(
